@@ -1,0 +1,181 @@
+"""Frozen dataclass configs and named presets.
+
+Every config is a frozen dataclass of plain values, so it serialises to JSON (`to_dict`) and back
+(`from_dict`) and can be overridden with `dataclasses.replace`. Presets are looked up by name with
+`model_preset`, `vqgan_preset`; an unknown name raises a `KeyError` listing the known ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping, TypeVar
+
+T = TypeVar("T")
+
+
+def round_up(n: int, multiple: int) -> int:
+    """Smallest multiple of `multiple` that is >= n."""
+    return -(-n // multiple) * multiple
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """A JSON-ready dict of a (possibly nested) config dataclass; tuples become lists."""
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(cls: type[T], data: Mapping[str, Any]) -> T:
+    """Rebuild `cls` from `to_dict` output; unknown keys raise naming the key and the class."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise KeyError(f"unknown {cls.__name__} field(s) {unknown}; known: {sorted(fields)}")
+    # JSON has no tuples; configs are frozen and hashable, so lists come back as tuples.
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+
+
+# --------------------------------------------------------------------------------------------------
+# LLM: GPT-NeoX
+# --------------------------------------------------------------------------------------------------
+
+DOLLY_TEXT_IDS = 50_280  # GPT-NeoX-20B tokenizer (50,277) + 3 dolly-v2 specials
+IMAGE_CODES = 1_024  # VQ-GAN codebook size: image ids follow the text ids
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """GPT-NeoX shape and numerics.
+
+    `vocab_size` is the number of embedding rows (text ids + image ids, padded to a multiple of
+    128); ids past `n_text + n_image` are padding and never sampled.
+    """
+
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    intermediate_size: int
+    rotary_pct: float = 0.25
+    rotary_emb_base: float = 10_000.0
+    max_position_embeddings: int = 2048
+    layer_norm_eps: float = 1e-5
+    use_parallel_residual: bool = True
+    attention_bias: bool = True
+    initializer_range: float = 0.02
+    # Numerics and memory.
+    dtype: str = "float32"  # compute dtype: "bfloat16" on TPU/GPU, "float32" on CPU
+    param_dtype: str = "float32"  # master weights
+    scan_layers: bool = True
+    remat_policy: str = "none"  # none | full | dots | dots_with_no_batch_dims
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def rotary_dim(self) -> int:
+        return int(self.head_dim * self.rotary_pct)
+
+    def __post_init__(self) -> None:
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        if self.remat_policy not in REMAT_POLICIES:
+            raise ValueError(f"remat_policy {self.remat_policy!r} not in {REMAT_POLICIES}")
+
+
+REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims")
+
+
+def extended_vocab_rows(n_text: int = DOLLY_TEXT_IDS, n_image: int = IMAGE_CODES) -> int:
+    """Embedding rows for text + image ids, padded to a multiple of 128."""
+    return round_up(n_text + n_image, 128)
+
+
+_PYTHIA = dict(max_position_embeddings=2048, rotary_pct=0.25, use_parallel_residual=True)
+_EXT = extended_vocab_rows()  # 51,328 rows for the dolly-v2 tokenizer + 1,024 image ids
+
+MODEL_PRESETS: dict[str, ModelConfig] = {
+    # Tests and the phantom world: vocabulary of a small trained BPE (2,048 text ids) + 1,024 codes.
+    "tiny": ModelConfig(vocab_size=extended_vocab_rows(2048), hidden_size=128, num_layers=2,
+                        num_heads=4, intermediate_size=512, max_position_embeddings=1024),
+    "pythia-70m": ModelConfig(vocab_size=_EXT, hidden_size=512, num_layers=6, num_heads=8,
+                              intermediate_size=2048, **_PYTHIA),
+    "pythia-160m": ModelConfig(vocab_size=_EXT, hidden_size=768, num_layers=12, num_heads=12,
+                               intermediate_size=3072, **_PYTHIA),
+    "pythia-410m": ModelConfig(vocab_size=_EXT, hidden_size=1024, num_layers=24, num_heads=16,
+                               intermediate_size=4096, **_PYTHIA),
+    "pythia-1b": ModelConfig(vocab_size=_EXT, hidden_size=2048, num_layers=16, num_heads=8,
+                             intermediate_size=8192, **_PYTHIA),
+    "dolly-v2-3b": ModelConfig(vocab_size=_EXT, hidden_size=2560, num_layers=32, num_heads=32,
+                               intermediate_size=10240, **_PYTHIA),
+    "pythia-6.9b": ModelConfig(vocab_size=_EXT, hidden_size=4096, num_layers=32, num_heads=32,
+                               intermediate_size=16384, **_PYTHIA),
+    "dolly-v2-12b": ModelConfig(vocab_size=_EXT, hidden_size=5120, num_layers=36, num_heads=40,
+                                intermediate_size=20480, **_PYTHIA),
+}
+MODEL_PRESETS["pythia-2.8b"] = MODEL_PRESETS["dolly-v2-3b"]
+
+
+def model_preset(name: str, **overrides: Any) -> ModelConfig:
+    """The named GPT-NeoX preset, with field overrides."""
+    if name not in MODEL_PRESETS:
+        raise KeyError(f"unknown model preset {name!r}; known: {sorted(MODEL_PRESETS)}")
+    return dataclasses.replace(MODEL_PRESETS[name], **overrides)
+
+
+# --------------------------------------------------------------------------------------------------
+# VQ-GAN (taming-transformers' VQModel)
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class VQGANConfig:
+    """taming-transformers' `ddconfig` + quantizer settings."""
+
+    resolution: int = 256
+    in_channels: int = 3
+    out_ch: int = 3
+    ch: int = 128
+    ch_mult: tuple[int, ...] = (1, 1, 2, 2, 4)
+    num_res_blocks: int = 2
+    attn_resolutions: tuple[int, ...] = (16,)
+    dropout: float = 0.0
+    z_channels: int = 256
+    double_z: bool = False
+    embed_dim: int = 256
+    n_embed: int = 1024
+    beta: float = 0.25
+    legacy: bool = True  # taming's VectorQuantizer2 default: beta on the codebook term
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** (len(self.ch_mult) - 1)
+
+    @property
+    def latent_size(self) -> int:
+        return self.resolution // self.downsample_factor
+
+    @property
+    def tokens_per_image(self) -> int:
+        return self.latent_size**2
+
+
+VQGAN_PRESETS: dict[str, VQGANConfig] = {
+    # The paper's VQ-GAN: 256 px, f16, 16x16 = 256 tokens, 1,024 codes.
+    "taming-f16-1024": VQGANConfig(),
+    # The phantom world: 128 px, f8, still 16x16 = 256 tokens per image.
+    "phantom-f8": VQGANConfig(resolution=128, ch=64, ch_mult=(1, 1, 2, 4), num_res_blocks=1,
+                              attn_resolutions=(16,), z_channels=64, embed_dim=64),
+    # Unit tests: 32 px, f4, 8x8 = 64 tokens, 128 codes.
+    "test-tiny": VQGANConfig(resolution=32, ch=32, ch_mult=(1, 1, 2), num_res_blocks=1,
+                             attn_resolutions=(8,), z_channels=32, embed_dim=32, n_embed=128),
+}
+
+
+def vqgan_preset(name: str, **overrides: Any) -> VQGANConfig:
+    """The named VQ-GAN preset, with field overrides."""
+    if name not in VQGAN_PRESETS:
+        raise KeyError(f"unknown vqgan preset {name!r}; known: {sorted(VQGAN_PRESETS)}")
+    return dataclasses.replace(VQGAN_PRESETS[name], **overrides)
