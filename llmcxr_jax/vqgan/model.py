@@ -1,0 +1,237 @@
+"""taming-transformers' VQModel (encoder, quantizer, decoder) in Flax linen.
+
+Same architecture and parameter layout as `taming.models.vqgan.VQModel`, so taming checkpoints map
+one to one (see `taming_import.py`). Module names mirror taming's state_dict keys with the list
+indices folded in: taming `encoder.down.1.block.0.conv1.weight` is Flax
+`encoder/down_1_block_0/conv1/kernel`, `decoder.mid.attn_1.q.weight` is `decoder/mid_attn_1/q/kernel`.
+
+Images are NHWC float in [-1, 1]; latents are NHWC. Every parameter carries logical axis names
+(`conv_height`, `conv_width`, `conv_in`, `conv_out`, `codebook`, `embed`; see
+`llmcxr_jax/parallel/rules.py`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+
+from llmcxr_jax.configs import VQGANConfig
+from llmcxr_jax.vqgan.quantizer import QuantizerOutput, VectorQuantizer
+
+# The decoder's last conv kernel: taming's adaptive GAN weight takes gradient norms w.r.t. it.
+LAST_LAYER_KERNEL_PATH: tuple[str, ...] = ("decoder", "conv_out", "kernel")
+
+CONV_KERNEL_AXES = ("conv_height", "conv_width", "conv_in", "conv_out")
+
+# torch's default Conv2d init (kaiming_uniform, a=sqrt(5)): U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+torch_conv_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+def last_layer_kernel(params: Any) -> jax.Array:
+    """The decoder's last conv kernel in a (boxed or plain) VQGAN params tree."""
+    node = params
+    for key in LAST_LAYER_KERNEL_PATH:
+        node = node[key]
+    return nn.meta.unbox(node)
+
+
+def _conv(features: int, kernel: int, cfg: VQGANConfig, *, strides: int = 1,
+          padding: Any = None, out_axis: str | None = "conv_out", name: str | None = None) -> nn.Conv:
+    """A Conv2d as taming builds it (stride 1 convs pad kernel//2 on every side)."""
+    if padding is None:
+        padding = ((kernel // 2, kernel // 2),) * 2
+    return nn.Conv(
+        features, (kernel, kernel), strides=(strides, strides), padding=padding,
+        dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype),
+        kernel_init=nn.with_logical_partitioning(torch_conv_kernel_init, CONV_KERNEL_AXES[:3] + (out_axis,)),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (out_axis,)),
+        name=name)
+
+
+def _norm(cfg: VQGANConfig, name: str | None = None) -> nn.GroupNorm:
+    """taming's Normalize: GroupNorm with 32 groups, eps 1e-6, affine."""
+    return nn.GroupNorm(
+        num_groups=32, epsilon=1e-6, use_fast_variance=False,
+        dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype),
+        scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("conv_out",)),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("conv_out",)),
+        name=name)
+
+
+class ResnetBlock(nn.Module):
+    """norm -> swish -> conv -> norm -> swish -> dropout -> conv, plus a 1x1 `nin_shortcut`
+    when the channel count changes."""
+
+    config: VQGANConfig
+    out_channels: int
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        cfg = self.config
+        h = nn.swish(_norm(cfg, "norm1")(x))
+        h = _conv(self.out_channels, 3, cfg, name="conv1")(h)
+        h = nn.swish(_norm(cfg, "norm2")(h))
+        h = nn.Dropout(cfg.dropout, deterministic=not train or cfg.dropout == 0.0)(h)
+        h = _conv(self.out_channels, 3, cfg, name="conv2")(h)
+        if x.shape[-1] != self.out_channels:
+            x = _conv(self.out_channels, 1, cfg, name="nin_shortcut")(x)
+        return x + h
+
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention over all positions, with 1x1 convs q, k, v, proj_out."""
+
+    config: VQGANConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        cfg = self.config
+        b, hgt, wid, c = x.shape
+        h = _norm(cfg, "norm")(x)
+        q, k, v = (_conv(c, 1, cfg, name=n)(h).reshape(b, hgt * wid, c) for n in ("q", "k", "v"))
+        logits = jnp.einsum("bic,bjc->bij", q, k) * (c**-0.5)
+        weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
+        h = jnp.einsum("bij,bjc->bic", weights, v).reshape(b, hgt, wid, c)
+        return x + _conv(c, 1, cfg, name="proj_out")(h)
+
+
+class Downsample(nn.Module):
+    """Stride-2 3x3 conv after taming's asymmetric zero padding (0 top/left, 1 bottom/right)."""
+
+    config: VQGANConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return _conv(x.shape[-1], 3, self.config, strides=2, padding=((0, 1), (0, 1)), name="conv")(x)
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour x2 then a 3x3 conv."""
+
+    config: VQGANConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+        return _conv(x.shape[-1], 3, self.config, name="conv")(x)
+
+
+class Encoder(nn.Module):
+    """Image [B, H, W, in_channels] -> latents [B, H/f, W/f, z_channels]."""
+
+    config: VQGANConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        cfg = self.config
+        h = _conv(cfg.ch, 3, cfg, name="conv_in")(x.astype(jnp.dtype(cfg.dtype)))
+        curr_res = cfg.resolution
+        for i, mult in enumerate(cfg.ch_mult):
+            for j in range(cfg.num_res_blocks):
+                h = ResnetBlock(cfg, cfg.ch * mult, name=f"down_{i}_block_{j}")(h, train)
+                if curr_res in cfg.attn_resolutions:
+                    h = AttnBlock(cfg, name=f"down_{i}_attn_{j}")(h)
+            if i != len(cfg.ch_mult) - 1:
+                h = Downsample(cfg, name=f"down_{i}_downsample")(h)
+                curr_res //= 2
+        h = _mid(cfg, h, train)
+        h = nn.swish(_norm(cfg, "norm_out")(h))
+        return _conv(cfg.z_channels, 3, cfg, name="conv_out")(h)
+
+
+class Decoder(nn.Module):
+    """Latents [B, h, w, z_channels] -> image [B, h*f, w*f, out_ch] (float32)."""
+
+    config: VQGANConfig
+
+    @nn.compact
+    def __call__(self, z: jax.Array, train: bool = False) -> jax.Array:
+        cfg = self.config
+        n = len(cfg.ch_mult)
+        curr_res = cfg.resolution // 2 ** (n - 1)
+        h = _conv(cfg.ch * cfg.ch_mult[-1], 3, cfg, name="conv_in")(z.astype(jnp.dtype(cfg.dtype)))
+        h = _mid(cfg, h, train)
+        for i in reversed(range(n)):
+            for j in range(cfg.num_res_blocks + 1):
+                h = ResnetBlock(cfg, cfg.ch * cfg.ch_mult[i], name=f"up_{i}_block_{j}")(h, train)
+                if curr_res in cfg.attn_resolutions:
+                    h = AttnBlock(cfg, name=f"up_{i}_attn_{j}")(h)
+            if i != 0:
+                h = Upsample(cfg, name=f"up_{i}_upsample")(h)
+                curr_res *= 2
+        h = nn.swish(_norm(cfg, "norm_out")(h))
+        # 3 output channels divide no mesh axis: keep the last conv's output axis replicated.
+        h = _conv(cfg.out_ch, 3, cfg, out_axis=None, name="conv_out")(h)
+        return h.astype(jnp.float32)
+
+
+def _mid(cfg: VQGANConfig, h: jax.Array, train: bool) -> jax.Array:
+    """The middle: ResnetBlock, AttnBlock, ResnetBlock (called inside a compact parent)."""
+    c = h.shape[-1]
+    h = ResnetBlock(cfg, c, name="mid_block_1")(h, train)
+    h = AttnBlock(cfg, name="mid_attn_1")(h)
+    return ResnetBlock(cfg, c, name="mid_block_2")(h, train)
+
+
+class VQGAN(nn.Module):
+    """taming's VQModel without the loss: encoder, quant_conv, quantizer, post_quant_conv, decoder.
+
+    Use through `model.apply(variables, x, method=...)`:
+      __call__(x, train) -> (xrec, QuantizerOutput)
+      encode(x, train) -> QuantizerOutput        decode(z_q, train) -> image
+      decode_code(indices [B, h, w] or [B, h*w]) -> image
+    With `train=True` and `config.dropout > 0`, pass a `dropout` rng.
+    """
+
+    config: VQGANConfig
+
+    def setup(self) -> None:
+        cfg = self.config
+        if cfg.double_z:
+            raise ValueError("VQGAN needs double_z=False (taming's VQModel feeds z_channels to quant_conv)")
+        self.encoder = Encoder(cfg)
+        self.quant_conv = _conv(cfg.embed_dim, 1, cfg)
+        self.quantize = VectorQuantizer(cfg.n_embed, cfg.embed_dim, cfg.beta, cfg.legacy,
+                                        cfg.param_dtype)
+        self.post_quant_conv = _conv(cfg.z_channels, 1, cfg)
+        self.decoder = Decoder(cfg)
+
+    def encode(self, x: jax.Array, train: bool = False) -> QuantizerOutput:
+        """Images NHWC in [-1, 1] -> quantized latents, code indices and quantizer losses."""
+        h = self.quant_conv(self.encoder(x, train))
+        return self.quantize(h.astype(jnp.float32))
+
+    def decode(self, z_q: jax.Array, train: bool = False) -> jax.Array:
+        """Quantized latents NHWC -> images NHWC (float32, nominally in [-1, 1])."""
+        return self.decoder(self.post_quant_conv(z_q.astype(jnp.dtype(self.config.dtype))), train)
+
+    def decode_code(self, indices: jax.Array) -> jax.Array:
+        """Code indices [B, h, w] or [B, h*w] (square grid) -> images."""
+        if indices.ndim == 2:
+            side = math.isqrt(indices.shape[1])
+            if side * side != indices.shape[1]:
+                raise ValueError(f"decode_code: {indices.shape[1]} codes per image is not a square grid")
+            indices = indices.reshape(indices.shape[0], side, side)
+        if indices.ndim != 3:
+            raise ValueError(f"decode_code wants indices [B, h, w] or [B, h*w], got {indices.shape}")
+        return self.decode(self.quantize.embed_code(indices))
+
+    def __call__(self, x: jax.Array, train: bool = False) -> tuple[jax.Array, QuantizerOutput]:
+        """Reconstruction and quantizer output (taming's forward returns (dec, qloss))."""
+        q = self.encode(x, train)
+        return self.decode(q.z_q, train), q
+
+
+def init_params(config: VQGANConfig, rng: jax.Array, batch: int = 1) -> Any:
+    """Boxed (logically partitioned) params for `config`, from an input of its resolution."""
+    x = jnp.zeros((batch, config.resolution, config.resolution, config.in_channels), jnp.float32)
+    return VQGAN(config).init(rng, x)["params"]
+
+
+def abstract_params(config: VQGANConfig) -> Any:
+    """Shapes and dtypes of the (boxed) params, without allocating them."""
+    return jax.eval_shape(lambda r: init_params(config, r), jax.random.PRNGKey(0))
