@@ -18,6 +18,7 @@ place of the `image` token only); `Vocab(image_brackets=True)` reproduces that l
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import pathlib
@@ -214,9 +215,9 @@ class Vocab:
                              f"found {count}")
         image = self.image_ids(codes, expected=expected).tolist()
         if self.image_brackets:
-            image = self.encode("<") + image + self.encode(">")
+            image = self._bracket_ids[0] + image + self._bracket_ids[1]
         ids = self.encode(text)
-        pattern = self.encode(IMAGE_PLACEHOLDER)
+        pattern = self._placeholder_ids
         n = len(pattern)
         starts = [i for i in range(len(ids) - n + 1) if ids[i:i + n] == pattern]
         if len(starts) == 1:
@@ -224,6 +225,14 @@ class Vocab:
             return ids[:s] + image + ids[s + n:]
         before, after = text.split(IMAGE_PLACEHOLDER)
         return self.encode(before) + image + self.encode(after)
+
+    @functools.cached_property
+    def _placeholder_ids(self) -> list[int]:
+        return self.encode(IMAGE_PLACEHOLDER)
+
+    @functools.cached_property
+    def _bracket_ids(self) -> tuple[list[int], list[int]]:
+        return self.encode("<"), self.encode(">")
 
     # ---- masks ---------------------------------------------------------------------------------
 
