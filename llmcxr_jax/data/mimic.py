@@ -365,6 +365,36 @@ def load_mimic(root: str | pathlib.Path, codes: Mapping[str, np.ndarray], *, sta
     return MimicData(records, skips)
 
 
+def load_images(root: str | pathlib.Path, codes: Mapping[str, np.ndarray], *,
+                splits: Sequence[str] = ("train",), stage2_only: bool = False,
+                tokens_per_image: int = 256, codebook_size: int = 1024) -> MimicData:
+    """Images of `splits` (optionally only stage 2's subset) with valid codes, without reports.
+
+    For sources that bring their own text, e.g. VQA (`report` is ""). Skips as `load_mimic`:
+    `codes_wrong_length` / `codes_out_of_range` / `codes_missing`, `not_in_stage2_subset`.
+    """
+    root = pathlib.Path(root)
+    skips = SkipCounter(f"MIMIC-CXR images {'+'.join(splits)}")
+    rows = {d: r for d, r in read_split(root, skips).items() if r.split in splits}
+    subset = select_stage2(read_metadata(root, skips)) if stage2_only else None
+    records: list[MimicRecord] = []
+    for pair_index, dicom_id in enumerate(sorted(rows)):
+        row = rows[dicom_id]
+        if subset is not None and dicom_id not in subset:
+            skips.add("not_in_stage2_subset")
+            continue
+        if dicom_id not in codes:
+            skips.add("codes_missing", dicom_id)
+            continue
+        err = code_error(codes[dicom_id], tokens_per_image, codebook_size)
+        if err:
+            skips.add(err, dicom_id)
+            continue
+        records.append(MimicRecord(dicom_id, row.subject_id, row.study_id, row.split, "",
+                                   np.asarray(codes[dicom_id], dtype=np.uint16), pair_index))
+    return MimicData(records, skips)
+
+
 def _read_and_parse(path: pathlib.Path, stage: int) -> tuple[str, str]:
     """('ok', report) or (skip reason, '') for the report file at `path`."""
     try:
