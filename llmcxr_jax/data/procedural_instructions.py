@@ -2,7 +2,7 @@
 
 Records have dolly's `instruction`, `context`, `response`, `category`, plus `task` (the generator
 name). `check(record, text)` says whether a generated answer matches exactly after
-normalisation, which gives an exact-match language-retention score.
+normalisation (whitespace, trailing punctuation; case-sensitive), which gives an exact-match language-retention score.
 """
 
 from __future__ import annotations
@@ -121,9 +121,12 @@ _PUNCT = re.compile(f"[{re.escape(string.punctuation.replace('-', '').replace(',
 
 
 def normalize(text: str) -> str:
-    """Lower-case, collapse whitespace, drop trailing punctuation and a leading 'answer:'."""
-    text = " ".join(text.strip().split()).lower()
-    text = re.sub(r"^(the )?answer( is)?:?\s*", "", text)
+    """Collapse whitespace and comma spacing, drop trailing punctuation and a leading 'answer:'.
+
+    Case is kept: the uppercase task is only right in upper case.
+    """
+    text = " ".join(text.strip().split())
+    text = re.sub(r"^(the )?answer( is)?:?\s*", "", text, flags=re.I)
     text = re.sub(r"\s*,\s*", ", ", text)
     return _PUNCT.sub("", text).strip()
 
