@@ -321,3 +321,32 @@ def test_data_config_checks_and_presets():
         DataConfig(weights=(0.5, 0.5))
     with pytest.raises(KeyError, match="unknown data preset"):
         configs.data_preset("stage3")
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_phantom_world_end_to_end(tmp_path, vocab, stage):
+    from llmcxr_jax.data import mimic
+    from llmcxr_jax.data.phantom_world import WorldConfig, write_world as write_phantoms
+
+    root = tmp_path / "phantoms"
+    write_phantoms(root, WorldConfig(n_studies=10, size=32, seed=2, n_instructions=20), workers=1,
+                   progress=False)
+    split = mimic.read_split(root, SkipCounter())
+    codes = random_codes(sorted(split), n=N_CODES)
+    cfg = _cfg(world=str(root), instructions=str(root / "instructions.jsonl"),
+               vqa=str(root / "vqa.jsonl"), stage=stage, weights=(0.3, 0.3, 0.2, 0.2))
+    sources = P.load_sources(cfg, codes=codes)
+    n_train = sum(r.split == "train" for r in split.values())
+    pairs = len(sources.records["report2image"]) + len(sources.records["image2report"])
+    assert 0 < pairs <= n_train
+    assert len(sources.records["instruct"]) == 20
+    assert sources.records["vqa"]
+    stage2 = mimic.select_stage2(mimic.read_metadata(root, SkipCounter()))
+    assert {r["id"] for r in sources.records["vqa"]} <= stage2
+    if stage == 2:
+        assert {r["id"] for t in ("report2image", "image2report")
+                for r in sources.records[t]} <= stage2
+    pipe = P.build_pipeline(sources, vocab, cfg, shard_index=0, shard_count=1)
+    b = next(iter(pipe))
+    assert set(np.unique(b["task_ids"])) - {-1} <= {0, 1, 2, 3}
+    assert b["loss_mask"].sum() > 0 and P.describe(pipe, sources).startswith("data: stage")

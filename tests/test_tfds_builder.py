@@ -8,6 +8,7 @@ import pytest
 from PIL import Image as PILImage
 
 from llmcxr_jax.data import mimic
+from llmcxr_jax.data.skips import SkipCounter
 from tiny_mimic_world import (REPORT_FULL, REPORT_FULL_STAGE2, REPORT_IMPRESSION_ONLY, Image,
                               write_world)
 
@@ -70,3 +71,30 @@ def test_build_and_read_back_without_tensorflow(tmp_path):
     mtime = (version_dir / "dataset_info.json").stat().st_mtime_ns
     build_mimic_cxr_jpg(root, tmp_path / "tfds")
     assert (version_dir / "dataset_info.json").stat().st_mtime_ns == mtime
+
+
+def test_build_from_the_phantom_world(tmp_path):
+    from llmcxr_jax.data.phantom_world import WorldConfig, write_world as write_phantoms
+    from llmcxr_jax.data.tfds_builders import build_mimic_cxr_jpg
+
+    root = tmp_path / "phantoms"
+    write_phantoms(root, WorldConfig(n_studies=6, size=32, seed=1, n_instructions=4), workers=1,
+                   progress=False)
+    split = mimic.read_split(root, SkipCounter())
+    meta = mimic.read_metadata(root, SkipCounter())
+    builder = build_mimic_cxr_jpg(root, tmp_path / "tfds")
+    counts = {}
+    for row in split.values():
+        counts[row.split] = counts.get(row.split, 0) + 1
+    assert {k: v.num_examples for k, v in builder.info.splits.items()} == counts
+    for split_name in counts:
+        for ex in builder.as_data_source(split=split_name):
+            d = ex["dicom_id"].decode()
+            row = split[d]
+            assert ex["split"].decode() == split_name == row.split
+            assert ex["view"].decode() == meta[d].view
+            assert ex["image"].shape == (32, 32, 1)
+            text = mimic.report_path(mimic.reports_root(root), row.subject_id,
+                                     row.study_id).read_text()
+            assert ex["impression"].decode() == (mimic.parse_impression(text) or "")
+            assert ex["findings"].decode() == (mimic.parse_findings(text) or "")
