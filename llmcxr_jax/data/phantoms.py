@@ -146,7 +146,10 @@ def _ellipse(x: np.ndarray, y: np.ndarray, cx: float, cy: float, rx: float, ry: 
     With `thick`, the mask is weighted by the chord length through an ellipsoid (thicker in the
     middle), which is how a radiograph sees a rounded body.
     """
-    r = (np.abs((x - cx) / rx) ** power + np.abs((y - cy) / ry) ** power) ** (1.0 / power)
+    if power == 2.0:  # the common case without fractional powers
+        r = np.sqrt(((x - cx) / rx) ** 2 + ((y - cy) / ry) ** 2)
+    else:
+        r = (np.abs((x - cx) / rx) ** power + np.abs((y - cy) / ry) ** power) ** (1.0 / power)
     mask = _soft((1.0 - r) * min(rx, ry), px)
     if thick:
         mask = mask * np.sqrt(np.clip(1.0 - r * r, 0.0, 1.0) + 0.02)
@@ -228,10 +231,20 @@ class _Frontal:
     mediastinum_w: float
     lung_cx: dict[int, float]
     lung_rx: dict[int, float]
+    _cache: dict = dataclasses.field(default_factory=dict)
 
     def lung(self, sign: int, scale: float = 1.0, anchor: Optional[tuple[float, float]] = None,
              thick: bool = False):
         """Soft mask of one lung; `scale` < 1 shrinks it toward `anchor` (collapsed lung)."""
+        key = (sign, thick)
+        if scale == 1.0 and key in self._cache:
+            return self._cache[key]
+        out = self._lung(sign, scale, anchor, thick)
+        if scale == 1.0:
+            self._cache[key] = out
+        return out
+
+    def _lung(self, sign: int, scale: float, anchor: Optional[tuple[float, float]], thick: bool):
         x, y = self.x, self.y
         if anchor is not None:
             x = anchor[0] + (x - anchor[0]) / scale
