@@ -350,3 +350,25 @@ def test_phantom_world_end_to_end(tmp_path, vocab, stage):
     b = next(iter(pipe))
     assert set(np.unique(b["task_ids"])) - {-1} <= {0, 1, 2, 3}
     assert b["loss_mask"].sum() > 0 and P.describe(pipe, sources).startswith("data: stage")
+
+
+def test_epoch_shuffled_source_is_a_fresh_permutation_per_epoch():
+    ds = P.EpochShuffled(list(range(10)), seed=7)
+    epochs = [[ds[e * 10 + i] for i in range(10)] for e in range(3)]
+    assert all(sorted(e) == list(range(10)) for e in epochs)
+    assert epochs[0] != epochs[1] != epochs[2]
+    again = P.EpochShuffled(list(range(10)), seed=7)
+    assert [again[i] for i in range(25, 30)] == epochs[2][5:10]
+    assert [P.EpochShuffled(list(range(10)), seed=8)[i] for i in range(10)] != epochs[0]
+
+
+def test_prefetch_threads_give_the_same_batches(vocab):
+    sources = _sources()
+    out = []
+    for threads in (0, 4):
+        it = iter(P.build_pipeline(sources, vocab, _cfg(read_threads=threads),
+                                   shard_index=0, shard_count=1))
+        out.append([next(it) for _ in range(2)])
+    for a, b in zip(*out):
+        for k in P.BATCH_KEYS:
+            np.testing.assert_array_equal(a[k], b[k])

@@ -362,6 +362,7 @@ class EpochShuffled(grain.MapDataset):
         self._records = records
         self._seed = seed
         self._perms: dict[int, np.ndarray] = {}
+        self._lock = threading.Lock()  # prefetch threads (read_threads > 0) share the cache
 
     def __len__(self) -> int:
         return sys.maxsize
@@ -370,13 +371,14 @@ class EpochShuffled(grain.MapDataset):
         return f"EpochShuffled({len(self._records)} records, seed={self._seed})"
 
     def _perm(self, epoch: int) -> np.ndarray:
-        perm = self._perms.get(epoch)
-        if perm is None:
-            perm = np.random.default_rng([self._seed, epoch]).permutation(len(self._records))
-            if len(self._perms) >= 2:  # the current and the next epoch are enough
-                self._perms.pop(min(self._perms))
-            self._perms[epoch] = perm
-        return perm
+        with self._lock:
+            perm = self._perms.get(epoch)
+            if perm is None:
+                perm = np.random.default_rng([self._seed, epoch]).permutation(len(self._records))
+                if len(self._perms) >= 2:  # the current and the next epoch are enough
+                    self._perms.pop(min(self._perms))
+                self._perms[epoch] = perm
+            return perm
 
     def __getitem__(self, index):
         if isinstance(index, slice):
