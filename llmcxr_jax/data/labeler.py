@@ -299,6 +299,7 @@ _CUES: tuple[_CueSpec, ...] = (
              r"probable|(?:(?:less|more|most|very|quite|highly)\s+)?likely|unlikely|"
              r"questionable|equivocal|uncertain|indeterminate|considered|borderline|"
              r"not\s+certain|not\s+clear)" + _BEFORE_END, UNC, None, 12),
+    _CueSpec(r"if\s+(?:any|present)", UNC, None, 12),
     _CueSpec(r"(?:may|might|could|can|would)\s+(?:also\s+|still\s+)?(?:be|have\s+been)\s+"
              r"(?:present|seen|noted|developing|there|obscured|hidden|contributing)",
              UNC, None, 12),
@@ -347,7 +348,8 @@ class _Cue:
 
 # Clause boundaries: no scope crosses them.
 _CLAUSE_SPLIT = re.compile(
-    r"[;:]|\.(?:\s|$)|\b(?:but|however|although|though|whereas|while|nevertheless|except|"
+    r"[;:]|\.(?:\s|$)|,\s*otherwise\b|\b(?:but|however|although|though|whereas|while|"
+    r"nevertheless|except|"
     r"apart\s+from|aside\s+from|other\s+than|which|who|whose|because|given|"
     r"since\s+(?:the|there))\b")
 # Words that end a scope inside a clause: a new predicate or a new noun phrase.
@@ -367,7 +369,8 @@ _VERB_GROUP = re.compile(
     r"mildly|moderately|markedly|severely|slightly|minimally|massively|substantially|somewhat|"
     r"significantly|considerably|likely|probably|completely|entirely|fully|since|then|"
     r"subsequently|interval|in\s+the\s+interval|noted\s+to\s+be|felt\s+to\s+be|"
-    r"thought\s+to\s+be|to\s+be|not|only|top|upper|all|both)\b)+\s*$")
+    r"thought\s+to\s+be|to\s+be|not|only|top|upper|all|both|small|tiny|trace|minimal|mild|"
+    r"moderate|large|severe|massive)\b)+\s*,?\s*$")
 _WORD = re.compile(r"[a-z0-9]+(?:[-/'][a-z0-9]+)*")
 _RELAY = re.compile(r"concern|suggest|suspicious|worrisome|to\s")
 _STACK_GAP = re.compile(r"^\s*(?:[a-z]+\s*)?$")  # "no suspicious", "without definite evidence of"
