@@ -18,6 +18,16 @@ NegBio):
    Finding" 1 only when no observation but Support Devices (including CheXpert's list of other
    abnormalities: emphysema, scoliosis, granuloma, ...) is positive or uncertain, blank otherwise.
 
+Where this departs from CheXpert's rules, on purpose: "likely" / "probably" hedge (CheXpert's
+rules list only "less likely"); an enlargement word beats "stable" for heart and mediastinum
+descriptors ("stable enlarged cardiac silhouette" is 1, "heart size is stable" stays -1);
+"not appreciated" negates; "pulmonary vascularity / vasculature" is a hedged Edema mention (so
+"normal pulmonary vascularity" is 0); "pleural plaque" is Pleural Other; a tracheostomy is a
+support device and does not rule out No Finding; pericardial effusion and adenopathy do; nipple
+markers, "plate-like" and pleural / septal lines are not devices. Sternal wires are not devices,
+as in CheXpert. "The lungs are clear" names no finding (blank), as in CheXpert, unless
+`clear_lungs_negative=True` makes it Lung Opacity 0.
+
 Labels are 1.0 (positive), 0.0 (negative), -1.0 (uncertain) and None (not mentioned), as the
 CheXpert CSV has them. Reports are sectioned first; by default the labeler reads what MIMIC-CXR's
 CheXpert labels were computed on: the IMPRESSION, else the FINDINGS, else the last section (the
