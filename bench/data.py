@@ -19,6 +19,7 @@ depend on their values). The last line is one JSON object.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import pathlib
 import sys
@@ -155,8 +156,6 @@ def measure_train_step(preset: str, vocab: Vocab, sources: P.Sources, cfg: DataC
                        steps: int) -> float:
     """Tokens/s (real tokens, not padding) of the project's train step on one device, fed by the
     pipeline."""
-    import dataclasses
-
     import jax
 
     from llmcxr_jax.configs import TrainConfig, model_preset
@@ -171,7 +170,7 @@ def measure_train_step(preset: str, vocab: Vocab, sources: P.Sources, cfg: DataC
                          devices=jax.devices()[:1])
     state = init_state(model_cfg, train_cfg, mesh)
     step = make_train_step(model_cfg, train_cfg, mesh, num_tasks=len(P.TASKS))
-    it = P.build_pipeline(sources, vocab, dataclasses.replace(cfg), shard_index=0,
+    it = P.build_pipeline(sources, vocab, cfg, shard_index=0,
                           shard_count=1).global_iterator(mesh)
     batches = [next(it) for _ in range(steps + 1)]
     state, metrics = step(state, batches[0])  # compile
@@ -224,9 +223,9 @@ def main(argv=None) -> dict:
         rows = []
         for preset, spec in PRESETS.items():
             vocab = get_vocab(spec["vocab"], world)
-            cfg = DataConfig(**{**base.__dict__, "seq_len": spec["seq_len"]})
+            cfg = dataclasses.replace(base, seq_len=spec["seq_len"])
             packed = run_pipeline(sources, vocab, cfg, args.batches)
-            unpacked = run_pipeline(sources, vocab, DataConfig(**{**cfg.__dict__, "packing": False}),
+            unpacked = run_pipeline(sources, vocab, dataclasses.replace(cfg, packing=False),
                                     args.batches)
             ref = run_reference(sources, vocab, cfg, args.batches)
             if preset in measure:
@@ -250,10 +249,9 @@ def main(argv=None) -> dict:
         threads = {}
         if not args.quick:
             vocab = get_vocab("bpe", world)
-            cfg = DataConfig(**{**base.__dict__, "seq_len": 1024})
+            cfg = dataclasses.replace(base, seq_len=1024)
             for n in (0, 2, 8):
-                r = run_pipeline(sources, vocab, DataConfig(**{**cfg.__dict__, "read_threads": n}),
-                                 args.batches)
+                r = run_pipeline(sources, vocab, dataclasses.replace(cfg, read_threads=n), args.batches)
                 threads[n] = round(r["tokens_per_s"])
             results["read_threads_tokens_per_s"] = threads
 
