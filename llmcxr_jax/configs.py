@@ -124,6 +124,38 @@ def model_preset(name: str, **overrides: Any) -> ModelConfig:
 
 
 # --------------------------------------------------------------------------------------------------
+# LLM training (optimizer, schedule, step)
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation of the LLM. Defaults are the paper's: AdamW lr 5e-6, warmup 50, batch 16."""
+
+    learning_rate: float = 5e-6
+    warmup_steps: int = 50
+    schedule: str = "constant"  # constant | cosine (after warmup)
+    total_steps: int = 1000
+    min_lr_ratio: float = 0.1  # cosine floor, as a fraction of learning_rate
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    grad_clip_norm: float = 1.0  # global-norm clipping; 0 disables
+    global_batch: int = 16
+    seq_len: int = 1024
+    grad_accum_steps: int = 1  # micro-batches per step, accumulated inside the jitted step
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.schedule not in ("constant", "cosine"):
+            raise ValueError(f"schedule {self.schedule!r} not in ('constant', 'cosine')")
+        if self.global_batch % self.grad_accum_steps:
+            raise ValueError(f"global_batch {self.global_batch} is not divisible by "
+                             f"grad_accum_steps {self.grad_accum_steps}")
+
+
+# --------------------------------------------------------------------------------------------------
 # VQ-GAN (taming-transformers' VQModel)
 # --------------------------------------------------------------------------------------------------
 
@@ -179,6 +211,59 @@ def vqgan_preset(name: str, **overrides: Any) -> VQGANConfig:
     if name not in VQGAN_PRESETS:
         raise KeyError(f"unknown vqgan preset {name!r}; known: {sorted(VQGAN_PRESETS)}")
     return dataclasses.replace(VQGAN_PRESETS[name], **overrides)
+
+
+# --------------------------------------------------------------------------------------------------
+# VQ-GAN training (taming's VQLPIPSWithDiscriminator + the paper's clinical feature loss)
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class VQGANTrainConfig:
+    """GAN training of the VQ-GAN (`llmcxr_jax/vqgan/train.py`). Defaults follow taming's
+    custom_vqgan.yaml (disc_start 10k, disc_weight 0.8, codebook/perceptual weight 1, base lr
+    4.5e-6 scaled by the global batch) plus the paper's clinical loss (x100, off without a net)."""
+
+    vqgan: str = "phantom-f8"  # VQ-GAN preset; model overrides go to the resolved VQGANConfig
+    steps: int = 50_000
+    batch_size: int = 8  # global batch
+    base_lr: float = 4.5e-6
+    learning_rate: float = 0.0  # 0: base_lr * batch_size (taming's main.py scaling)
+    adam_b1: float = 0.5
+    adam_b2: float = 0.9
+    pixel_weight: float = 1.0  # L1 (taming defines pixelloss_weight but never applies it: 1)
+    perceptual_weight: float = 1.0  # LPIPS; forced to 0 (with a message) without VGG16 weights
+    codebook_weight: float = 1.0
+    clinical_weight: float = 100.0  # the paper's feature L2; used only when a feature net is given
+    disc_start: int = 10_000
+    disc_weight: float = 0.8
+    disc_factor: float = 1.0
+    disc_loss: str = "hinge"  # hinge | vanilla
+    disc_layers: int = 3
+    disc_ndf: int = 64
+    lpips_vgg_path: str = ""  # torchvision vgg16 state dict (.pth / .safetensors / .npz)
+    lpips_heads_path: str = ""  # "" = the lpips wheel's weights/v0.1/vgg.pth
+    dead_code_window: int = 200  # a code unused for this many steps counts as dead
+    dead_code_restart: bool = False  # re-seed dead codes from this batch's encoder outputs
+    dead_code_restart_every: int = 200
+    mesh_data: int = 1  # devices on the data axis; -1 = all devices
+    seed: int = 0
+    log_every: int = 50
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 3
+    read_threads: int = 0  # grain ReadOptions(num_threads); 0 = decode in the main thread
+
+    @property
+    def lr(self) -> float:
+        return self.learning_rate or self.base_lr * self.batch_size
+
+    def __post_init__(self) -> None:
+        if self.disc_loss not in ("hinge", "vanilla"):
+            raise ValueError(f"disc_loss {self.disc_loss!r} not in ('hinge', 'vanilla')")
+        if self.batch_size < 1 or self.steps < 0:
+            raise ValueError(f"batch_size {self.batch_size} must be >= 1 and steps {self.steps} >= 0")
+        if self.dead_code_window < 1 or self.dead_code_restart_every < 1:
+            raise ValueError("dead_code_window and dead_code_restart_every must be >= 1")
 
 
 # --------------------------------------------------------------------------------------------------

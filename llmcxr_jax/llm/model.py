@@ -107,6 +107,36 @@ def dot_product_attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
     return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
 
 
+class Projection(nn.Module):
+    """A multi-axis linear map (kernel [*in_shape, *out_shape]) contracting x's trailing in-axes.
+
+    Unlike `nn.DenseGeneral`, the kernel is created in its final shape, so its logical
+    partitioning applies to every axis (DenseGeneral initialises a flattened 2-D kernel).
+    """
+
+    config: ModelConfig
+    in_shape: tuple[int, ...]
+    out_shape: tuple[int, ...]
+    in_names: tuple[str, ...]
+    out_names: tuple[str, ...]
+    use_bias: bool = True
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        cfg = self.config
+        dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+        kernel = self.param("kernel", _dense_init(cfg, self.in_names + self.out_names),
+                            self.in_shape + self.out_shape, pdtype)
+        n_in = len(self.in_shape)
+        y = jax.lax.dot_general(
+            x.astype(dtype), kernel.astype(dtype),
+            ((tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in))), ((), ())))
+        if self.use_bias:
+            bias = self.param("bias", _zeros(self.out_names), self.out_shape, pdtype)
+            y = y + bias.astype(dtype)
+        return y
+
+
 class Attention(nn.Module):
     config: ModelConfig
 
@@ -115,11 +145,11 @@ class Attention(nn.Module):
                  k_cache: Array | None, v_cache: Array | None, kv_segments: Array | None,
                  cache_index: Array | None) -> tuple[Array, tuple[Array, Array] | None]:
         cfg = self.config
-        dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
-        qkv = nn.DenseGeneral(
-            features=(cfg.num_heads, 3, cfg.head_dim), use_bias=cfg.attention_bias, dtype=dtype,
-            param_dtype=pdtype, kernel_init=_dense_init(cfg, ("embed", "heads", "qkv", "kv")),
-            bias_init=_zeros(("heads", "qkv", "kv")), name="query_key_value")(x)
+        dtype = jnp.dtype(cfg.dtype)
+        qkv = Projection(cfg, in_shape=(cfg.hidden_size,),
+                         out_shape=(cfg.num_heads, 3, cfg.head_dim),
+                         in_names=("embed",), out_names=("heads", "qkv", "kv"),
+                         use_bias=cfg.attention_bias, name="query_key_value")(x)
         q, k, v = qkv[:, :, :, 0], qkv[:, :, :, 1], qkv[:, :, :, 2]
         q = nn.with_logical_constraint(q, ("batch", "length", "act_heads", "act_kv"))
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
@@ -135,10 +165,9 @@ class Attention(nn.Module):
             new_cache = (k, v)
         mask = attention_mask(q_slots, segment_ids, kv_slots, kv_segments)
         out = dot_product_attention(q, k.astype(dtype), v.astype(dtype), mask)
-        out = nn.DenseGeneral(
-            features=cfg.hidden_size, axis=(-2, -1), use_bias=cfg.attention_bias, dtype=dtype,
-            param_dtype=pdtype, kernel_init=_dense_init(cfg, ("heads", "kv", "embed")),
-            bias_init=_zeros(("embed",)), name="dense")(out)
+        out = Projection(cfg, in_shape=(cfg.num_heads, cfg.head_dim),
+                         out_shape=(cfg.hidden_size,), in_names=("heads", "kv"),
+                         out_names=("embed",), use_bias=cfg.attention_bias, name="dense")(out)
         return out, new_cache
 
 
