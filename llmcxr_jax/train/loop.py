@@ -1,0 +1,191 @@
+"""One training stage: data -> sharded steps -> metrics, evaluation, checkpoints, preemption.
+
+A stage lives in its own directory (`WORKDIR/stage1`, `WORKDIR/stage2`):
+
+    checkpoints/<step>/        orbax: train state, grain iterator position, bookkeeping
+    DONE.json                  written last; a stage with it is complete and is not rerun
+
+`run_stage` resumes from the newest readable checkpoint when there is one, so a killed run picks
+up exactly where its last checkpoint left it (same params, optimizer moments, PRNG and next batch).
+Host syncs happen only at logging steps; everything else stays on the device queue.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import pathlib
+import time
+from typing import Any, Callable, Mapping
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import Mesh
+
+from llmcxr_jax.configs import DataConfig, ModelConfig, TrainConfig
+from llmcxr_jax.data import pipeline as pipeline_lib
+from llmcxr_jax.parallel.mesh import check_global_batch, is_main_process
+from llmcxr_jax.text.vocab import Vocab
+from llmcxr_jax.train import flops as flops_lib
+from llmcxr_jax.train.checkpoint import Checkpointer, abstract_train_state, restore_params
+from llmcxr_jax.train.loss import summarize
+from llmcxr_jax.train.preemption import PreemptionWatcher
+from llmcxr_jax.train.state import abstract_params, init_state, param_shardings, state_from_params
+from llmcxr_jax.train.step import make_eval_step, make_train_step
+
+log = logging.getLogger(__name__)
+DONE_FILE = "DONE.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopConfig:
+    """How long a stage runs and how often it logs, evaluates and saves."""
+
+    steps: int = 100
+    log_every: int = 10
+    eval_every: int = 0  # 0: evaluate only at the end of the stage
+    eval_batches: int = 2
+    checkpoint_every: int = 50
+    keep_checkpoints: int = 2
+
+
+@dataclasses.dataclass
+class StageResult:
+    stage: int
+    status: str  # "done" | "preempted" | "reused"
+    step: int
+    params: Any
+    summary: dict[str, Any]
+
+
+MetricsSink = Callable[[int, Mapping[str, Any]], None]
+
+
+def _host_metrics(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """Device metrics -> plain Python numbers / lists (one host sync)."""
+    out: dict[str, Any] = {}
+    for key, value in jax.device_get(dict(metrics)).items():
+        arr = np.asarray(value)
+        out[key] = arr.item() if arr.ndim == 0 else arr.tolist()
+    return out
+
+
+def _per_task(prefix: str, values: list[float]) -> dict[str, float]:
+    return {f"{prefix}/{task}": v for task, v in zip(pipeline_lib.TASKS, values)
+            if not np.isnan(v)}
+
+
+def evaluate(eval_step: Callable, params: Any, batches: list[dict]) -> dict[str, float]:
+    """Mean eval loss / accuracy (overall and per task) over fixed held-out batches."""
+    total: dict[str, Any] | None = None
+    for batch in batches:
+        sums = eval_step(params, batch)
+        total = sums if total is None else jax.tree_util.tree_map(lambda a, b: a + b, total, sums)
+    means = _host_metrics(summarize(total))
+    out = {"eval_loss": means["loss"], "eval_accuracy": means["accuracy"],
+           "eval_tokens": means["tokens"]}
+    out.update(_per_task("eval_loss", means["task_loss"]))
+    return out
+
+
+def eval_batches(sources: pipeline_lib.Sources, vocab: Vocab, data_cfg: DataConfig, mesh: Mesh,
+                 n: int) -> list[dict]:
+    """The first `n` batches of a pipeline over `sources` (the held-out split): fixed per run."""
+    if n <= 0 or not any(sources.sizes().values()):
+        return []
+    it = pipeline_lib.build_pipeline(sources, vocab, data_cfg).global_iterator(mesh)
+    return [next(it) for _ in range(n)]
+
+
+def run_stage(stage: int, *, model_cfg: ModelConfig, train_cfg: TrainConfig,
+              data_cfg: DataConfig, loop_cfg: LoopConfig, mesh: Mesh, vocab: Vocab,
+              train_sources: pipeline_lib.Sources, eval_sources: pipeline_lib.Sources | None,
+              stage_dir: pathlib.Path, init_params: Any = None, sink: MetricsSink | None = None,
+              watcher: PreemptionWatcher | None = None) -> StageResult:
+    """Train one stage to `loop_cfg.steps` steps (resuming if checkpoints exist).
+
+    `init_params` (sharded params) starts a fresh optimizer around them (stage 2 from stage 1);
+    None initialises at random. Returns the final params and a summary; `status="preempted"`
+    when the watcher asked to stop (a checkpoint was saved first).
+    """
+    stage_dir = pathlib.Path(stage_dir)
+    done = stage_dir / DONE_FILE
+    p_shard = param_shardings(model_cfg, mesh)
+    if done.exists():
+        summary = json.loads(done.read_text())
+        params = restore_params(stage_dir / "checkpoints", summary["step"], p_shard,
+                                nn.unbox(abstract_params(model_cfg)))
+        log.info("stage %d already complete at step %d (%s); reusing it", stage, summary["step"],
+                 done)
+        return StageResult(stage, "reused", summary["step"], params, summary)
+
+    check_global_batch(data_cfg.global_batch, mesh)
+    sink = sink or (lambda step, m: None)
+    data_iter = pipeline_lib.build_pipeline(train_sources, vocab, data_cfg).global_iterator(mesh)
+    held_out = eval_batches(eval_sources, vocab, dataclasses.replace(data_cfg, seed=1234), mesh,
+                            loop_cfg.eval_batches) if eval_sources else []
+    step_fn = make_train_step(model_cfg, train_cfg, mesh, len(pipeline_lib.TASKS))
+    eval_fn = make_eval_step(model_cfg, mesh, len(pipeline_lib.TASKS))
+
+    ckpt = Checkpointer(stage_dir / "checkpoints", save_every=loop_cfg.checkpoint_every,
+                        keep=loop_cfg.keep_checkpoints)
+    restored = ckpt.restore_latest(abstract_train_state(model_cfg, train_cfg, mesh), data_iter)
+    if restored is not None:
+        state = restored.state
+        log.info("stage %d: resumed from checkpoint step %d", stage, restored.step)
+    elif init_params is not None:
+        state = state_from_params(init_params, model_cfg, train_cfg, mesh)
+    else:
+        state = init_state(model_cfg, train_cfg, mesh)
+
+    flops_per_token = flops_lib.train_flops_per_token(model_cfg, data_cfg.seq_len)
+    peak = flops_lib.device_peak_flops(mesh.devices.flat)
+    tokens_per_step = data_cfg.global_batch * data_cfg.seq_len
+    step = int(jax.device_get(state.step))
+    status, summary = "done", {}
+    last_time, last_step = time.perf_counter(), step
+    try:
+        while step < loop_cfg.steps:
+            state, metrics = step_fn(state, next(data_iter))
+            step += 1
+            log_now = step % loop_cfg.log_every == 0 or step == loop_cfg.steps
+            eval_now = loop_cfg.eval_every and step % loop_cfg.eval_every == 0
+            if log_now or eval_now:
+                host = _host_metrics(metrics)  # waits for the step: timings are honest
+                now = time.perf_counter()
+                seconds = (now - last_time) / max(step - last_step, 1)
+                last_time, last_step = now, step
+                record = {"stage": stage, "loss": host["loss"], "accuracy": host["accuracy"],
+                          "learning_rate": host["learning_rate"], "grad_norm": host["grad_norm"],
+                          "skipped_steps": int(jax.device_get(state.skipped_steps)),
+                          "step_time_s": seconds, "tokens_per_s": tokens_per_step / seconds,
+                          "response_tokens": host["tokens"],
+                          "flops_per_s": flops_per_token * tokens_per_step / seconds}
+                utilisation = flops_lib.mfu(record["flops_per_s"], peak, mesh.devices.size)
+                if utilisation is not None:
+                    record["mfu"] = utilisation
+                record.update(_per_task("loss", host["task_loss"]))
+                if eval_now and held_out:
+                    record.update(evaluate(eval_fn, state.params, held_out))
+                sink(step, record)
+                summary = record
+            ckpt.save(step, state, data_iter, {"stage": stage})
+            if watcher is not None and watcher.should_stop(step):
+                ckpt.save(step, state, data_iter, {"stage": stage}, force=True)
+                status = "preempted"
+                break
+        if status == "done":
+            if held_out:
+                summary.update(evaluate(eval_fn, state.params, held_out))
+            summary = {**summary, "stage": stage, "step": step}
+            sink(step, summary)
+            ckpt.save(step, state, data_iter, {"stage": stage}, force=True)
+    finally:
+        ckpt.close()
+    if status == "done" and is_main_process():
+        tmp = done.with_suffix(".tmp")
+        tmp.write_text(json.dumps(summary, indent=2, sort_keys=True))
+        tmp.rename(done)
+    return StageResult(stage, status, step, state.params, summary)
