@@ -1,0 +1,55 @@
+"""Parameter shardings of the GPT-NeoX model, from its logical axis names and the rules table.
+
+Shapes come from `jax.eval_shape` (nothing is allocated); each parameter's logical names
+(`nn.with_logical_partitioning`) go through `LOGICAL_AXIS_RULES` to a `NamedSharding` on the mesh.
+Meshes themselves are built in `llmcxr_jax.parallel.mesh`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh
+
+from llmcxr_jax.configs import ModelConfig
+from llmcxr_jax.parallel.rules import LOGICAL_AXIS_RULES
+
+Rules = Sequence[tuple[str, Any]]
+
+
+def abstract_params(config: ModelConfig, boxed: bool = False) -> Any:
+    """Param shapes/dtypes (`jax.ShapeDtypeStruct`) without allocating; `boxed=True` keeps the
+    `nn.LogicallyPartitioned` boxes that carry the logical axis names."""
+    from llmcxr_jax.llm.model import GPTNeoX  # the model imports configs only; no cycle
+
+    ids = jax.ShapeDtypeStruct((1, 1), jnp.int32)
+    variables = jax.eval_shape(GPTNeoX(config).init, jax.random.key(0), ids)
+    params = variables["params"]
+    return params if boxed else nn.unbox(params)
+
+
+def logical_param_specs(config: ModelConfig) -> Any:
+    """Logical `PartitionSpec`s (axis names like "embed", "layers") of every parameter."""
+    return nn.get_partition_spec(abstract_params(config, boxed=True))
+
+
+def param_shardings(config: ModelConfig, mesh: Mesh, rules: Rules = LOGICAL_AXIS_RULES) -> Any:
+    """A `NamedSharding` for every parameter, in the params tree's structure."""
+    return nn.logical_to_mesh_sharding(logical_param_specs(config), mesh, rules)
+
+
+def abstract_sharded_params(config: ModelConfig, shardings: Any = None, mesh: Mesh | None = None,
+                            rules: Rules = LOGICAL_AXIS_RULES) -> Any:
+    """`ShapeDtypeStruct`s carrying their target sharding (the restore/import target): the given
+    `shardings` tree, or the rules' shardings on `mesh`."""
+    boxed = abstract_params(config, boxed=True)
+    if shardings is None:
+        if mesh is None:
+            raise ValueError("give either shardings or a mesh")
+        shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, rules)
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        nn.unbox(boxed), shardings)
+
