@@ -54,14 +54,48 @@ def _conv(features: int, kernel: int, cfg: VQGANConfig, *, strides: int = 1,
         name=name)
 
 
-def _norm(cfg: VQGANConfig, name: str | None = None) -> nn.GroupNorm:
-    """taming's Normalize: GroupNorm with 32 groups, eps 1e-6, affine."""
-    return nn.GroupNorm(
-        num_groups=32, epsilon=1e-6, use_fast_variance=False,
-        dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype),
-        scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("conv_out",)),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("conv_out",)),
-        name=name)
+class GroupNorm(nn.Module):
+    """taming's Normalize: GroupNorm(32 groups, eps 1e-6, affine) over NHWC, stats in float32.
+
+    Same maths as `nn.GroupNorm(use_fast_variance=False)`, but the statistics are reduced per
+    channel over the contiguous rows [B, H*W, C] first and then per group: XLA's CPU reduction
+    over flax's [B, H*W, G, C/G] layout is about 20x slower (it dominated decode time).
+    Params: `scale`, `bias` [C].
+    """
+
+    config: VQGANConfig
+    num_groups: int = 32
+    epsilon: float = 1e-6
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        cfg = self.config
+        b, c = x.shape[0], x.shape[-1]
+        g = self.num_groups
+        if c % g:
+            raise ValueError(f"GroupNorm: {c} channels do not split into {g} groups")
+        pdt = jnp.dtype(cfg.param_dtype)
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones_init(), ("conv_out",)), (c,), pdt)
+        bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), ("conv_out",)), (c,), pdt)
+        rows = x.reshape(b, -1, c).astype(jnp.float32)
+        count = rows.shape[1] * (c // g)
+        mean = jnp.sum(rows, axis=1).reshape(b, g, c // g).sum(-1) / count  # [B, G]
+        mean_c = jnp.repeat(mean, c // g, axis=1)[:, None, :]  # [B, 1, C]
+        var = jnp.sum(jnp.square(rows - mean_c), axis=1).reshape(b, g, c // g).sum(-1) / count
+        inv_c = jnp.repeat(jax.lax.rsqrt(var + self.epsilon), c // g, axis=1)[:, None, :]
+        a = inv_c * scale.astype(jnp.float32)  # y = x * a + shift, per batch and channel
+        shift = bias.astype(jnp.float32) - mean_c * a
+        y = rows * a + shift
+        return y.reshape(x.shape).astype(jnp.dtype(cfg.dtype))
+
+
+def _norm(cfg: VQGANConfig, name: str | None = None) -> GroupNorm:
+    return GroupNorm(cfg, name=name)
+
+
+def swish(x: jax.Array) -> jax.Array:
+    """x * sigmoid(x), written with tanh: the same function, ~2x faster on XLA:CPU than logistic."""
+    return x * (0.5 + 0.5 * jnp.tanh(0.5 * x))
 
 
 class ResnetBlock(nn.Module):
@@ -74,9 +108,9 @@ class ResnetBlock(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         cfg = self.config
-        h = nn.swish(_norm(cfg, "norm1")(x))
+        h = swish(_norm(cfg, "norm1")(x))
         h = _conv(self.out_channels, 3, cfg, name="conv1")(h)
-        h = nn.swish(_norm(cfg, "norm2")(h))
+        h = swish(_norm(cfg, "norm2")(h))
         h = nn.Dropout(cfg.dropout, deterministic=not train or cfg.dropout == 0.0)(h)
         h = _conv(self.out_channels, 3, cfg, name="conv2")(h)
         if x.shape[-1] != self.out_channels:
@@ -111,15 +145,59 @@ class Downsample(nn.Module):
         return _conv(x.shape[-1], 3, self.config, strides=2, padding=((0, 1), (0, 1)), name="conv")(x)
 
 
+class ConvParams(nn.Module):
+    """The kernel [k, k, in, out] and bias [out] of a conv, for modules that apply them their own way."""
+
+    config: VQGANConfig
+    in_features: int
+    features: int
+    kernel_size: int = 3
+
+    @nn.compact
+    def __call__(self) -> tuple[jax.Array, jax.Array]:
+        pdt = jnp.dtype(self.config.param_dtype)
+        k = self.kernel_size
+        kernel = self.param("kernel", nn.with_logical_partitioning(torch_conv_kernel_init, CONV_KERNEL_AXES),
+                            (k, k, self.in_features, self.features), pdt)
+        bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), ("conv_out",)),
+                          (self.features,), pdt)
+        return kernel, bias
+
+
+def _subpixel_taps(w: jax.Array, phase: int, axis: int) -> jax.Array:
+    """The 2 taps along `axis` of a 3-tap kernel seen from the low-res grid, for output `phase`:
+    nearest x2 maps taps (0, 1, 2) onto input offsets (-1, 0, 0) for phase 0, (0, 0, +1) for 1."""
+    t0, t1, t2 = (jnp.take(w, i, axis=axis) for i in range(3))
+    return jnp.stack([t0, t1 + t2] if phase == 0 else [t0 + t1, t2], axis=axis)
+
+
 class Upsample(nn.Module):
-    """Nearest-neighbour x2 then a 3x3 conv."""
+    """Nearest-neighbour x2 then a 3x3 conv (param `conv`), computed without the x2 tensor.
+
+    Each of the 4 output phases is a 2x2 conv of the low-res input with taps summed from the 3x3
+    kernel (sub-pixel convolution): exactly the same function as taming's interpolate + conv, at
+    4/9 of the FLOPs; the phases are then interleaved (depth-to-space).
+    """
 
     config: VQGANConfig
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
-        return _conv(x.shape[-1], 3, self.config, name="conv")(x)
+        c = x.shape[-1]
+        kernel, bias = ConvParams(self.config, c, c, name="conv")()
+        dtype = jnp.dtype(self.config.dtype)
+        kernel = kernel.astype(dtype)
+        pads = ((1, 0), (0, 1))  # phase 0 reads offsets (-1, 0), phase 1 reads (0, +1)
+        rows = []
+        for a in range(2):
+            ka = _subpixel_taps(kernel, a, 0)
+            cols = [jax.lax.conv_general_dilated(
+                x.astype(dtype), _subpixel_taps(ka, b, 1), (1, 1), (pads[a], pads[b]),
+                dimension_numbers=("NHWC", "HWIO", "NHWC")) for b in range(2)]
+            rows.append(jnp.stack(cols, axis=3))  # [B, H, W, 2 (col phase), C]
+        y = jnp.stack(rows, axis=2)  # [B, H, 2 (row phase), W, 2 (col phase), C]
+        bsz, h, _, w, _, _ = y.shape
+        return y.reshape(bsz, 2 * h, 2 * w, c) + bias.astype(dtype)
 
 
 class Encoder(nn.Module):
@@ -141,7 +219,7 @@ class Encoder(nn.Module):
                 h = Downsample(cfg, name=f"down_{i}_downsample")(h)
                 curr_res //= 2
         h = _mid(cfg, h, train)
-        h = nn.swish(_norm(cfg, "norm_out")(h))
+        h = swish(_norm(cfg, "norm_out")(h))
         return _conv(cfg.z_channels, 3, cfg, name="conv_out")(h)
 
 
@@ -165,7 +243,7 @@ class Decoder(nn.Module):
             if i != 0:
                 h = Upsample(cfg, name=f"up_{i}_upsample")(h)
                 curr_res *= 2
-        h = nn.swish(_norm(cfg, "norm_out")(h))
+        h = swish(_norm(cfg, "norm_out")(h))
         # 3 output channels divide no mesh axis: keep the last conv's output axis replicated.
         h = _conv(cfg.out_ch, 3, cfg, out_axis=None, name="conv_out")(h)
         return h.astype(jnp.float32)
