@@ -186,13 +186,12 @@ class Upsample(nn.Module):
         c = x.shape[-1]
         kernel, bias = ConvParams(self.config, c, c, name="conv")()
         dtype = jnp.dtype(self.config.dtype)
-        kernel = kernel.astype(dtype)
         pads = ((1, 0), (0, 1))  # phase 0 reads offsets (-1, 0), phase 1 reads (0, +1)
         rows = []
         for a in range(2):
-            ka = _subpixel_taps(kernel, a, 0)
+            ka = _subpixel_taps(kernel, a, 0)  # taps summed in param precision, then cast
             cols = [jax.lax.conv_general_dilated(
-                x.astype(dtype), _subpixel_taps(ka, b, 1), (1, 1), (pads[a], pads[b]),
+                x.astype(dtype), _subpixel_taps(ka, b, 1).astype(dtype), (1, 1), (pads[a], pads[b]),
                 dimension_numbers=("NHWC", "HWIO", "NHWC")) for b in range(2)]
             rows.append(jnp.stack(cols, axis=3))  # [B, H, W, 2 (col phase), C]
         y = jnp.stack(rows, axis=2)  # [B, H, 2 (row phase), W, 2 (col phase), C]
