@@ -13,6 +13,7 @@ from llmcxr_jax.data.skips import SkipCounter
 from llmcxr_jax.parallel.mesh import mesh_from_flag
 from llmcxr_jax.text.bpe import train_bpe
 from llmcxr_jax.train.loop import DONE_FILE, LoopConfig, run_stage
+from llmcxr_jax.train.metrics import read_jsonl
 from llmcxr_jax.train.preemption import PreemptionWatcher
 
 MODEL = ModelConfig(vocab_size=extended_vocab_rows(2048), hidden_size=64, num_layers=2,
@@ -34,14 +35,15 @@ def setup():
 
 def _run(setup, stage_dir, steps, watcher=None):
     vocab, sources, mesh = setup
-    seen: dict[int, float] = {}
     result = run_stage(1, model_cfg=MODEL, train_cfg=TRAIN, data_cfg=DATA,
                        loop_cfg=LoopConfig(steps=steps, log_every=1, checkpoint_every=2,
                                            eval_batches=1),
                        mesh=mesh, vocab=vocab, train_sources=sources, eval_sources=sources,
-                       stage_dir=stage_dir, sink=lambda s, m: seen.setdefault(s, m.get("loss")),
-                       watcher=watcher)
-    return result, seen
+                       stage_dir=stage_dir, watcher=watcher, stream=None)
+    losses = {}
+    for record in read_jsonl(stage_dir / "metrics.jsonl"):
+        losses.setdefault(record["step"], record.get("loss"))
+    return result, losses
 
 
 class StopAt(PreemptionWatcher):
@@ -60,7 +62,8 @@ def test_preempted_then_resumed_stage_gives_the_uninterrupted_losses(setup, tmp_
     assert full.status == "done" and full.step == 4
     assert full_losses[4] < full_losses[1]
     done = json.loads((tmp_path / "full" / DONE_FILE).read_text())
-    assert done["step"] == 4 and "eval_loss" in done
+    assert done["step"] == 4 and "eval_loss" in done and done["tokens_per_s"] > 0
+    assert (tmp_path / "full" / "tensorboard").is_dir()
 
     first, _ = _run(setup, tmp_path / "cut", steps=4, watcher=StopAt(3))
     assert first.status == "preempted" and first.step == 3

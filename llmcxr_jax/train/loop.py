@@ -16,12 +16,11 @@ import dataclasses
 import json
 import logging
 import pathlib
-import time
-from typing import Any, Callable, Mapping
+import sys
+from typing import Any, Callable, TextIO
 
 import flax.linen as nn
 import jax
-import numpy as np
 from jax.sharding import Mesh
 
 from llmcxr_jax.configs import DataConfig, ModelConfig, TrainConfig
@@ -31,6 +30,7 @@ from llmcxr_jax.text.vocab import Vocab
 from llmcxr_jax.train import flops as flops_lib
 from llmcxr_jax.train.checkpoint import Checkpointer, abstract_train_state, restore_params
 from llmcxr_jax.train.loss import summarize
+from llmcxr_jax.train.metrics import TrainLogger
 from llmcxr_jax.train.preemption import PreemptionWatcher
 from llmcxr_jax.train.state import abstract_params, init_state, param_shardings, state_from_params
 from llmcxr_jax.train.step import make_eval_step, make_train_step
@@ -60,34 +60,13 @@ class StageResult:
     summary: dict[str, Any]
 
 
-MetricsSink = Callable[[int, Mapping[str, Any]], None]
-
-
-def _host_metrics(metrics: Mapping[str, Any]) -> dict[str, Any]:
-    """Device metrics -> plain Python numbers / lists (one host sync)."""
-    out: dict[str, Any] = {}
-    for key, value in jax.device_get(dict(metrics)).items():
-        arr = np.asarray(value)
-        out[key] = arr.item() if arr.ndim == 0 else arr.tolist()
-    return out
-
-
-def _per_task(prefix: str, values: list[float]) -> dict[str, float]:
-    return {f"{prefix}/{task}": v for task, v in zip(pipeline_lib.TASKS, values)
-            if not np.isnan(v)}
-
-
-def evaluate(eval_step: Callable, params: Any, batches: list[dict]) -> dict[str, float]:
-    """Mean eval loss / accuracy (overall and per task) over fixed held-out batches."""
+def evaluate(eval_step: Callable, params: Any, batches: list[dict]) -> dict[str, Any]:
+    """`loss.summarize` of the summed loss statistics over fixed held-out batches."""
     total: dict[str, Any] | None = None
     for batch in batches:
         sums = eval_step(params, batch)
         total = sums if total is None else jax.tree_util.tree_map(lambda a, b: a + b, total, sums)
-    means = _host_metrics(summarize(total))
-    out = {"eval_loss": means["loss"], "eval_accuracy": means["accuracy"],
-           "eval_tokens": means["tokens"]}
-    out.update(_per_task("eval_loss", means["task_loss"]))
-    return out
+    return jax.device_get(summarize(total))
 
 
 def eval_batches(sources: pipeline_lib.Sources, vocab: Vocab, data_cfg: DataConfig, mesh: Mesh,
@@ -102,8 +81,9 @@ def eval_batches(sources: pipeline_lib.Sources, vocab: Vocab, data_cfg: DataConf
 def run_stage(stage: int, *, model_cfg: ModelConfig, train_cfg: TrainConfig,
               data_cfg: DataConfig, loop_cfg: LoopConfig, mesh: Mesh, vocab: Vocab,
               train_sources: pipeline_lib.Sources, eval_sources: pipeline_lib.Sources | None,
-              stage_dir: pathlib.Path, init_params: Any = None, sink: MetricsSink | None = None,
-              watcher: PreemptionWatcher | None = None) -> StageResult:
+              stage_dir: pathlib.Path, init_params: Any = None,
+              watcher: PreemptionWatcher | None = None,
+              stream: TextIO | None = sys.stdout) -> StageResult:
     """Train one stage to `loop_cfg.steps` steps (resuming if checkpoints exist).
 
     `init_params` (sharded params) starts a fresh optimizer around them (stage 2 from stage 1);
@@ -122,7 +102,6 @@ def run_stage(stage: int, *, model_cfg: ModelConfig, train_cfg: TrainConfig,
         return StageResult(stage, "reused", summary["step"], params, summary)
 
     check_global_batch(data_cfg.global_batch, mesh)
-    sink = sink or (lambda step, m: None)
     data_iter = pipeline_lib.build_pipeline(train_sources, vocab, data_cfg).global_iterator(mesh)
     held_out = eval_batches(eval_sources, vocab, dataclasses.replace(data_cfg, seed=1234), mesh,
                             loop_cfg.eval_batches) if eval_sources else []
@@ -140,50 +119,40 @@ def run_stage(stage: int, *, model_cfg: ModelConfig, train_cfg: TrainConfig,
     else:
         state = init_state(model_cfg, train_cfg, mesh)
 
-    flops_per_token = flops_lib.train_flops_per_token(model_cfg, data_cfg.seq_len)
-    peak = flops_lib.device_peak_flops(mesh.devices.flat)
-    tokens_per_step = data_cfg.global_batch * data_cfg.seq_len
     step = int(jax.device_get(state.step))
+    logger = TrainLogger(stage_dir, stage=stage, total_steps=loop_cfg.steps, model_cfg=model_cfg,
+                         global_batch=data_cfg.global_batch, seq_len=data_cfg.seq_len,
+                         task_names=pipeline_lib.TASKS, log_every=loop_cfg.log_every,
+                         n_devices=mesh.devices.size,
+                         peak_flops=flops_lib.device_peak_flops(list(mesh.devices.flat)),
+                         stream=stream)
     status, summary = "done", {}
-    last_time, last_step = time.perf_counter(), step
     try:
         while step < loop_cfg.steps:
             state, metrics = step_fn(state, next(data_iter))
             step += 1
-            log_now = step % loop_cfg.log_every == 0 or step == loop_cfg.steps
-            eval_now = loop_cfg.eval_every and step % loop_cfg.eval_every == 0
-            if log_now or eval_now:
-                host = _host_metrics(metrics)  # waits for the step: timings are honest
-                now = time.perf_counter()
-                seconds = (now - last_time) / max(step - last_step, 1)
-                last_time, last_step = now, step
-                record = {"stage": stage, "loss": host["loss"], "accuracy": host["accuracy"],
-                          "learning_rate": host["learning_rate"], "grad_norm": host["grad_norm"],
-                          "skipped_steps": int(jax.device_get(state.skipped_steps)),
-                          "step_time_s": seconds, "tokens_per_s": tokens_per_step / seconds,
-                          "response_tokens": host["tokens"],
-                          "flops_per_s": flops_per_token * tokens_per_step / seconds}
-                utilisation = flops_lib.mfu(record["flops_per_s"], peak, mesh.devices.size)
-                if utilisation is not None:
-                    record["mfu"] = utilisation
-                record.update(_per_task("loss", host["task_loss"]))
-                if eval_now and held_out:
-                    record.update(evaluate(eval_fn, state.params, held_out))
-                sink(step, record)
-                summary = record
+            eval_now = bool(loop_cfg.eval_every) and step % loop_cfg.eval_every == 0
+            eval_now = eval_now and bool(held_out) and step != loop_cfg.steps
+            record = logger.add(step, metrics,
+                                evaluate(eval_fn, state.params, held_out) if eval_now else None)
+            if step == 1:
+                logger.start()  # the first step's compile time is not throughput
+            summary = record or summary
             ckpt.save(step, state, data_iter, {"stage": stage})
             if watcher is not None and watcher.should_stop(step):
+                logger.flush(step)
                 ckpt.save(step, state, data_iter, {"stage": stage}, force=True)
                 status = "preempted"
                 break
         if status == "done":
-            if held_out:
-                summary.update(evaluate(eval_fn, state.params, held_out))
-            summary = {**summary, "stage": stage, "step": step}
-            sink(step, summary)
+            final = logger.flush(step, evaluate(eval_fn, state.params, held_out)
+                                 if held_out else None)
+            summary = {**summary, **(final or {}), "stage": stage, "step": step,
+                       "skipped_steps": int(jax.device_get(state.skipped_steps))}
             ckpt.save(step, state, data_iter, {"stage": stage}, force=True)
     finally:
         ckpt.close()
+        logger.close()
     if status == "done" and is_main_process():
         tmp = done.with_suffix(".tmp")
         tmp.write_text(json.dumps(summary, indent=2, sort_keys=True))
