@@ -428,6 +428,17 @@ def test_error_missing_tensor(tmp_path, neox_tokenizer_dir):
         hf_io.import_hf(d, _mesh(), progress=False)
 
 
+def test_error_shape_disagrees_with_config(tmp_path, neox_tokenizer_dir):
+    d = _tiny_dir(tmp_path, neox_tokenizer_dir)
+    hf = json.loads((d / "config.json").read_text())
+    hf["intermediate_size"] = 24
+    (d / "config.json").write_text(json.dumps(hf))
+    with pytest.raises(hf_io.HFCheckpointError,
+                       match=r"mlp\.dense_(4h_to_h|h_to_4h)\.weight has shape \[\d+, \d+\] but "
+                             r"config\.json implies \[(24, 8|8, 24)\]"):
+        hf_io.import_hf(d, _mesh(), progress=False)
+
+
 def test_error_tokenizer_larger_than_checkpoint(tmp_path, neox_tokenizer_dir):
     d = _tiny_dir(tmp_path, neox_tokenizer_dir, rows=50_000)
     with pytest.raises(hf_io.HFCheckpointError, match=r"50277 token ids.*only 50000 embedding rows"):

@@ -182,11 +182,18 @@ class TensorReader:
     def file_of(self, key: str) -> pathlib.Path:
         return self._files[key]
 
-    def get(self, key: str) -> np.ndarray:
+    def _handle(self, key: str) -> Any:
         path = self._files[key]
         if path not in self._handles:
             self._handles[path] = self._open_file(path)
-        return self._handles[path].get(key)
+        return self._handles[path]
+
+    def get(self, key: str) -> np.ndarray:
+        return self._handle(key).get(key)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        """The tensor's shape, without reading its data."""
+        return self._handle(key).shape(key)
 
     def close(self) -> None:
         for handle in self._handles.values():
@@ -207,6 +214,9 @@ class _SafetensorsFile:
 
     def get(self, key: str) -> np.ndarray:
         return self._f.get_tensor(key)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._f.get_slice(key).get_shape())
 
     def close(self) -> None:
         self._f.__exit__(None, None, None)
@@ -232,6 +242,9 @@ class _TorchFile:
 
     def keys(self) -> list[str]:
         return list(self._state)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._state[key].shape)
 
     def get(self, key: str) -> np.ndarray:
         t = self._state[key]
@@ -293,6 +306,27 @@ def open_weights(hf_dir: str | os.PathLike) -> TensorReader:
                             f"{SAFETENSORS_FILE}, {TORCH_INDEX}, {TORCH_FILE})")
 
 
+def hf_shape(path: FlaxPath, config: ModelConfig) -> tuple[int, ...]:
+    """Shape of the HF tensor (one layer's) that maps to Flax `path` under `config`."""
+    e, h, d, m = config.hidden_size, config.num_heads, config.head_dim, config.intermediate_size
+    leaf = path[-2:]
+    if path[0] in ("embed_in", "embed_out"):
+        return (config.vocab_size, e)
+    if leaf == ("query_key_value", "kernel"):
+        return (3 * h * d, e)
+    if leaf == ("query_key_value", "bias"):
+        return (3 * h * d,)
+    if leaf == ("dense", "kernel"):
+        return (e, h * d)
+    if leaf == ("dense_h_to_4h", "kernel"):
+        return (m, e)
+    if leaf == ("dense_h_to_4h", "bias"):
+        return (m,)
+    if leaf == ("dense_4h_to_h", "kernel"):
+        return (e, m)
+    return (e,)  # LayerNorm scales and biases, the output biases
+
+
 def _hf_keys_by_param(reader: TensorReader, config: ModelConfig
                       ) -> dict[FlaxPath, dict[int | None, str]]:
     """Flax path -> {layer index or None: HF name}, checking every expected tensor is there."""
@@ -308,6 +342,10 @@ def _hf_keys_by_param(reader: TensorReader, config: ModelConfig
         if layer is not None and layer >= config.num_layers:
             raise HFCheckpointError(f"{reader.file_of(key)}: tensor {key!r} is for layer {layer} but "
                                     f"config.json has num_hidden_layers={config.num_layers}")
+        want, got = hf_shape(path, config), reader.shape(key)
+        if want != got:
+            raise HFCheckpointError(f"{reader.file_of(key)}: {key} has shape {list(got)} but "
+                                    f"config.json implies {list(want)}")
         slot = found.setdefault(path, {})
         if layer in slot:
             raise HFCheckpointError(f"{reader.description}: both {slot[layer]!r} and {key!r} give "
@@ -436,19 +474,10 @@ def import_hf(hf_dir: str | os.PathLike, mesh: Mesh, *, rules: Any = None,
             else:
                 host = reader.get(keys[None])
                 if path in _VOCAB_PATHS:  # grow in HF's [rows, embed] layout, then map
-                    if host.shape[0] != src.vocab_size:
-                        raise HFCheckpointError(
-                            f"{reader.file_of(keys[None])}: {keys[None]} has {host.shape[0]} rows "
-                            f"but config.json says vocab_size={src.vocab_size}")
                     host = grow_rows(host, keep, config.vocab_size, resize, rng)
                 host = hf_mapping.hf_to_flax_tensor(path, host, config).astype(dtype)
                 cb = (lambda h: lambda index: h[index])(host)
-            try:
-                array = jax.make_array_from_callback(shape, sharding, cb)
-            except (ValueError, TypeError) as e:
-                raise HFCheckpointError(f"{reader.description}: tensor for {'/'.join(path)} does "
-                                        f"not fit shape {shape} ({e})") from e
-            _set(params, path, array)
+            _set(params, path, jax.make_array_from_callback(shape, sharding, cb))
     return config, params, vocab
 
 
