@@ -91,8 +91,8 @@ def test_iterator_position_is_restored(tmp_path):
         next(it)
     with ckpt.Checkpointer(tmp_path, save_every=1) as ck:
         ck.save(5, {"w": jax.device_put(np.zeros(2, np.float32))}, it)
+        expected = [next(it) for _ in range(7)]  # while the save may still be writing
         ck.wait()
-        expected = [next(it) for _ in range(7)]
         fresh = data_iterator()
         ck.restore(5, {"w": jax.ShapeDtypeStruct((2,), np.float32)}, fresh)
     assert [next(fresh) for _ in range(7)] == expected

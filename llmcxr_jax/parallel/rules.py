@@ -38,3 +38,17 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("width", None),
     ("channels", None),
 )
+
+# Where the weights' `embed` dimension (and with it every Adam moment) is split:
+# "fsdp"      - over the fsdp axis only; the `data` axis holds replicas (plain data parallelism).
+# "data+fsdp" - over data x fsdp as well (ZeRO-3, as DeepSpeed runs the reference): each device
+#               keeps 1/(data*fsdp) of the state, e.g. 1/16 of dolly-v2-3b's on a 4x4 mesh.
+PARAM_SHARDING_MODES = ("fsdp", "data+fsdp")
+
+
+def rules_for(param_sharding: str = "fsdp") -> tuple[tuple[str, str | tuple[str, ...] | None], ...]:
+    """`LOGICAL_AXIS_RULES` with the parameter `embed` axis mapped per `param_sharding`."""
+    if param_sharding not in PARAM_SHARDING_MODES:
+        raise ValueError(f"param_sharding {param_sharding!r} not in {PARAM_SHARDING_MODES}")
+    embed = "fsdp" if param_sharding == "fsdp" else ("data", "fsdp")
+    return tuple((name, embed if name == "embed" else axes) for name, axes in LOGICAL_AXIS_RULES)
