@@ -1,0 +1,67 @@
+"""Train the CXR findings classifier used by the evaluation (report -> image AUROC/F1, FID
+features) and by the VQ-GAN's clinical loss.
+
+    python launch/train_classifier.py --world DIR --out WORKDIR --steps 400 --size 128
+
+DIR is a MIMIC-CXR-JPG-layout folder (`python launch/make_phantoms.py` writes one). WORKDIR gets
+config.json + params.safetensors (the classifier checkpoint; a classifier of your own in that
+format can be used instead), train_config.json, metrics.jsonl and eval.json (per-finding test
+AUROC / F1).
+"""
+
+import argparse
+import json
+import pathlib
+import sys
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+from llmcxr_jax.eval.classifier import ClassifierConfig  # noqa: E402
+from llmcxr_jax.eval.train_classifier import TrainClassifierConfig, train  # noqa: E402
+
+
+def main(argv=None) -> None:
+    d, m = TrainClassifierConfig(), ClassifierConfig()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--world", required=True, help="MIMIC-CXR-JPG-layout folder (CSVs + files/)")
+    p.add_argument("--out", required=True, help="workdir for the checkpoint and metrics")
+    p.add_argument("--steps", type=int, default=d.steps)
+    p.add_argument("--size", type=int, default=m.image_size, help="image side in pixels")
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--lr", type=float, default=d.learning_rate)
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--uncertain", choices=("ones", "zeros", "ignore"), default=d.uncertain,
+                   help="CheXpert -1 in training: as positive, as negative, or masked out")
+    p.add_argument("--blank", choices=("zeros", "ignore"), default=d.blank,
+                   help="blank (not mentioned) labels: as negative, or masked out")
+    p.add_argument("--labels", default=",".join(m.labels),
+                   help="comma-separated CheXpert labels to predict")
+    p.add_argument("--widths", default=",".join(map(str, m.widths)), help="stage widths")
+    p.add_argument("--blocks", type=int, default=m.blocks, help="residual blocks per stage")
+    p.add_argument("--all-views", action="store_true", help="train on lateral images too")
+    p.add_argument("--no-augment", action="store_true")
+    p.add_argument("--eval-every", type=int, default=d.eval_every)
+    p.add_argument("--max-images", type=int, default=None, help="cap images per split")
+    p.add_argument("--seed", type=int, default=d.seed)
+    args = p.parse_args(argv)
+    try:
+        model_cfg = ClassifierConfig(labels=tuple(s.strip() for s in args.labels.split(",")),
+                                     widths=tuple(int(w) for w in args.widths.split(",")),
+                                     blocks=args.blocks, image_size=args.size)
+        cfg = TrainClassifierConfig(steps=args.steps, batch_size=args.batch_size,
+                                    learning_rate=args.lr, weight_decay=args.weight_decay,
+                                    uncertain=args.uncertain, blank=args.blank,
+                                    frontal_only=not args.all_views, augment=not args.no_augment,
+                                    seed=args.seed, eval_every=args.eval_every)
+    except ValueError as e:
+        p.error(str(e))
+    result = train(args.world, args.out, model_cfg, cfg, max_images=args.max_images)
+    test = result["eval"].get("test", {})
+    print(json.dumps({"out": args.out, "steps": result["steps"],
+                      "train_seconds": result["train_seconds"],
+                      "test_auroc": test.get("auroc", {}).get("macro"),
+                      "test_f1_micro": test.get("f1", {}).get("micro")}))
+
+
+if __name__ == "__main__":
+    main()
