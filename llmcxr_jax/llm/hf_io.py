@@ -19,9 +19,12 @@ re-initialised rather than inherited by the first image ids. A directory written
 carries `llmcxr_vocab.json`; when that matches, all its rows are kept, so export -> import is exact.
 
 Export (`export_hf`): a `config.json` for `GPTNeoXForCausalLM` (vocab_size = embedding rows),
-safetensors shards with `model.safetensors.index.json` under transformers' tensor names
-(`lm_head.weight`), and the tokenizer files; written into `DIR.tmp` and renamed when complete.
-Each tensor is gathered to the host on its own; process 0 writes.
+safetensors shards with `model.safetensors.index.json` under the tensor names transformers itself
+writes, and the tokenizer files; written into `DIR.tmp` and renamed when complete. The output
+matrix is stored as `embed_out.weight`: transformers 5.x names the module `lm_head` but its
+`save_pretrained` writes `embed_out.weight` (a renaming rule maps it back on load, silently), and
+4.x only knows `embed_out`, so that name loads in both. Each tensor is gathered to the host on its
+own; process 0 writes.
 """
 
 from __future__ import annotations
@@ -59,6 +62,8 @@ TORCH_INDEX = "pytorch_model.bin.index.json"
 RESIZE_METHODS = ("mean_cov", "mean")
 COVARIANCE_SCALE = 1e-9  # transformers' `_init_added_embeddings_weights_with_mean` epsilon
 _VOCAB_PATHS = (("embed_in", "embedding"), ("embed_out", "kernel"))
+# Export names that differ from hf_mapping's (transformers 5.x module) names; see the docstring.
+EXPORT_RENAMES = {"lm_head.weight": "embed_out.weight"}
 DTYPES = {"float32": np.float32, "bfloat16": jax.numpy.bfloat16, "float16": np.float16}
 
 
@@ -540,7 +545,7 @@ def export_hf(params: Any, config: ModelConfig, vocab: Vocab, out_dir: str | os.
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
     np_dtype = np.dtype(DTYPES[dtype])
-    entries = hf_mapping.flax_to_hf_keys(config)
+    entries = [(EXPORT_RENAMES.get(k, k), p, l) for k, p, l in hf_mapping.flax_to_hf_keys(config)]
     flat = dict(_flatten(params))
     for _, path, _ in entries:
         if path not in flat:
