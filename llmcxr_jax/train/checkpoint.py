@@ -98,7 +98,13 @@ class Checkpointer:
         options = ocp.CheckpointManagerOptions(
             max_to_keep=self.keep, create=True, cleanup_tmp_directories=True,
             enable_async_checkpointing=self._async)
-        return ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+        manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+        # Orbax removes crash leftovers (`<step>.orbax-checkpoint-tmp-*`) in the background and
+        # waits for that only on the next save; wait now so the directory is settled on return.
+        await_cleanup = getattr(manager, "_maybe_await_cleanup_tmp_directory", None)
+        if await_cleanup is not None:
+            await_cleanup()
+        return manager
 
     # ---------------------------------------------------------------------------------- queries
 
