@@ -211,16 +211,16 @@ def _first_line(err: BaseException) -> str:
 
 
 def restore_params(directory: str | pathlib.Path, step: int | None, param_shardings: Any,
-                   abstract: Any) -> Any:
+                   abstract: Any = None) -> Any:
     """Only the params of checkpoint `step` (None: the latest) of a run's checkpoint directory,
     restored into `param_shardings`; e.g. stage 2 starts from stage 1's final params.
 
-    `abstract` is the params' shape tree (`nn.unbox(abstract_params(cfg))` or any tree of
-    arrays / ShapeDtypeStructs of the same structure).
+    Shapes and dtypes come from the checkpoint's metadata unless `abstract` (a tree of arrays or
+    ShapeDtypeStructs shaped like the params) is given; the Adam moments are not read.
     """
     directory = epath.Path(directory).absolute()
     manager = ocp.CheckpointManager(
-        directory, item_names=ITEMS,
+        directory, item_handlers={"state": ocp.PyTreeCheckpointHandler()},
         options=ocp.CheckpointManagerOptions(read_only=True, create=False))
     try:
         if step is None:
@@ -230,6 +230,10 @@ def restore_params(directory: str | pathlib.Path, step: int | None, param_shardi
         elif step not in manager.all_steps():
             raise CheckpointError(f"no finished checkpoint for step {step} in {directory}; "
                                   f"steps: {sorted(manager.all_steps())}")
+        if abstract is None:
+            saved = manager.item_metadata(step)["state"].tree["params"]
+            abstract = jax.tree.map(lambda _, m: jax.ShapeDtypeStruct(m.shape, m.dtype),
+                                    param_shardings, saved)
         target = {"params": with_shardings(abstract, param_shardings)}
         restore_args = ocp.checkpoint_utils.construct_restore_args(target)
         out = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
