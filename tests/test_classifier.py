@@ -6,7 +6,6 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 from llmcxr_jax.data.findings import CHEXPERT_LABELS, PHANTOM_DRAWN_LABELS
@@ -32,7 +31,7 @@ def world(tmp_path_factory):
 def trained(world, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("clf_run")
     cfg = tc.TrainClassifierConfig(steps=40, batch_size=8, learning_rate=3e-3, eval_every=0,
-                                   warmup_steps=5, augment=False)
+                                   warmup_steps=5, augment=False, eval_batch_size=4)
     result = tc.train(world, workdir, TINY, cfg, eval_split=None, test_split="train",
                       progress=False, log=lambda s: None)
     return workdir, result
@@ -98,22 +97,19 @@ def test_checkpoint_round_trip_and_features(trained, world):
     config, params = clf.load_classifier(workdir)
     assert config == TINY
     data = tc.load_split(world, "validate", SIZE, TINY.labels, progress=False)
-    x = np.repeat(data.float_images(slice(0, 5)), 3, axis=-1)
-    ours = clf.predict_proba(TINY, result["params"], x, batch_size=4)
-    back = clf.predict_proba(config, params, x, batch_size=4)
+    gray = data.float_images(slice(0, 5))  # [5, H, W, 1], as the evaluation feeds it
+    ours = clf.predict_proba(TINY, result["params"], gray, batch_size=4)
+    back = clf.predict_proba(config, params, gray, batch_size=4)
     np.testing.assert_array_equal(ours, back)
+    assert ours.shape == (5, len(TINY.labels)) and ((ours > 0) & (ours < 1)).all()
     fn, p2, _ = clf.load_feature_net(workdir)
-    fn = jax.jit(fn)
-    f = fn(p2, jnp.asarray(x))
-    np.testing.assert_allclose(clf.extract_features(config, params, x, batch_size=4), f, atol=1e-5)
+    f = clf.extract_features(config, p2, np.repeat(gray, 3, axis=-1), batch_size=4)
     assert f.shape == (5, TINY.feature_dim)
     # Gray replicated into RGB or given as one channel: the same image.
-    np.testing.assert_allclose(fn(p2, jnp.asarray(x[..., :1])), f, atol=1e-5)
-    # Any size runs (global pooling).
-    assert fn(p2, jnp.zeros((1, 48, 40, 3))).shape == (1, TINY.feature_dim)
-    # The clinical loss's use: gradients flow through the features to the image.
-    g = jax.jit(jax.grad(lambda im: jnp.sum(fn(p2, im) ** 2)))(jnp.asarray(x[:1]))
-    assert g.shape == x[:1].shape and float(jnp.abs(g).sum()) > 0
+    np.testing.assert_allclose(clf.extract_features(config, p2, gray, batch_size=4), f, atol=1e-5)
+    # The clinical loss's use at another size: gradients flow through the features to the image.
+    g = jax.jit(jax.grad(lambda im: jnp.sum(fn(p2, im) ** 2)))(jnp.asarray(gray[:1, :48, :40]))
+    assert g.shape == (1, 48, 40, 1) and float(jnp.abs(g).sum()) > 0
 
 
 def test_checkpoint_errors(trained, tmp_path):

@@ -58,6 +58,7 @@ class TrainClassifierConfig:
     frontal_only: bool = True
     augment: bool = True
     max_shift: float = 0.06  # random translation, fraction of the side
+    blur_prob: float = 0.25  # chance of a random-strength [1, 2, 1] blur (VQ-GAN-like softness)
     seed: int = 0
     eval_every: int = 100  # validation AUROC every N steps (0: only at the end)
     eval_batch_size: int = 64
@@ -172,7 +173,8 @@ def _blur3(x: jax.Array) -> jax.Array:
     return (h[:, :-2] + 2 * h[:, 1:-1] + h[:, 2:]) / 4
 
 
-def augment(rng: jax.Array, x: jax.Array, max_shift: float) -> jax.Array:
+def augment(rng: jax.Array, x: jax.Array, max_shift: float, blur_prob: float = 0.25
+            ) -> jax.Array:
     """Random translation (edge-padded), contrast / brightness, blur and noise; x in [-1, 1]."""
     b, h, w, _ = x.shape
     k_shift, k_c, k_b, k_blur, k_noise, k_sigma = jax.random.split(rng, 6)
@@ -185,7 +187,8 @@ def augment(rng: jax.Array, x: jax.Array, max_shift: float) -> jax.Array:
     contrast = jax.random.uniform(k_c, (b, 1, 1, 1), minval=0.85, maxval=1.15)
     brightness = jax.random.uniform(k_b, (b, 1, 1, 1), minval=-0.1, maxval=0.1)
     x = x * contrast + brightness
-    t = jax.random.uniform(k_blur, (b, 1, 1, 1)) * (jax.random.uniform(k_sigma, (b, 1, 1, 1)) < 0.5)
+    t = jax.random.uniform(k_blur, (b, 1, 1, 1)) * (
+        jax.random.uniform(k_sigma, (b, 1, 1, 1)) < blur_prob)
     x = x + t * (_blur3(x) - x)
     sigma = jax.random.uniform(k_noise, (b, 1, 1, 1), maxval=0.03)
     x = x + sigma * jax.random.normal(jax.random.fold_in(k_noise, 1), x.shape)
@@ -219,7 +222,7 @@ def make_train_step(model_cfg: clf.ClassifierConfig, cfg: TrainClassifierConfig,
     def step(params, opt_state, rng, images, y, mask):
         x = images.astype(jnp.float32) / 127.5 - 1.0
         if cfg.augment:
-            x = augment(rng, x, cfg.max_shift)
+            x = augment(rng, x, cfg.max_shift, cfg.blur_prob)
         loss, grads = jax.value_and_grad(lambda p: masked_bce(logits_of(p, x), y, mask))(params)
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
