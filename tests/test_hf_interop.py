@@ -305,9 +305,8 @@ def test_exported_tokenizer_round_trip(imported: Imported, exported: pathlib.Pat
     assert tok.eos_token_id == 0
 
 
+@pytest.mark.parametrize("imported", [CASES[0]], ids=[CASES[0].name], indirect=True)
 def test_bf16_export_loads(imported: Imported, tmp_path):
-    if imported.case.name != "pythia":
-        pytest.skip("one dtype check is enough")
     out = _export(imported, tmp_path / "bf16", "--dtype", "bfloat16")
     model, info, logged, _ = _from_pretrained_capturing(out)
     assert model.dtype == torch.bfloat16 and _weight_messages(logged) == []
@@ -322,11 +321,10 @@ def test_bf16_export_loads(imported: Imported, tmp_path):
 # --------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("imported", [CASES[0]], ids=[CASES[0].name], indirect=True)
 def test_warning_capture_detects_an_unexpected_weight(imported: Imported, exported: pathlib.Path,
                                                       tmp_path):
     """The no-warning assertion above can fail: an extra tensor is reported."""
-    if imported.case.name != "pythia":
-        pytest.skip("one negative control is enough")
     bad = tmp_path / "bad"
     shutil.copytree(exported, bad)
     save_file({"gpt_neox.layers.0.mlp.extra.weight": np.zeros((2, 2), np.float32)},
@@ -399,9 +397,9 @@ def test_legacy_rotary_keys_are_read():
     assert (cfg.rotary_pct, cfg.rotary_emb_base, cfg.use_parallel_residual) == (0.5, 5000.0, False)
 
 
+@pytest.mark.parametrize("imported", [CASES[1]], ids=[CASES[1].name], indirect=True)
 def test_error_missing_shard(imported: Imported, tmp_path):
-    if imported.case.fmt != "sharded":
-        pytest.skip("needs the sharded checkpoint")
+    assert imported.case.fmt == "sharded"
     bad = tmp_path / "hf"
     shutil.copytree(imported.hf_dir, bad)
     index = json.loads((bad / hf_io.SAFETENSORS_INDEX).read_text())
