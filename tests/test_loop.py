@@ -1,6 +1,5 @@
 """A training stage end to end on a tiny model: resume after preemption is exact, DONE is reused."""
 
-import dataclasses
 import json
 
 import jax

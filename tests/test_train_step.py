@@ -6,7 +6,6 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
 from llmcxr_jax.configs import ModelConfig, TrainConfig
 from llmcxr_jax.parallel.mesh import mesh_from_flag, make_mesh

@@ -1,0 +1,208 @@
+"""The whole run's configuration: named presets and `--set section.field=value` overrides.
+
+A `RunConfig` nests the frozen configs of every step (world, VQ-GAN training, model, optimizer,
+data, the two stages' loops), so one JSON file (`WORKDIR/config.json`) describes a run and a run
+can be resumed from its workdir alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any, Mapping, Sequence
+
+from llmcxr_jax import configs
+from llmcxr_jax.configs import DataConfig, ModelConfig, TrainConfig, VQGANTrainConfig
+from llmcxr_jax.data.phantom_world import WorldConfig
+from llmcxr_jax.train.loop import LoopConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """Everything `launch/train.py` does, in order: world -> tokenizer -> VQ-GAN -> codes ->
+    stage 1 -> stage 2 -> samples. Paths left empty are produced inside the workdir."""
+
+    model: ModelConfig
+    train: TrainConfig
+    data: DataConfig  # stage 1's data; stage 2 uses `stage2_weights` and IMPRESSION-only reports
+    stage1: LoopConfig
+    stage2: LoopConfig
+    world: WorldConfig | None = WorldConfig(n_studies=1200, size=128, seed=0)  # None: real data
+    vqgan: VQGANTrainConfig = VQGANTrainConfig()
+    stage2_weights: tuple[float, ...] = (0.4, 0.4, 0.2, 0.0)
+    mesh: str = "-1"  # all devices on fsdp unless a preset or --mesh says otherwise
+    tokenizer: str = ""  # "" = train a byte-level BPE on the world's text (vocab_text_ids ids)
+    vocab_text_ids: int = 2048
+    vqgan_dir: str = ""  # "" = train the VQ-GAN here; else a save_vqgan / import_taming dir
+    init_from: str = ""  # "" = random init; else an LLM workdir (launch/import_hf.py output)
+    samples: int = 4  # reports and images generated at the end as a quick look
+
+
+_SECTIONS = {"model": ModelConfig, "train": TrainConfig, "data": DataConfig, "stage1": LoopConfig,
+             "stage2": LoopConfig, "world": WorldConfig, "vqgan": VQGANTrainConfig}
+_TOP_LEVEL = tuple(f.name for f in dataclasses.fields(RunConfig) if f.name not in _SECTIONS)
+
+
+def _phantom(model: str, *, n_studies: int, stage1_steps: int, stage2_steps: int,
+             vqgan_steps: int, batch: int, seq_len: int, lr: float) -> RunConfig:
+    train = TrainConfig(learning_rate=lr, warmup_steps=20, schedule="cosine",
+                        total_steps=stage1_steps, global_batch=batch, seq_len=seq_len,
+                        weight_decay=0.0)
+    return RunConfig(
+        model=configs.model_preset(model),
+        train=train,
+        data=DataConfig(seq_len=seq_len, global_batch=batch, weights=(0.4, 0.4, 0.2, 0.0)),
+        stage1=LoopConfig(steps=stage1_steps, log_every=10, eval_every=0, eval_batches=2,
+                          checkpoint_every=100, keep_checkpoints=2),
+        stage2=LoopConfig(steps=stage2_steps, log_every=10, eval_every=0, eval_batches=2,
+                          checkpoint_every=100, keep_checkpoints=2),
+        world=WorldConfig(n_studies=n_studies, size=128, seed=0, n_instructions=2000),
+        vqgan=VQGANTrainConfig(vqgan="phantom-f8", steps=vqgan_steps, batch_size=8,
+                               learning_rate=2e-4, disc_start=max(vqgan_steps // 2, 1),
+                               perceptual_weight=0.0, log_every=25,
+                               checkpoint_every=max(vqgan_steps // 2, 1)),
+    )
+
+
+RUN_PRESETS: dict[str, RunConfig] = {
+    # The embedded default: the phantom world from nothing, on a laptop-class CPU.
+    "phantom": _phantom("tiny", n_studies=1200, stage1_steps=300, stage2_steps=100,
+                        vqgan_steps=600, batch=8, seq_len=512, lr=1e-3),
+    # A smoke run on a 16-device simulated mesh (`--mesh=4x4`): the global batch splits 16 ways.
+    "tiny": _phantom("tiny", n_studies=120, stage1_steps=20, stage2_steps=10, vqgan_steps=20,
+                     batch=16, seq_len=512, lr=1e-3),
+}
+RUN_PRESETS["dolly-v2-3b"] = dataclasses.replace(
+    # The paper's recipe on real MIMIC-CXR-JPG: import dolly-v2-3b (launch/import_hf.py) and the
+    # LLM-CXR VQ-GAN (launch/import_taming.py), then point data.world / data.codes /
+    # data.instructions at the data (`--set`). bf16 compute, fp32 master weights, full remat.
+    RUN_PRESETS["phantom"],
+    model=configs.model_preset("dolly-v2-3b", dtype="bfloat16", remat_policy="full"),
+    train=TrainConfig(learning_rate=5e-6, warmup_steps=50, schedule="constant",
+                      total_steps=10_000, global_batch=16, seq_len=1024),
+    data=DataConfig(seq_len=1024, global_batch=16),
+    stage1=LoopConfig(steps=10_000, log_every=10, eval_every=500, eval_batches=8,
+                      checkpoint_every=500, keep_checkpoints=3),
+    stage2=LoopConfig(steps=2_000, log_every=10, eval_every=250, eval_batches=8,
+                      checkpoint_every=250, keep_checkpoints=3),
+    world=None, mesh="4x4", tokenizer="", vocab_text_ids=50_280,
+    init_from="workdir/dolly-v2-3b", vqgan_dir="workdir/llmcxr-vqgan")
+
+
+def run_preset(name: str) -> RunConfig:
+    if name not in RUN_PRESETS:
+        raise KeyError(f"unknown --config {name!r}; known presets: {sorted(RUN_PRESETS)}")
+    return RUN_PRESETS[name]
+
+
+def _parse_value(raw: str, current: Any, key: str) -> Any:
+    """A `--set` value typed after the field's current value (JSON for tuples and None)."""
+    try:
+        if isinstance(current, bool):
+            if raw.lower() not in ("true", "false", "1", "0"):
+                raise ValueError(raw)
+            return raw.lower() in ("true", "1")
+        if isinstance(current, int):
+            return int(raw)
+        if isinstance(current, float):
+            return float(raw)
+        if isinstance(current, tuple):
+            value = json.loads(raw if raw.startswith("[") else f"[{raw}]")
+            return tuple(value)
+        if current is None:
+            return json.loads(raw)
+    except (ValueError, json.JSONDecodeError):
+        raise ValueError(f"--set {key}={raw}: expected a value like {current!r}") from None
+    return raw
+
+
+def apply_overrides(cfg: RunConfig, overrides: Sequence[str]) -> RunConfig:
+    """`section.field=value` (or a top-level `field=value`) overrides, each checked by name."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set {item!r}: expected key=value")
+        section, _, field = key.partition(".")
+        if not field:
+            if section not in _TOP_LEVEL:
+                raise ValueError(f"unknown --set key {key!r}; top-level keys: {list(_TOP_LEVEL)}; "
+                                 f"sections: {sorted(_SECTIONS)}")
+            cfg = dataclasses.replace(cfg, **{section: _parse_value(raw, getattr(cfg, section),
+                                                                      key)})
+            continue
+        if section not in _SECTIONS:
+            raise ValueError(f"unknown --set section {section!r} in {key!r}; sections: "
+                             f"{sorted(_SECTIONS)}")
+        sub = getattr(cfg, section)
+        if sub is None:
+            raise ValueError(f"--set {key}: this preset has no {section} section")
+        names = [f.name for f in dataclasses.fields(sub)]
+        if field not in names:
+            raise ValueError(f"unknown --set key {key!r}; {section} keys: {names}")
+        value = _parse_value(raw, getattr(sub, field), key)
+        cfg = dataclasses.replace(cfg, **{section: dataclasses.replace(sub, **{field: value})})
+    return cfg
+
+
+def resolve(cfg: RunConfig) -> RunConfig:
+    """Fill fields that follow others: the data's batch and length follow `train`, and the
+    optimizer's schedule length follows stage 1's steps."""
+    data = dataclasses.replace(cfg.data, global_batch=cfg.train.global_batch,
+                               seq_len=cfg.train.seq_len)
+    train = dataclasses.replace(cfg.train, total_steps=max(cfg.stage1.steps, 1))
+    return dataclasses.replace(cfg, data=data, train=train)
+
+
+def to_json(cfg: RunConfig) -> str:
+    return json.dumps(dataclasses.asdict(cfg), indent=2, sort_keys=True)
+
+
+def from_json(text: str) -> RunConfig:
+    data = json.loads(text)
+    kwargs: dict[str, Any] = {}
+    for name, value in data.items():
+        if name in _SECTIONS:
+            kwargs[name] = None if value is None else configs.from_dict(_SECTIONS[name], value)
+        else:
+            kwargs[name] = tuple(value) if isinstance(value, list) else value
+    return RunConfig(**kwargs)
+
+
+def describe_keys() -> str:
+    """Every `--set` key with its default in the default preset (for `--help`)."""
+    cfg = RUN_PRESETS["phantom"]
+    lines = [f"{name}={getattr(cfg, name)!r}" for name in _TOP_LEVEL]
+    for section in _SECTIONS:
+        sub = getattr(cfg, section)
+        if sub is not None:
+            lines += [f"{section}.{f.name}={getattr(sub, f.name)!r}"
+                      for f in dataclasses.fields(sub)]
+    return "\n".join(lines)
+
+
+def stage_data(cfg: RunConfig, stage: int) -> DataConfig:
+    """Stage 1: every pair, FINDINGS + IMPRESSION; stage 2: the refined subset, IMPRESSION only."""
+    if stage == 1:
+        return cfg.data
+    return dataclasses.replace(cfg.data, stage=2, weights=cfg.stage2_weights)
+
+
+def stage_loop(cfg: RunConfig, stage: int) -> LoopConfig:
+    return cfg.stage1 if stage == 1 else cfg.stage2
+
+
+def stage_train(cfg: RunConfig, stage: int) -> TrainConfig:
+    return dataclasses.replace(cfg.train, total_steps=max(stage_loop(cfg, stage).steps, 1))
+
+
+def check_against(cfg: RunConfig, saved: Mapping[str, Any]) -> list[str]:
+    """Keys whose value differs from a workdir's saved config (for a clear resume warning)."""
+    now = json.loads(to_json(cfg))
+    diffs = []
+    for section, value in now.items():
+        old = saved.get(section)
+        if isinstance(value, dict) and isinstance(old, dict):
+            diffs += [f"{section}.{k}" for k in value if value[k] != old.get(k)]
+        elif value != old:
+            diffs.append(section)
+    return diffs

@@ -1,0 +1,75 @@
+"""Run presets, --set overrides and launch/train.py's one-line errors for bad configuration."""
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from llmcxr_jax.train import run_config as rc
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_overrides_are_typed_and_checked_by_name():
+    cfg = rc.apply_overrides(rc.run_preset("phantom"), [
+        "train.learning_rate=1e-4", "model.num_layers=3", "data.weights=0.3,0.3,0.2,0.2",
+        "stage2.steps=7", "mesh=2x4", "world.n_studies=50", "vqgan.dead_code_restart=true"])
+    assert cfg.train.learning_rate == 1e-4 and cfg.model.num_layers == 3
+    assert cfg.data.weights == (0.3, 0.3, 0.2, 0.2) and cfg.stage2.steps == 7
+    assert cfg.mesh == "2x4" and cfg.world.n_studies == 50 and cfg.vqgan.dead_code_restart is True
+
+
+@pytest.mark.parametrize("item,message", [
+    ("train.lr=1", "unknown --set key 'train.lr'; train keys: .*learning_rate"),
+    ("optimizer.b1=0.9", "unknown --set section 'optimizer'"),
+    ("train.warmup_steps=ten", "expected a value like 20"),
+    ("colour=red", "unknown --set key 'colour'"),
+    ("train.learning_rate", "expected key=value"),
+])
+def test_bad_overrides_name_the_key(item, message):
+    with pytest.raises(ValueError, match=message):
+        rc.apply_overrides(rc.run_preset("phantom"), [item])
+
+
+def test_unknown_preset_lists_the_known_ones():
+    with pytest.raises(KeyError, match="known presets: .*phantom.*tiny"):
+        rc.run_preset("gpt-5")
+
+
+def test_resolved_config_round_trips_through_json():
+    cfg = rc.resolve(rc.apply_overrides(rc.run_preset("tiny"), ["train.global_batch=32"]))
+    assert cfg.data.global_batch == 32 and cfg.train.total_steps == cfg.stage1.steps
+    again = rc.from_json(rc.to_json(cfg))
+    assert again == cfg
+    assert rc.check_against(cfg, json.loads(rc.to_json(cfg))) == []
+    changed = rc.apply_overrides(cfg, ["stage1.steps=5"])
+    assert rc.check_against(changed, json.loads(rc.to_json(cfg))) == ["stage1.steps"]
+
+
+def test_stage2_uses_impression_only_data_and_its_own_weights():
+    cfg = rc.run_preset("phantom")
+    assert rc.stage_data(cfg, 1).stage == 1
+    two = rc.stage_data(cfg, 2)
+    assert two.stage == 2 and two.weights == cfg.stage2_weights
+    assert rc.stage_train(cfg, 2).total_steps == cfg.stage2.steps
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--mesh=4x4"], "--mesh=4x4 needs 16 devices but 2 are available"),
+    (["--config", "nope"], "unknown --config 'nope'"),
+    (["--set", "train.nope=1"], "unknown --set key 'train.nope'"),
+    (["--mesh=2", "--set", "train.global_batch=7"],
+     "global batch 7 is not divisible by the 2 data-parallel ways"),
+])
+def test_launch_train_stops_with_a_one_line_error(args, message, tmp_path):
+    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu",
+           "PATH": "/usr/bin:/bin"}
+    proc = subprocess.run([sys.executable, str(REPO / "launch" / "train.py"), "--workdir",
+                           str(tmp_path / "w"), *args], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], proc.stderr
+    assert not (tmp_path / "w").exists()  # nothing written before the configuration is valid
