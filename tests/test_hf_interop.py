@@ -204,6 +204,27 @@ def test_grown_rows_follow_the_init_rule(imported: Imported):
             assert np.abs(new - mean).max() < 1e-3
 
 
+@pytest.mark.parametrize("imported", [CASES[0]], ids=[CASES[0].name], indirect=True)
+def test_import_streams_each_tensor_once_into_shards(imported: Imported, monkeypatch):
+    reads: dict[str, int] = {}
+    original_get = hf_io.TensorReader.get
+
+    def counting_get(self, key):
+        reads[key] = reads.get(key, 0) + 1
+        return original_get(self, key)
+
+    monkeypatch.setattr(hf_io.TensorReader, "get", counting_get)
+    mesh = mesh_lib.mesh_from_flag("1x4x2")
+    _, params, _ = hf_io.import_hf(imported.hf_dir, mesh, progress=False)
+    n_tensors = len(hf_mapping.flax_to_hf_keys(imported.config))
+    assert len(reads) == n_tensors and set(reads.values()) == {1}
+    for leaf in jax.tree.leaves(params):  # every device holds a part, none the whole (2-D+)
+        shards = leaf.addressable_shards
+        assert len(shards) == 8
+        if leaf.ndim >= 2:
+            assert all(s.data.size < leaf.size for s in shards)
+
+
 def _export(imported: Imported, out: pathlib.Path, *extra: str) -> pathlib.Path:
     argv = ["--workdir", str(imported.workdir), "--format", "hf", "--out", str(out),
             "--max-shard-size", "300KB", "--mesh", imported.case.mesh, *extra]
