@@ -118,3 +118,14 @@ def test_errors_and_table():
     y, s = _data(7, n=50, labels=3)
     table = cm.markdown_table(cm.evaluate(y, s, names=["a", "b", "c"]))
     assert table.count("\n") == 2 + 3 + 3 - 1 and "| **macro** |" in table
+
+
+def test_best_f1_thresholds_vs_brute_force():
+    y, s = _data(8, n=80, labels=4, ties=True)
+    y[:, 3] = 0.0
+    th = cm.best_f1_thresholds(y, s)
+    assert th[3] == 0.5
+    for j in range(3):
+        best = max(sklearn_metrics.f1_score(y[:, j], s[:, j] >= c) for c in np.unique(s[:, j]))
+        assert sklearn_metrics.f1_score(y[:, j], s[:, j] >= th[j]) == pytest.approx(best)
+        assert th[j] in s[:, j]

@@ -32,7 +32,7 @@ def trained(world, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("clf_run")
     cfg = tc.TrainClassifierConfig(steps=40, batch_size=8, learning_rate=3e-3, eval_every=0,
                                    warmup_steps=5, augment=False, eval_batch_size=4)
-    result = tc.train(world, workdir, TINY, cfg, eval_split=None, test_split="train",
+    result = tc.train(world, workdir, TINY, cfg, eval_split="validate", test_split="train",
                       progress=False, log=lambda s: None)
     return workdir, result
 
@@ -88,8 +88,11 @@ def test_training_reduces_loss_and_writes_checkpoint(trained):
     for name in ("config.json", "params.safetensors", "train_config.json", "metrics.jsonl",
                  "eval.json"):
         assert (workdir / name).is_file(), name
-    ev = json.loads((workdir / "eval.json").read_text())["eval"]["train"]
-    assert set(ev["per_finding"]) == set(PHANTOM_DRAWN_LABELS)
+    evals = json.loads((workdir / "eval.json").read_text())["eval"]
+    assert set(evals["train"]["per_finding"]) == set(PHANTOM_DRAWN_LABELS)
+    assert "train_tuned_thresholds" in evals
+    th = clf.load_thresholds(workdir, TINY)
+    assert th.shape == (len(TINY.labels),) and np.isfinite(th).all()
 
 
 def test_checkpoint_round_trip_and_features(trained, world):

@@ -237,6 +237,27 @@ def jaccard(y_true: Any, y_pred: Any, zero_division: float = 0.0) -> SetScoreRes
     return _set_score(y_true, y_pred, _jaccard, zero_division)
 
 
+def best_f1_thresholds(y_true: Any, y_score: Any, default: float = 0.5) -> np.ndarray:
+    """Per-label threshold maximising that label's F1 (predict `score >= threshold`), chosen among
+    the label's observed scores, the lowest on ties; `default` for a label without positives.
+    Tune on a validation split, never on the split being reported."""
+    t, s = _check(y_true, y_score)
+    out = np.full(t.shape[1], float(default))
+    for j in range(t.shape[1]):
+        pos = t[:, j].sum()
+        if pos == 0:
+            continue
+        order = np.argsort(-s[:, j], kind="mergesort")
+        scores, labels = s[order, j], t[order, j]
+        tp = np.cumsum(labels)
+        fp = np.cumsum(1 - labels)
+        last = np.r_[scores[1:] != scores[:-1], True]  # thresholds between distinct scores
+        f1s = np.where(last, 2 * tp / (tp + fp + pos), -1.0)
+        best = np.flatnonzero(f1s == f1s.max())[-1]  # the lowest threshold reaching the best F1
+        out[j] = scores[best]
+    return out
+
+
 # --------------------------------------------------------------------------------------------------
 # Reports
 # --------------------------------------------------------------------------------------------------

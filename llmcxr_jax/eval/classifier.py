@@ -20,6 +20,7 @@ Checkpoint directory (the format a user's own classifier must have):
 
     DIR/config.json          ClassifierConfig as JSON
     DIR/params.safetensors   params under their Flax path joined by '/', float32
+    DIR/thresholds.json      optional {label: decision threshold} (tuned on a validation split)
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from llmcxr_jax.data.findings import CHEXPERT_LABELS, PHANTOM_DRAWN_LABELS
 Array = jax.Array
 CONFIG_FILE = "config.json"
 PARAMS_FILE = "params.safetensors"
+THRESHOLDS_FILE = "thresholds.json"  # optional
 FORMAT = "llmcxr_jax.classifier"
 SEP = "/"
 
@@ -286,6 +288,31 @@ def load_classifier(directory: str | pathlib.Path) -> tuple[ClassifierConfig, di
                          f"shape mismatch {wrong[:10]}")
     flat = {tuple(n.split(SEP)): t.astype(np.float32) for n, t in tensors.items()}
     return config, traverse_util.unflatten_dict(flat)
+
+
+def save_thresholds(directory: str | pathlib.Path, config: ClassifierConfig,
+                    thresholds: Any) -> None:
+    """Per-label decision thresholds (e.g. F1-optimal on a validation split) as
+    DIR/thresholds.json {label: threshold}."""
+    values = [float(v) for v in np.asarray(thresholds, np.float64).ravel()]
+    if len(values) != len(config.labels):
+        raise ValueError(f"{len(values)} thresholds for {len(config.labels)} labels")
+    text = json.dumps(dict(zip(config.labels, values)), indent=2) + "\n"
+    _atomic_write(pathlib.Path(directory) / THRESHOLDS_FILE,
+                  lambda tmp: pathlib.Path(tmp).write_text(text))
+
+
+def load_thresholds(directory: str | pathlib.Path, config: ClassifierConfig) -> np.ndarray | None:
+    """The saved per-label thresholds in `config.labels` order, or None if there are none."""
+    path = pathlib.Path(directory) / THRESHOLDS_FILE
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+        return np.array([float(data[name]) for name in config.labels])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"classifier thresholds: {path} must map every label of "
+                         f"{directory / CONFIG_FILE} to a number ({type(e).__name__}: {e})") from None
 
 
 def load_feature_net(directory: str | pathlib.Path

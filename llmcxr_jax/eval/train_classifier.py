@@ -230,13 +230,21 @@ def make_train_step(model_cfg: clf.ClassifierConfig, cfg: TrainClassifierConfig,
     return jax.jit(step, donate_argnums=(0, 1))
 
 
-def evaluate_split(model_cfg: clf.ClassifierConfig, params: Any, data: LabeledImages,
-                   batch_size: int = 64, uncertain: str = "ones") -> dict[str, Any]:
-    """Per-finding AUROC / F1 (threshold 0.5) of the classifier on a split; blank = absent."""
+def split_scores(model_cfg: clf.ClassifierConfig, params: Any, data: LabeledImages,
+                 batch_size: int = 64, uncertain: str = "ones") -> tuple[np.ndarray, np.ndarray]:
+    """(binary truth, probabilities) of a split's complete rows; blank = absent."""
     probs = clf.predict_proba(model_cfg, params, data.float_images(), batch_size)
     y, valid = metrics.binarize_chexpert(data.labels, uncertain, "zeros")
     keep = valid.all(1)
-    return metrics.evaluate(y[keep], probs[keep], names=model_cfg.labels)
+    return y[keep], probs[keep]
+
+
+def evaluate_split(model_cfg: clf.ClassifierConfig, params: Any, data: LabeledImages,
+                   batch_size: int = 64, uncertain: str = "ones",
+                   threshold: float | Sequence[float] = 0.5) -> dict[str, Any]:
+    """Per-finding AUROC / F1 (at `threshold`) of the classifier on a split; blank = absent."""
+    y, probs = split_scores(model_cfg, params, data, batch_size, uncertain)
+    return metrics.evaluate(y, probs, names=model_cfg.labels, threshold=threshold)
 
 
 def _batches(n: int, batch_size: int, rng: np.random.Generator):
@@ -258,9 +266,12 @@ def train(world: str | pathlib.Path, workdir: str | pathlib.Path,
           max_images: int | None = None, progress: bool = True,
           log: Callable[[str], None] = print) -> dict[str, Any]:
     """Train on `train_split`, validate on `eval_split`, test on `test_split`; writes WORKDIR/
-    {config.json, params.safetensors, train_config.json, metrics.jsonl, eval.json}.
+    {config.json, params.safetensors, thresholds.json, train_config.json, metrics.jsonl,
+    eval.json}.
 
-    Returns {'losses': [...], 'eval': {split: metrics}, 'seconds': ...}.
+    With an `eval_split`, per-label F1-optimal thresholds tuned on it are saved beside the
+    checkpoint (thresholds.json) and the test split is also scored at them.
+    Returns {'losses': [...], 'params': ..., 'eval': {split: metrics}, 'thresholds', ...}.
     """
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -310,11 +321,24 @@ def train(world: str | pathlib.Path, workdir: str | pathlib.Path,
             bar.set_postfix(loss=f"{loss:.4f}")
     seconds = time.perf_counter() - start
     clf.save_classifier(workdir, model_cfg, params)
+    thresholds = None
+    if eval_split:
+        thresholds = metrics.best_f1_thresholds(*split_scores(
+            model_cfg, params, data[eval_split], cfg.eval_batch_size))
+        clf.save_thresholds(workdir, model_cfg, thresholds)
     if test_split:
         evals[test_split] = evaluate_split(model_cfg, params, data[test_split], cfg.eval_batch_size)
         log(f"{test_split} split ({evals[test_split]['n']} images):\n"
             + metrics.markdown_table(evals[test_split]))
+        if thresholds is not None:
+            tuned = evaluate_split(model_cfg, params, data[test_split], cfg.eval_batch_size,
+                                   threshold=thresholds)
+            evals[f"{test_split}_tuned_thresholds"] = tuned
+            log(f"{test_split} F1 at {eval_split}-tuned thresholds: micro "
+                f"{tuned['f1']['micro']:.3f} macro {tuned['f1']['macro']:.3f}")
     result = {"steps": cfg.steps, "train_seconds": round(seconds, 1), "eval": evals,
+              "thresholds": None if thresholds is None else dict(zip(model_cfg.labels,
+                                                                     thresholds.tolist())),
               "skipped": dict(skips.counts)}
     (workdir / EVAL_FILE).write_text(json.dumps(result, indent=2) + "\n")
     return {"losses": losses, "params": params, **result}
