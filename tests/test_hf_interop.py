@@ -439,6 +439,15 @@ def test_error_corrupt_safetensors_header(tmp_path, neox_tokenizer_dir):
         hf_io.import_hf(d, _mesh(), progress=False)
 
 
+def test_error_unreadable_torch_bin(tmp_path, neox_tokenizer_dir):
+    d = _tiny_dir(tmp_path, neox_tokenizer_dir)
+    (d / "model.safetensors").unlink()
+    (d / hf_io.TORCH_FILE).write_bytes(b"PK\x03\x04 not really a zip archive")
+    with pytest.raises(hf_io.HFCheckpointError, match=r"pytorch_model\.bin: cannot be read with "
+                                                      r"torch\.load\(weights_only=True\)"):
+        hf_io.import_hf(d, _mesh(), progress=False)
+
+
 def test_error_missing_tensor(tmp_path, neox_tokenizer_dir):
     d = _tiny_dir(tmp_path, neox_tokenizer_dir)
     with safe_open(str(d / "model.safetensors"), "numpy") as f:

@@ -238,10 +238,18 @@ class _TorchFile:
                                     f"convert to safetensors or install torch") from e
         self._torch = torch
         try:
-            self._state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except Exception as e:  # torch raises many types for bad files; the message says which
-            raise HFCheckpointError(f"{path}: cannot be read with torch.load(weights_only=True) "
-                                    f"({type(e).__name__}: {e})") from e
+            try:  # memory-mapped: tensors are paged in one at a time
+                self._state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as e:
+                if "mmap" not in str(e):
+                    raise
+                # pre-zipfile (torch < 1.6) files cannot be memory-mapped
+                self._state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # torch raises many types for bad files
+            # (torch's own message suggests weights_only=False, which this project never does)
+            raise HFCheckpointError(
+                f"{path}: cannot be read with torch.load(weights_only=True) ({type(e).__name__}): "
+                f"not a PyTorch state dict of plain tensors; convert it to safetensors") from e
         if not isinstance(self._state, dict):
             raise HFCheckpointError(f"{path}: expected a state dict, got {type(self._state).__name__}")
 
