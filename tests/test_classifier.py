@@ -131,3 +131,11 @@ def test_checkpoint_errors(trained, tmp_path):
         clf.load_classifier(bad)
     with pytest.raises(ValueError, match="not CheXpert labels"):
         clf.ClassifierConfig(labels=("Nodule",))
+
+
+def test_batches_are_full_epochs():
+    it = tc._batches(10, 4, np.random.default_rng(0))
+    seen = np.concatenate([next(it) for _ in range(5)])  # two epochs exactly
+    np.testing.assert_array_equal(np.bincount(seen), np.full(10, 2))
+    small = tc._batches(3, 8, np.random.default_rng(0))  # split smaller than a batch
+    assert all(len(next(small)) == 8 for _ in range(3))

@@ -248,11 +248,12 @@ def evaluate_split(model_cfg: clf.ClassifierConfig, params: Any, data: LabeledIm
 
 
 def _batches(n: int, batch_size: int, rng: np.random.Generator):
-    """Endless epoch-shuffled index batches (with replacement only across epoch ends)."""
+    """Endless epoch-shuffled index batches of exactly `batch_size` (epochs are concatenated, so
+    a split smaller than a batch still fills it)."""
     order = rng.permutation(n)
     pos = 0
     while True:
-        if pos + batch_size > n:
+        while pos + batch_size > len(order):
             order = np.concatenate([order[pos:], rng.permutation(n)])
             pos = 0
         yield order[pos:pos + batch_size]
