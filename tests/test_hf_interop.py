@@ -323,7 +323,7 @@ def test_exported_tokenizer_round_trip(imported: Imported, exported: pathlib.Pat
     ours = imported.vocab.encode(text)
     assert tok(text, add_special_tokens=False).input_ids == ours
     assert tok.decode(ours) == text
-    assert tok.eos_token_id == 0
+    assert tok.eos_token_id == 0 and tok.model_max_length == imported.config.max_position_embeddings
 
 
 @pytest.mark.parametrize("imported", [CASES[0]], ids=[CASES[0].name], indirect=True)

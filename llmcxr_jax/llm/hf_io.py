@@ -591,15 +591,18 @@ def export_hf(params: Any, config: ModelConfig, vocab: Vocab, out_dir: str | os.
         (tmp / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
         (tmp / "config.json").write_text(
             json.dumps(hf_config_dict(config, vocab, dtype), indent=2) + "\n")
-        save_tokenizer(vocab, tmp)
+        save_tokenizer(vocab, tmp, max_length=config.max_position_embeddings)
         replace_dir(tmp, out)
     _sync("export_hf")
     return out
 
 
-def save_tokenizer(vocab: Vocab, directory: pathlib.Path) -> None:
+def save_tokenizer(vocab: Vocab, directory: pathlib.Path, max_length: int | None = None) -> None:
     """transformers tokenizer files (AutoTokenizer loads them) + our `llmcxr_vocab.json`."""
-    vocab.to_transformers().save_pretrained(str(directory))
+    tokenizer = vocab.to_transformers()
+    if max_length is not None:
+        tokenizer.model_max_length = max_length
+    tokenizer.save_pretrained(str(directory))
     (directory / vocab_lib.VOCAB_META_FILE).write_text(json.dumps(vocab.meta(), indent=2) + "\n")
 
 
