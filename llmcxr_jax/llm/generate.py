@@ -1,0 +1,289 @@
+"""Batched autoregressive generation with a KV cache, entirely inside `jax.jit`.
+
+One call prefills the left-padded prompts, then a `lax.while_loop` decodes one token per
+iteration with the cache in the loop carry (updated in place) until every sequence has emitted a
+stop token or `max_new_tokens` are done. Nothing returns to the host per token.
+
+Sampling follows transformers' `generate`: greedy (`do_sample=False`) takes the argmax; sampling
+applies temperature, top-k, top-p (`sampling.py`) and draws from the softmax. A finished sequence
+emits `pad_id`. Padding rows of the vocabulary (`valid_mask`) and an optional per-step logits-mask
+hook (`constraints.py`) are applied before the sampling warpers, like transformers' logits
+processors.
+
+Shapes are bucketed to limit recompiles: prompts are left-padded to a multiple of
+`length_multiple` and the cache holds `round_up(prompt + max_new_tokens, length_multiple)` slots.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Sequence
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from llmcxr_jax.configs import ModelConfig, round_up
+from llmcxr_jax.llm.constraints import DecodeState, LogitsMaskFn, apply_mask
+from llmcxr_jax.llm.model import MLP, Projection, apply_rotary, attention_mask, rotary_tables
+from llmcxr_jax.llm.sampling import greedy_tokens, sample_tokens
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationConfig:
+    """Decoding settings (static: a change recompiles). The original LLM-CXR samples with
+    top_p=0.92, top_k=0, temperature=1 and stops at `### End`."""
+
+    max_new_tokens: int = 128
+    do_sample: bool = True  # False: greedy
+    temperature: float = 1.0
+    top_k: int = 0  # 0 disables
+    top_p: float = 1.0  # 1.0 disables
+    stop_ids: tuple[int, ...] = ()  # global stop ids; `generate(stop_ids=...)` sets them per row
+    pad_id: int = 0  # emitted after a sequence has stopped
+    length_multiple: int = 64  # prompt and cache lengths are rounded up to this
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 disables), got {self.top_k}")
+        if not 0.0 <= self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in [0, 1], got {self.top_p}")
+        if self.length_multiple < 1:
+            raise ValueError(f"length_multiple must be >= 1, got {self.length_multiple}")
+
+
+@flax.struct.dataclass
+class GenerationOutput:
+    tokens: Array  # [batch, max_new_tokens] int32, pad_id after a stop token
+    lengths: Array  # [batch] int32: generated tokens, the stop token included
+    finished: Array  # [batch] bool: stopped by a stop token (else ran out of max_new_tokens)
+
+
+def generate(params: Any, config: ModelConfig, prompt_ids: Any, prompt_mask: Any, rng: Array,
+             gen: GenerationConfig, *, stop_ids: Any = None, valid_mask: Any = None,
+             logits_mask_fn: LogitsMaskFn | None = None) -> GenerationOutput:
+    """Generate up to `gen.max_new_tokens` tokens after each left-padded prompt.
+
+    Args:
+      params: GPT-NeoX params (`GPTNeoX(config)`).
+      prompt_ids, prompt_mask: [batch, length]; prompts are left-padded (mask 0 on the left), and
+        every row needs at least one real token.
+      rng: a PRNG key; the same key gives the same tokens.
+      stop_ids: per-row stop ids, [batch, n] (-1 = unused) or [n] for all rows; default
+        `gen.stop_ids`.
+      valid_mask: [vocab] bool, False for ids never to be sampled (padding rows of the embedding,
+        e.g. `Vocab.valid_token_mask()` or `constraints.valid_vocab_mask`); default all rows.
+      logits_mask_fn: an optional per-step hook (see `constraints.py`).
+    """
+    prompt_ids = np.asarray(prompt_ids)
+    prompt_mask = np.asarray(prompt_mask)
+    if prompt_ids.ndim != 2 or prompt_ids.shape != prompt_mask.shape:
+        raise ValueError(f"prompt_ids {prompt_ids.shape} and prompt_mask {prompt_mask.shape} must "
+                         "be the same [batch, length] shape")
+    mask = prompt_mask.astype(bool)
+    if not mask.any(axis=1).all():
+        raise ValueError("every prompt needs at least one token (a row of prompt_mask is all 0)")
+    if (mask[:, 1:] < mask[:, :-1]).any():
+        raise ValueError("prompts must be left-padded: prompt_mask has a 0 after a 1")
+    batch, length = prompt_ids.shape
+    padded = round_up(length, gen.length_multiple)
+    ids = np.pad(prompt_ids.astype(np.int32), ((0, 0), (padded - length, 0)),
+                 constant_values=gen.pad_id)
+    mask = np.pad(mask.astype(np.int32), ((0, 0), (padded - length, 0)))
+    stops = _stop_array(gen.stop_ids if stop_ids is None else stop_ids, batch)
+    if valid_mask is None:
+        valid_mask = np.ones((config.vocab_size,), bool)
+    valid_mask = np.asarray(valid_mask, bool)
+    if valid_mask.shape != (config.vocab_size,):
+        raise ValueError(f"valid_mask has shape {valid_mask.shape}, expected ({config.vocab_size},)")
+    max_len = round_up(padded + gen.max_new_tokens, gen.length_multiple)
+    return _generate(params, jnp.asarray(ids), jnp.asarray(mask), rng, jnp.asarray(stops),
+                     jnp.asarray(valid_mask), config=config, gen=gen, max_len=max_len,
+                     logits_mask_fn=logits_mask_fn)
+
+
+def _stop_array(stop_ids: Any, batch: int) -> np.ndarray:
+    """[batch, n] int32 stop ids, -1 padded (n >= 1): from one list for all rows or one per row."""
+    if isinstance(stop_ids, (list, tuple)) and any(
+            isinstance(s, (list, tuple, np.ndarray)) for s in stop_ids):
+        rows = [np.asarray(s, np.int64).reshape(-1) for s in stop_ids]
+    else:
+        arr = np.asarray(stop_ids, np.int64)
+        if arr.ndim > 2:
+            raise ValueError(f"stop_ids must be [n] or [batch, n], got shape {arr.shape}")
+        rows = list(arr) if arr.ndim == 2 else [arr.reshape(-1)] * batch
+    if len(rows) != batch:
+        raise ValueError(f"stop_ids has {len(rows)} rows for a batch of {batch}")
+    stops = np.full((batch, max([1] + [len(r) for r in rows])), -1, np.int32)
+    for i, row in enumerate(rows):
+        stops[i, :len(row)] = row
+    return stops
+
+
+_NEG_INF = -1e30  # as model.py: finite, so fully-masked rows stay NaN-free
+
+
+@flax.struct.dataclass
+class DecodeCache:
+    """Per-layer keys/values as [batch * heads, max_len, head_dim] (slot `index` is next).
+
+    One array per layer (not a stacked, layer-scanned one) with batch and heads merged, so the
+    decode loop updates it in place and the attention dots read it without a copy: XLA on CPU
+    copies a scanned layer's slice, transposes a [batch, slots, heads, dim] cache for the dots,
+    and copies a cache with a size-1 batch dim around the in-place update.
+    """
+
+    k: tuple[Array, ...]
+    v: tuple[Array, ...]
+    segment_ids: Array  # [batch, max_len] int32, 0 = empty or padding
+
+    @classmethod
+    def init(cls, config: ModelConfig, batch: int, max_len: int) -> "DecodeCache":
+        shape = (batch * config.num_heads, max_len, config.head_dim)
+        zeros = tuple(jnp.zeros(shape, config.dtype) for _ in range(config.num_layers))
+        return cls(k=zeros, v=zeros, segment_ids=jnp.zeros((batch, max_len), jnp.int32))
+
+
+def unstack_layers(params: Any, num_layers: int) -> list[Any]:
+    """Per-layer param trees from the scanned (stacked) `layers` params of `GPTNeoX`."""
+    return [jax.tree_util.tree_map(lambda x, i=i: x[i], params["layers"])
+            for i in range(num_layers)]
+
+
+def _merge_heads(x: Array) -> Array:
+    """[batch, length, heads, dim] -> [batch * heads, length, dim]."""
+    b, l, h, d = x.shape
+    return x.transpose(0, 2, 1, 3).reshape(b * h, l, d)
+
+
+def _attend(q: Array, k: Array, v: Array, mask: Array) -> Array:
+    """Softmax attention in fp32 over merged batch*heads: q [n, l, d], k/v [n, s, d], mask [n, l, s]."""
+    scale = q.shape[-1] ** -0.5
+    logits = jnp.einsum("nld,nsd->nls", q, k, preferred_element_type=jnp.float32) * scale
+    weights = jax.nn.softmax(jnp.where(mask, logits, _NEG_INF), axis=-1).astype(v.dtype)
+    return jnp.einsum("nls,nsd->nld", weights, v)
+
+
+def forward_cached(params: Any, layers: list[Any], config: ModelConfig, ids: Array,
+                   positions: Array, segment_ids: Array, cache: DecodeCache,
+                   index: Array) -> tuple[Array, DecodeCache]:
+    """`GPTNeoX` over new tokens written at cache slot `index`; logits of the last one only.
+
+    The same modules and parameters as `GPTNeoX` (tested equal to it), with the layers unrolled
+    over `layers = unstack_layers(params)` and the cache laid out as `DecodeCache`.
+    ids/positions/segment_ids [batch, length] -> (logits [batch, vocab], updated cache).
+    """
+    cfg = config
+    dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+    batch, length = ids.shape
+    heads, head_dim, hidden = cfg.num_heads, cfg.head_dim, cfg.hidden_size
+    max_len = cache.segment_ids.shape[1]
+
+    def layer_norm(p: Any, x: Array) -> Array:
+        return nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=dtype, param_dtype=pdtype).apply(
+            {"params": p}, x)
+
+    qkv_proj = Projection(cfg, in_shape=(hidden,), out_shape=(heads, 3, head_dim),
+                          in_names=("embed",), out_names=("heads", "qkv", "kv"),
+                          use_bias=cfg.attention_bias)
+    out_proj = Projection(cfg, in_shape=(heads, head_dim), out_shape=(hidden,),
+                          in_names=("heads", "kv"), out_names=("embed",),
+                          use_bias=cfg.attention_bias)
+    x = nn.Embed(cfg.vocab_size, hidden, dtype=dtype, param_dtype=pdtype).apply(
+        {"params": params["embed_in"]}, ids)
+    cos, sin = rotary_tables(positions, cfg.rotary_dim, cfg.rotary_emb_base)
+    kv_segments = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids, (0, index))
+    q_slots = index + jnp.broadcast_to(jnp.arange(length), (batch, length))
+    kv_slots = jnp.broadcast_to(jnp.arange(max_len), (batch, max_len))
+    mask = attention_mask(q_slots, segment_ids, kv_slots, kv_segments)  # [b, 1, l, s]
+    mask = jnp.broadcast_to(mask, (batch, heads, length, max_len)).reshape(
+        batch * heads, length, max_len)
+
+    new_k, new_v = [], []
+    for p, k_cache, v_cache in zip(layers, cache.k, cache.v):
+        qkv = qkv_proj.apply({"params": p["attention"]["query_key_value"]},
+                             layer_norm(p["input_layernorm"], x))
+        q, k, v = qkv[:, :, :, 0], qkv[:, :, :, 1], qkv[:, :, :, 2]
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        k_cache = jax.lax.dynamic_update_slice(
+            k_cache, _merge_heads(k).astype(k_cache.dtype), (0, index, 0))
+        v_cache = jax.lax.dynamic_update_slice(
+            v_cache, _merge_heads(v).astype(v_cache.dtype), (0, index, 0))
+        new_k.append(k_cache)
+        new_v.append(v_cache)
+        attn = _attend(_merge_heads(q), k_cache.astype(dtype), v_cache.astype(dtype), mask)
+        attn = attn.reshape(batch, heads, length, head_dim).transpose(0, 2, 1, 3)
+        attn = out_proj.apply({"params": p["attention"]["dense"]}, attn)
+        mlp = MLP(cfg)
+        if cfg.use_parallel_residual:
+            x = x + attn + mlp.apply({"params": p["mlp"]},
+                                     layer_norm(p["post_attention_layernorm"], x))
+        else:
+            x = x + attn
+            x = x + mlp.apply({"params": p["mlp"]}, layer_norm(p["post_attention_layernorm"], x))
+
+    x = layer_norm(params["final_layer_norm"], x[:, -1])
+    logits = nn.Dense(cfg.vocab_size, use_bias=False, dtype=dtype, param_dtype=pdtype).apply(
+        {"params": params["embed_out"]}, x)
+    return logits, DecodeCache(k=tuple(new_k), v=tuple(new_v), segment_ids=kv_segments)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "gen", "max_len", "logits_mask_fn"))
+def _generate(params: Any, prompt_ids: Array, prompt_mask: Array, rng: Array, stops: Array,
+              valid_mask: Array, *, config: ModelConfig, gen: GenerationConfig, max_len: int,
+              logits_mask_fn: LogitsMaskFn | None) -> GenerationOutput:
+    batch, length = prompt_ids.shape
+    n_new = gen.max_new_tokens
+    layers = unstack_layers(params, config.num_layers)
+    positions = jnp.maximum(jnp.cumsum(prompt_mask, axis=1) - 1, 0).astype(jnp.int32)
+    logits, cache = forward_cached(params, layers, config, prompt_ids, positions, prompt_mask,
+                                   DecodeCache.init(config, batch, max_len), jnp.int32(0))
+
+    def choose(step: Array, logits: Array, tokens: Array, lengths: Array,
+               finished: Array) -> tuple[Array, Array, Array, Array]:
+        """Pick token `step` for every row and update the per-row bookkeeping."""
+        logits = jnp.where(valid_mask, logits.astype(jnp.float32), -jnp.inf)
+        if logits_mask_fn is not None:
+            state = DecodeState(step=step, tokens=tokens, lengths=lengths, finished=finished,
+                                vocab_size=config.vocab_size)
+            logits = apply_mask(logits, logits_mask_fn(state))
+        if gen.do_sample:
+            token = sample_tokens(jax.random.fold_in(rng, step), logits, gen.temperature,
+                                  gen.top_k, gen.top_p)
+        else:
+            token = greedy_tokens(logits)
+        token = jnp.where(finished, gen.pad_id, token)
+        tokens = jax.lax.dynamic_update_slice(tokens, token[:, None], (0, step))
+        lengths = lengths + (~finished).astype(jnp.int32)
+        finished = finished | jnp.any(token[:, None] == stops, axis=1)
+        return token, tokens, lengths, finished
+
+    tokens = jnp.full((batch, n_new), gen.pad_id, jnp.int32)
+    lengths = jnp.zeros((batch,), jnp.int32)
+    finished = jnp.zeros((batch,), bool)
+    token, tokens, lengths, finished = choose(jnp.int32(0), logits, tokens, lengths, finished)
+
+    def cond(carry):
+        step, finished = carry[0], carry[-1]
+        return (step < n_new) & ~jnp.all(finished)
+
+    def body(carry):
+        step, cache, position, token, tokens, lengths, finished = carry
+        logits, cache = forward_cached(params, layers, config, token[:, None], position[:, None],
+                                       jnp.ones((batch, 1), jnp.int32), cache, length + step - 1)
+        token, tokens, lengths, finished = choose(step, logits, tokens, lengths, finished)
+        return step + 1, cache, position + 1, token, tokens, lengths, finished
+
+    carry = (jnp.int32(1), cache, positions[:, -1] + 1, token, tokens, lengths, finished)
+    carry = jax.lax.while_loop(cond, body, carry)
+    tokens, lengths, finished = carry[-3:]
+    return GenerationOutput(tokens=tokens, lengths=lengths, finished=finished)

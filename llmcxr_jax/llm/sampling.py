@@ -1,0 +1,168 @@
+"""Logits processors with transformers' semantics, and a fast exact sampler for the decode loop.
+
+The processors (`apply_temperature`, `top_k_filter`, `top_p_filter`, `process_logits`) are direct
+ports of transformers' `TemperatureLogitsWarper`, `TopKLogitsWarper` and `TopPLogitsWarper`
+(min_tokens_to_keep=1, filter value -inf), applied in transformers' order: temperature, top-k,
+top-p. `top_k=0` and `top_p=1.0` disable a filter.
+
+`top_p_filter` needs a full sort of the vocabulary, which XLA on CPU does slowly (~20 ms for 51k
+logits). `sample_tokens` therefore samples from exactly the same distribution without sorting:
+
+1. draw a candidate from the (temperature, top-k) distribution by inverse-CDF sampling over
+   blocks of the vocabulary (one uniform per row, one pass over the logits);
+2. accept it if it lies in the top-p nucleus — a single masked sum gives the candidate's
+   cumulative probability in transformers' ascending (value, index) order — else draw again.
+
+Restricting a distribution to a set by rejection yields the renormalised distribution on that set,
+which is what transformers samples from after `masked_fill(-inf)` + softmax. The nucleus holds at
+least `top_p` of the mass, so a draw is accepted with probability >= top_p; after
+`_MAX_DRAWS` rejections (rare unless top_p is tiny) a row falls back to the sort-based filter and
+Gumbel-max sampling, which is exact too.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+_BLOCK = 128  # vocabulary block for two-level inverse-CDF sampling
+_MAX_DRAWS = 16  # rejection rounds before the sort-based fallback
+
+
+def apply_temperature(logits: Array, temperature: float) -> Array:
+    """transformers' TemperatureLogitsWarper: logits / temperature."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    return logits if temperature == 1.0 else logits / temperature
+
+
+def top_k_filter(logits: Array, top_k: int) -> Array:
+    """transformers' TopKLogitsWarper: -inf below the k-th largest logit (ties kept); 0 disables."""
+    if top_k < 0:
+        raise ValueError(f"top_k must be >= 0 (0 disables), got {top_k}")
+    if top_k == 0 or top_k >= logits.shape[-1]:
+        return logits
+    kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
+    return jnp.where(logits < kth, -jnp.inf, logits)
+
+
+def top_p_filter(logits: Array, top_p: float) -> Array:
+    """transformers' TopPLogitsWarper (sort-based): keep the smallest top set with mass >= top_p.
+
+    Sorts ascending (stable: ties ordered by vocabulary index), removes tokens whose cumulative
+    probability is <= 1 - top_p, always keeps the last (largest) token.
+    """
+    _check_top_p(top_p)
+    if top_p >= 1.0:
+        return logits
+    order = jnp.argsort(logits, axis=-1, stable=True)
+    sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+    cumulative = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
+    remove_sorted = (cumulative <= 1 - top_p).at[..., -1].set(False)
+    rows = jnp.arange(logits.shape[0])[:, None]
+    remove = jnp.zeros_like(remove_sorted).at[rows, order].set(remove_sorted)
+    return jnp.where(remove, -jnp.inf, logits)
+
+
+def process_logits(logits: Array, temperature: float = 1.0, top_k: int = 0,
+                   top_p: float = 1.0) -> Array:
+    """Temperature, then top-k, then top-p, as transformers' sampling warpers ([batch, vocab])."""
+    logits = apply_temperature(logits.astype(jnp.float32), temperature)
+    return top_p_filter(top_k_filter(logits, top_k), top_p)
+
+
+def _check_top_p(top_p: float) -> None:
+    if not 0.0 <= top_p <= 1.0:
+        raise ValueError(f"top_p must be in [0, 1], got {top_p}")
+
+
+def in_top_p_nucleus(logits: Array, candidates: Array, top_p: float) -> Array:
+    """Whether each row's candidate token is kept by `top_p_filter` ([batch, vocab], [batch]).
+
+    The candidate's cumulative probability in the ascending stable order is the mass of tokens
+    with a smaller logit, plus tied tokens at or before its index: one pass, no sort.
+    """
+    _check_top_p(top_p)
+    if top_p >= 1.0:
+        return jnp.ones(candidates.shape, bool)
+    vocab = logits.shape[-1]
+    probs = jax.nn.softmax(logits, axis=-1)
+    cand_logit = jnp.take_along_axis(logits, candidates[:, None], axis=-1)
+    index = jnp.arange(vocab)[None, :]
+    before = (logits < cand_logit) | ((logits == cand_logit) & (index <= candidates[:, None]))
+    cumulative = jnp.sum(jnp.where(before, probs, 0.0), axis=-1)
+    # The last token of the stable ascending order (the largest logit, highest index among ties).
+    row_max = jnp.max(logits, axis=-1, keepdims=True)
+    last = jnp.max(jnp.where(logits == row_max, index, -1), axis=-1)
+    return (cumulative > 1 - top_p) | (candidates == last)
+
+
+def _inverse_cdf_draw(key: Array, weights: Array, block_cumsum: Array) -> Array:
+    """One draw per row from unnormalised `weights` [batch, blocks, _BLOCK] (int32 [batch])."""
+    batch, n_blocks, _ = weights.shape
+    total = block_cumsum[:, -1]
+    target = jax.random.uniform(key, (batch,), jnp.float32) * total
+    block = jnp.minimum(jnp.sum(block_cumsum <= target[:, None], axis=-1), n_blocks - 1)
+    before = jnp.where(block > 0, jnp.take_along_axis(
+        block_cumsum, jnp.maximum(block - 1, 0)[:, None], axis=-1)[:, 0], 0.0)
+    local = jnp.take_along_axis(weights, block[:, None, None], axis=1)[:, 0]
+    local_cumsum = before[:, None] + _cumsum(local)
+    offset = jnp.minimum(jnp.sum(local_cumsum <= target[:, None], axis=-1), _BLOCK - 1)
+    return (block * _BLOCK + offset).astype(jnp.int32)
+
+
+def _cumsum(x: Array) -> Array:
+    """Cumulative sum over the last axis of a short array as a triangular matmul (fast on CPU)."""
+    n = x.shape[-1]
+    upper = jnp.triu(jnp.ones((n, n), x.dtype))
+    return jnp.matmul(x, upper, precision=jax.lax.Precision.HIGHEST)
+
+
+def sample_tokens(rng: Array, logits: Array, temperature: float = 1.0, top_k: int = 0,
+                  top_p: float = 1.0) -> Array:
+    """One token per row from softmax(process_logits(logits, ...)), without a vocabulary sort.
+
+    logits [batch, vocab] (disallowed tokens already -inf, at least one finite per row) ->
+    int32 [batch]. Exact in distribution; see the module docstring.
+    """
+    _check_top_p(top_p)
+    logits = top_k_filter(apply_temperature(logits.astype(jnp.float32), temperature), top_k)
+    batch, vocab = logits.shape
+    n_blocks = -(-vocab // _BLOCK)
+    row_max = jnp.max(logits, axis=-1, keepdims=True)
+    weights = jnp.exp(logits - row_max)
+    weights = jnp.pad(weights, ((0, 0), (0, n_blocks * _BLOCK - vocab)))
+    weights = weights.reshape(batch, n_blocks, _BLOCK)
+    block_cumsum = _cumsum(jnp.sum(weights, axis=-1))
+    flat_weights = weights.reshape(batch, n_blocks * _BLOCK)
+
+    def accept(candidates: Array) -> Array:
+        positive = jnp.take_along_axis(flat_weights, candidates[:, None], axis=-1)[:, 0] > 0
+        return positive & in_top_p_nucleus(logits, jnp.minimum(candidates, vocab - 1), top_p)
+
+    def cond(state):
+        _, accepted, draws = state
+        return (draws < _MAX_DRAWS) & ~jnp.all(accepted)
+
+    def body(state):
+        tokens, accepted, draws = state
+        candidates = _inverse_cdf_draw(jax.random.fold_in(rng, draws), weights, block_cumsum)
+        take = ~accepted & accept(candidates)
+        return jnp.where(take, candidates, tokens), accepted | take, draws + 1
+
+    init = (jnp.zeros((batch,), jnp.int32), jnp.zeros((batch,), bool), jnp.int32(0))
+    tokens, accepted, _ = jax.lax.while_loop(cond, body, init)
+
+    def fallback(tokens: Array) -> Array:
+        exact = jax.random.categorical(jax.random.fold_in(rng, _MAX_DRAWS),
+                                       top_p_filter(logits, top_p), axis=-1).astype(jnp.int32)
+        return jnp.where(accepted, tokens, exact)
+
+    return jax.lax.cond(jnp.all(accepted), lambda t: t, fallback, tokens)
+
+
+def greedy_tokens(logits: Array) -> Array:
+    """argmax per row (first index on ties, as torch.argmax) -> int32 [batch]."""
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
