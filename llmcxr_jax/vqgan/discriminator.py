@@ -1,13 +1,14 @@
 """taming-transformers' PatchGAN discriminator (`NLayerDiscriminator`) and its GAN losses.
 
 Normalisation: BatchNorm, as in taming, with its running statistics as explicit `batch_stats`
-state. In training mode the statistics are the mean/variance over the whole (global) batch of that
-call: under `jax.jit` with the batch sharded over the mesh, `jnp.mean` over the batch axis is a
-global reduction, so every device normalises with the same statistics (SyncBatchNorm semantics;
-taming under DDP uses per-GPU statistics, which differ only by batch composition). Real and fake
-images are passed in separate calls, as taming does, so each is normalised by its own statistics.
-The running averages (torch momentum 0.1 = flax momentum 0.9, eps 1e-5) are only used with
-`train=False` (validation), exactly like taming's eval mode.
+state (`BatchNorm` below, torch's semantics exactly: biased variance to normalise, unbiased
+variance into the running average, momentum 0.1, eps 1e-5). In training mode the statistics are
+over the whole (global) batch of that call: under `jax.jit` with the batch sharded over the mesh,
+`jnp.mean` over the batch axis is a global reduction, so every device normalises with the same
+statistics (SyncBatchNorm semantics; taming under DDP uses per-GPU statistics, which differ only
+by batch composition). Real and fake images go through separate calls, as in taming, so each is
+normalised by its own statistics. The running averages are used only with `train=False`
+(validation), exactly like taming's eval mode.
 """
 
 from __future__ import annotations
@@ -21,6 +22,36 @@ _conv_init = nn.initializers.normal(0.02)  # taming's weights_init
 
 def _bn_scale_init(key, shape, dtype=jnp.float32):
     return 1.0 + 0.02 * jax.random.normal(key, shape, dtype)
+
+
+class BatchNorm(nn.Module):
+    """torch.nn.BatchNorm2d over NHWC: params `scale`, `bias`; state `batch_stats` `mean`, `var`."""
+
+    train: bool
+    momentum: float = 0.1  # torch convention: new = (1 - momentum) * old + momentum * batch
+    epsilon: float = 1e-5
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        c = x.shape[-1]
+        scale = self.param("scale", _bn_scale_init, (c,), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros_init(), (c,), jnp.float32)
+        ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((c,), jnp.float32))
+        ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), jnp.float32))
+        xf = x.astype(jnp.float32)
+        if self.train:
+            axes = tuple(range(x.ndim - 1))
+            mean = jnp.mean(xf, axes)
+            var = jnp.mean(jnp.square(xf - mean), axes)
+            if not self.is_initializing():
+                n = xf.size // c
+                m = self.momentum
+                ra_mean.value = (1 - m) * ra_mean.value + m * mean
+                ra_var.value = (1 - m) * ra_var.value + m * var * (n / max(n - 1, 1))
+        else:
+            mean, var = ra_mean.value, ra_var.value
+        y = (xf - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias
+        return y.astype(x.dtype)
 
 
 class NLayerDiscriminator(nn.Module):
@@ -41,8 +72,7 @@ class NLayerDiscriminator(nn.Module):
                            kernel_init=_conv_init, dtype=dtype, name=name)
 
         def norm(name: str):
-            return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                                scale_init=_bn_scale_init, dtype=dtype, name=name)
+            return BatchNorm(train=train, name=name)
 
         h = x.astype(dtype)
         h = nn.leaky_relu(conv(self.ndf, 2, True, "conv_0")(h), 0.2)

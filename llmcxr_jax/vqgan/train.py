@@ -113,8 +113,12 @@ class VQGANTrainer:
     """Builds the models, optimizers, shardings and the jitted step for one configuration."""
 
     def __init__(self, vq_config: VQGANConfig, config: VQGANTrainConfig,
-                 nets: FrozenNets = FrozenNets(), mesh: Mesh | None = None):
+                 nets: FrozenNets = FrozenNets(), mesh: Mesh | None = None,
+                 compiler_options: Mapping[str, Any] | None = None):
+        """`compiler_options` go to XLA for the step (tests use
+        {"xla_backend_optimization_level": 0}: half the CPU compile time, slower steps)."""
         self.vq_config = vq_config
+        self.compiler_options = dict(compiler_options or {})
         self.config = config
         self.nets = nets
         self.mesh = mesh if mesh is not None else make_data_mesh(config.mesh_data)
@@ -295,7 +299,8 @@ class VQGANTrainer:
             aux_sh = jax.tree.map(lambda _: self.replicated, self.nets.params())
             self._step = jax.jit(self.train_step,
                                  in_shardings=(state_sh, self.batch_sharding, aux_sh),
-                                 out_shardings=(state_sh, self.replicated), donate_argnums=(0,))
+                                 out_shardings=(state_sh, self.replicated), donate_argnums=(0,),
+                                 compiler_options=self.compiler_options or None)
         return self._step
 
 
@@ -420,6 +425,12 @@ def apply_overrides(vq_config: VQGANConfig, config: VQGANTrainConfig, sets: Iter
     return dataclasses.replace(vq_config, **vq_changes), dataclasses.replace(config, **changes)
 
 
+def _step_fields(config: VQGANTrainConfig) -> VQGANTrainConfig:
+    """The config with the fields that do not enter the jitted step neutralised."""
+    return dataclasses.replace(config, steps=0, log_every=1, checkpoint_every=1,
+                               keep_checkpoints=1, read_threads=0)
+
+
 def train(vq_config: VQGANConfig, config: VQGANTrainConfig, workdir: str | pathlib.Path,
           batches: Iterable[np.ndarray], *, nets: FrozenNets = FrozenNets(),
           mesh: Mesh | None = None, data_iter: Any = None, progress: bool = True,
@@ -442,7 +453,7 @@ def train(vq_config: VQGANConfig, config: VQGANTrainConfig, workdir: str | pathl
         "effective_lr": config.lr, **(extra_config or {})})
     if trainer is None:
         trainer = VQGANTrainer(vq_config, config, nets, mesh)
-    elif (trainer.vq_config, trainer.config) != (vq_config, config):
+    elif (trainer.vq_config, _step_fields(trainer.config)) != (vq_config, _step_fields(config)):
         raise ValueError("train(): the given trainer was built for other configs")
     manager = _checkpoint_manager(workdir, config.keep_checkpoints)
     state = restore_checkpoint(manager, trainer, data_iter)

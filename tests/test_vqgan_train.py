@@ -1,0 +1,311 @@
+"""VQ-GAN training: discriminator and losses vs taming / torch, the adaptive weight vs separate
+jax.grad calls, loss decrease, dead-code restart, and exact checkpoint resume.
+
+One trainer (test-tiny VQ-GAN, 32 px, batch 2) is compiled once for the module: the step's
+compile dominates the runtime on CPU.
+"""
+
+import dataclasses
+import functools
+import json
+import sys
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from llmcxr_jax import configs
+from llmcxr_jax.vqgan import discriminator as disc_lib
+from llmcxr_jax.vqgan import losses, lpips, train
+from llmcxr_jax.vqgan.model import LAST_LAYER_KERNEL_PATH, last_layer_kernel
+from vqgan_test_files import smooth_image
+
+BATCH = 2
+
+
+def _to_torch_disc(flax_vars, tdisc):
+    """Copy our discriminator's variables into taming's NLayerDiscriminator (n_layers=3)."""
+    seq = tdisc.main
+    convs = {"conv_0": 0, "conv_1": 2, "conv_2": 5, "conv_3": 8, "conv_4": 11}
+    norms = {"norm_1": 3, "norm_2": 6, "norm_3": 9}
+    p, s = flax_vars["params"], flax_vars["batch_stats"]
+    with torch.no_grad():
+        for name, i in convs.items():
+            seq[i].weight.copy_(torch.from_numpy(np.asarray(p[name]["kernel"]).transpose(3, 2, 0, 1).copy()))
+            if "bias" in p[name]:
+                seq[i].bias.copy_(torch.from_numpy(np.asarray(p[name]["bias"])))
+        for name, i in norms.items():
+            seq[i].weight.copy_(torch.from_numpy(np.asarray(p[name]["scale"])))
+            seq[i].bias.copy_(torch.from_numpy(np.asarray(p[name]["bias"])))
+            seq[i].running_mean.copy_(torch.from_numpy(np.asarray(s[name]["mean"])))
+            seq[i].running_var.copy_(torch.from_numpy(np.asarray(s[name]["var"])))
+
+
+def test_discriminator_matches_taming():
+    from taming.modules.discriminator.model import NLayerDiscriminator
+
+    disc = disc_lib.NLayerDiscriminator(ndf=8, n_layers=3)
+    variables = disc_lib.init_discriminator(disc, 32, seed=3)
+    tdisc = NLayerDiscriminator(input_nc=3, ndf=8, n_layers=3)
+    _to_torch_disc(variables, tdisc)
+    x = np.random.default_rng(0).uniform(-1, 1, (3, 32, 32, 3)).astype(np.float32)
+    xt = torch.from_numpy(x.transpose(0, 3, 1, 2).copy())
+
+    tdisc.train()
+    ref = tdisc(xt).detach().numpy().transpose(0, 2, 3, 1)
+    out, upd = disc.apply(variables, x, train=True, mutable=["batch_stats"])
+    assert out.shape == (3, 2, 2, 1)
+    np.testing.assert_allclose(out, ref, atol=1e-5)
+    for name, i in {"norm_1": 3, "norm_2": 6, "norm_3": 9}.items():  # torch's running averages
+        np.testing.assert_allclose(upd["batch_stats"][name]["mean"], tdisc.main[i].running_mean, atol=1e-6)
+        np.testing.assert_allclose(upd["batch_stats"][name]["var"], tdisc.main[i].running_var, atol=1e-5)
+
+    tdisc.eval()
+    ref_eval = tdisc(xt).detach().numpy().transpose(0, 2, 3, 1)
+    out_eval = disc.apply({**variables, "batch_stats": upd["batch_stats"]}, x, train=False)
+    np.testing.assert_allclose(out_eval, ref_eval, atol=1e-5)
+
+
+def test_gan_losses_match_taming(monkeypatch):
+    # taming's vqperceptual imports its LPIPS, which needs torchvision (not installed here); the
+    # loss functions we compare against do not use it.
+    stub = types.ModuleType("taming.modules.losses.lpips")
+    stub.LPIPS = object
+    monkeypatch.setitem(sys.modules, "taming.modules.losses.lpips", stub)
+    from taming.modules.losses.vqperceptual import adopt_weight, hinge_d_loss, vanilla_d_loss
+
+    rng = np.random.default_rng(1)
+    real, fake = rng.normal(0.5, 1.5, (4, 3, 3, 1)), rng.normal(-0.2, 1.5, (4, 3, 3, 1))
+    rt, ft = torch.from_numpy(real), torch.from_numpy(fake)
+    np.testing.assert_allclose(disc_lib.hinge_d_loss(real, fake), hinge_d_loss(rt, ft).item(), rtol=1e-6)
+    np.testing.assert_allclose(disc_lib.vanilla_d_loss(real, fake), vanilla_d_loss(rt, ft).item(), rtol=1e-6)
+    # Hand values: perfect separation gives 0, all-zero logits give 1.
+    assert float(disc_lib.hinge_d_loss(jnp.full(3, 2.0), jnp.full(3, -2.0))) == 0.0
+    assert float(disc_lib.hinge_d_loss(jnp.zeros(3), jnp.zeros(3))) == 1.0
+    for step in (0, 9, 10, 11):
+        assert float(disc_lib.adopt_weight(0.7, jnp.asarray(step), 10)) == pytest.approx(
+            adopt_weight(0.7, step, threshold=10))
+
+
+def _torch_lpips(state, heads, x, y):
+    """taming's LPIPS.forward (eval) written out in torch for torchvision vgg16 feature tensors."""
+    import torch.nn.functional as F
+
+    shift = torch.tensor([-.030, -.088, -.188])[None, :, None, None]
+    scale = torch.tensor([.458, .448, .450])[None, :, None, None]
+
+    def taps(h):
+        h, outs = (h - shift) / scale, []
+        for i in range(30):
+            if f"features.{i}.weight" in state:
+                h = F.conv2d(h, state[f"features.{i}.weight"], state[f"features.{i}.bias"], padding=1)
+            elif i in (4, 9, 16, 23):
+                h = F.max_pool2d(h, 2, 2)
+            else:
+                h = F.relu(h)
+            if i in (3, 8, 15, 22, 29):
+                outs.append(h)
+        return outs
+
+    total = 0
+    for k, (a, b) in enumerate(zip(taps(x), taps(y))):
+        na = a / (torch.sqrt(torch.sum(a**2, dim=1, keepdim=True)) + 1e-10)
+        nb = b / (torch.sqrt(torch.sum(b**2, dim=1, keepdim=True)) + 1e-10)
+        total = total + F.conv2d((na - nb) ** 2, heads[f"lin{k}.model.1.weight"]).mean([2, 3])
+    return total[:, 0]
+
+
+def test_lpips_matches_torch_reference(tmp_path):
+    torch.manual_seed(0)
+    state, c_in = {}, 3
+    for block, c in zip(lpips.VGG16_BLOCKS, lpips.LPIPS_CHANNELS):
+        for i in block:
+            conv = torch.nn.Conv2d(c_in, c, 3, padding=1)
+            state[f"features.{i}.weight"], state[f"features.{i}.bias"] = conv.weight.data, conv.bias.data
+            c_in = c
+    heads = {f"lin{k}.model.1.weight": torch.rand(1, c, 1, 1) for k, c in enumerate(lpips.LPIPS_CHANNELS)}
+    torch.save(state, tmp_path / "vgg16.pth")
+    torch.save(heads, tmp_path / "heads.pth")
+    net = losses.lpips_net(tmp_path / "vgg16.pth", tmp_path / "heads.pth")
+
+    rng = np.random.default_rng(2)
+    x = rng.uniform(-1, 1, (2, 32, 32, 3)).astype(np.float32)
+    y = np.clip(x + rng.normal(0, 0.3, x.shape), -1, 1).astype(np.float32)
+    got = jax.jit(net.distance)(net.params, x, y)
+    to_t = lambda a: torch.from_numpy(a.transpose(0, 3, 1, 2).copy())  # noqa: E731
+    ref = _torch_lpips(state, heads, to_t(x), to_t(y)).numpy()
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-6)
+    assert float(jax.jit(net.distance)(net.params, x, x).max()) < 1e-10
+    # Without VGG weights: one message, no net (weight 0).
+    messages = []
+    assert losses.lpips_net("", log=messages.append) is None and len(messages) == 1
+    packaged = lpips.packaged_lpips_heads_path()
+    if packaged is not None:  # the lpips wheel's heads load when it is installed
+        assert len(lpips.lpips_heads_from_state(lpips.load_tensor_file(packaged))) == 5
+
+
+# --------------------------------------------------------------------------------------------------
+# The jitted step (one compile for the module)
+# --------------------------------------------------------------------------------------------------
+
+
+def _taps(params, x):
+    h1 = jax.nn.relu(jax.lax.conv_general_dilated(x, params["k1"], (1, 1), "SAME",
+                                                  dimension_numbers=("NHWC", "HWIO", "NHWC")))
+    h2 = jax.nn.relu(jax.lax.conv_general_dilated(h1, params["k2"], (2, 2), "SAME",
+                                                  dimension_numbers=("NHWC", "HWIO", "NHWC")))
+    return [h1, h2]
+
+
+def _features(params, x):
+    return jnp.tanh(x.reshape(x.shape[0], -1) @ params["w"])
+
+
+def _nets():
+    rng = np.random.default_rng(5)
+    perceptual = losses.PerceptualNet(
+        "taps", losses.tap_distance(_taps),
+        {"k1": jnp.asarray(rng.normal(0, 0.3, (3, 3, 3, 8)), jnp.float32),
+         "k2": jnp.asarray(rng.normal(0, 0.3, (3, 3, 8, 8)), jnp.float32)})
+    clinical = losses.FeatureNet("linear", _features,
+                                 {"w": jnp.asarray(rng.normal(0, 0.02, (32 * 32 * 3, 6)), jnp.float32)})
+    return train.FrozenNets(perceptual, clinical)
+
+
+def _config(**kw):
+    base = dict(vqgan="test-tiny", batch_size=BATCH, learning_rate=2e-3, disc_start=3, disc_ndf=16,
+                perceptual_weight=0.5, clinical_weight=10.0, dead_code_restart=True,
+                dead_code_window=2, dead_code_restart_every=4, log_every=1, checkpoint_every=2)
+    return configs.VQGANTrainConfig(**{**base, **kw})
+
+
+FAST_COMPILE = {"xla_backend_optimization_level": 0}  # half the CPU compile time
+
+
+@pytest.fixture(scope="module")
+def trainer():
+    return train.VQGANTrainer(configs.vqgan_preset("test-tiny"), _config(), _nets(),
+                              compiler_options=FAST_COMPILE)
+
+
+@pytest.fixture(scope="module")
+def fixed_batch():
+    imgs = np.stack([smooth_image(32, 32, seed=s) for s in range(BATCH)])
+    return (imgs.astype(np.float32) / 127.5 - 1.0)
+
+
+def test_adaptive_weight_matches_separate_grads(trainer, fixed_batch):
+    cfg, model, disc = trainer.config, trainer.model, trainer.disc
+    state = trainer.init_state()
+    params = jax.device_get(state.g_params)
+    d_vars = {"params": jax.device_get(state.d_params), "batch_stats": jax.device_get(state.d_batch_stats)}
+    aux = trainer.nets.params()
+    x = jnp.asarray(fixed_batch)
+
+    def with_kernel(params, k):
+        return train._replace_in(params, LAST_LAYER_KERNEL_PATH, k)
+
+    def nll(k, params, x):  # taming's nll_loss (+ the clinical term) as a function of the last layer
+        xrec, _ = model.apply({"params": with_kernel(params, k)}, x, train=True)
+        return (losses.l1_loss(x, xrec)
+                + cfg.perceptual_weight * losses.perceptual_loss(trainer.nets.perceptual, aux["perceptual"], x, xrec)
+                + cfg.clinical_weight * losses.clinical_feature_loss(trainer.nets.clinical, aux["clinical"], x, xrec))
+
+    def g_loss(k, params, x):
+        xrec, _ = model.apply({"params": with_kernel(params, k)}, x, train=True)
+        logits, _ = disc.apply(d_vars, xrec, train=True, mutable=["batch_stats"])
+        return -jnp.mean(logits)
+
+    @functools.partial(jax.jit, compiler_options=FAST_COMPILE)
+    def reference(k, params, x):  # torch.autograd.grad(nll_loss, last_layer), (g_loss, last_layer)
+        return (nll(k, params, x), g_loss(k, params, x),
+                jax.grad(nll)(k, params, x), jax.grad(g_loss)(k, params, x))
+
+    nll_v, g_v, g_nll, g_g = reference(last_layer_kernel(params), params, x)
+    expect = cfg.disc_weight * np.clip(np.linalg.norm(g_nll) / (np.linalg.norm(g_g) + 1e-4), 0, 1e4)
+
+    _, m = trainer.jitted_step()(state, trainer.shard_batch(fixed_batch), trainer.aux_params())
+    m = jax.device_get(m)
+    np.testing.assert_allclose(m["nll_loss"], nll_v, rtol=1e-5)
+    np.testing.assert_allclose(m["g_loss"], g_v, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(m["d_weight"], expect, rtol=1e-4)
+    assert 0 < expect < 1e4
+    assert m["disc_factor"] == 0.0 and m["d_loss"] == 0.0  # step 0 < disc_start
+    assert m["g_total_loss"] == pytest.approx(m["nll_loss"] + m["codebook_loss"], rel=1e-5)
+
+
+def test_steps_reduce_loss_and_restart_dead_codes(trainer, fixed_batch):
+    state = trainer.init_state()
+    step, aux = trainer.jitted_step(), trainer.aux_params()
+    history = []
+    for i in range(8):
+        before = np.asarray(state.g_params["quantize"]["embedding"])
+        state, m = step(state, trainer.shard_batch(fixed_batch), aux)
+        m = jax.device_get(m)
+        history.append(m)
+        after = np.asarray(state.g_params["quantize"]["embedding"])
+        moved = np.abs(after - before).max(axis=1) > 0.05  # Adam moves a row by ~lr per step
+        assert moved.sum() == m["codes_restarted"]
+        if (i + 1) % 4:
+            assert m["codes_restarted"] == 0
+    rec = [h["rec_loss"] for h in history]
+    assert rec[-1] < 0.7 * rec[0], rec
+    assert [h["disc_factor"] for h in history[:4]] == [0, 0, 0, 1]
+    assert all(h["d_loss"] > 0 for h in history[3:])
+    # One fixed batch uses few of the 128 codes: the window marks the rest dead, and the restart
+    # at step 4 re-seeded them from encoder outputs.
+    assert history[3]["codes_restarted"] > 0 and history[2]["dead_code_frac"] > 0.3
+    assert int(state.step) == 8
+
+
+def _image_dir(path, n=6):
+    path.mkdir()
+    for i in range(n):
+        Image.fromarray(smooth_image(36, 40, seed=10 + i)).save(path / f"img{i}.png")
+    (path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    return path
+
+
+def test_checkpoint_resume_is_exact(trainer, tmp_path):
+    from llmcxr_jax.data.images import list_images
+    from llmcxr_jax.vqgan.checkpoint import load_vqgan
+    from llmcxr_jax.vqgan.input_pipeline import image_batches
+
+    paths = list_images(_image_dir(tmp_path / "imgs"))
+    vq = trainer.vq_config
+
+    def run(workdir, steps):
+        cfg = dataclasses.replace(trainer.config, steps=steps)
+        it, bad = image_batches(paths, vq.resolution, BATCH, seed=cfg.seed)
+        return train.train(vq, cfg, workdir, it, nets=trainer.nets, data_iter=it, progress=False,
+                           log=lambda s: None, trainer=trainer), bad
+
+    straight, bad = run(tmp_path / "a", 4)
+    assert list(bad.reasons) == [str(tmp_path / "imgs" / "broken.png")]
+    run(tmp_path / "b", 2)
+    resumed, _ = run(tmp_path / "b", 4)  # restores step 2 and the data position
+    assert int(resumed.step) == 4
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+                 jax.device_get(straight), jax.device_get(resumed))
+    steps = [json.loads(line)["step"] for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+    saved = json.loads((tmp_path / "b" / "config.json").read_text())
+    assert saved["train"]["steps"] == 4 and saved["vqgan"]["resolution"] == 32
+    config, params = load_vqgan(tmp_path / "b" / "vqgan")
+    assert config == vq
+    jax.tree.map(np.testing.assert_array_equal, params, jax.device_get(resumed.g_params))
+
+
+def test_overrides():
+    vq, cfg = train.apply_overrides(configs.vqgan_preset("test-tiny"), configs.VQGANTrainConfig(),
+                                    ["steps=7", "dead_code_restart=true", "vqgan.n_embed=64",
+                                     "vqgan.ch_mult=1,2", "lpips_vgg_path=/x/vgg.pth"])
+    assert (cfg.steps, cfg.dead_code_restart, vq.n_embed, vq.ch_mult, cfg.lpips_vgg_path) == (
+        7, True, 64, (1, 2), "/x/vgg.pth")
+    assert configs.VQGANTrainConfig(batch_size=4).lr == pytest.approx(4.5e-6 * 4)
+    with pytest.raises(KeyError, match="unknown VQGANTrainConfig field"):
+        train.apply_overrides(vq, cfg, ["nope=1"])
