@@ -67,7 +67,7 @@ CASES = [
     # heads/mlp/vocab also split over a tensor axis.
     Case("dolly", rows=DOLLY_TEXT, hidden=32, heads=2, layers=2, parallel=False, rotary=1.0,
          fmt="sharded", tokenizer_has_specials=True, mesh="1x4x2", theta=5_000.0),
-    # Exactly the tokenizer's rows: the specials we add must grow the matrix; .bin weights; mean init.
+    # Exactly the tokenizer's rows: the specials we add must grow the matrix; .bin; mean init.
     Case("tight", rows=NEOX_IDS, hidden=64, heads=8, layers=3, parallel=True, rotary=0.25,
          fmt="bin", resize="mean"),
 ]
@@ -164,7 +164,8 @@ def test_import_matches_transformers(imported: Imported):
     case, cfg, vocab = imported.case, imported.config, imported.vocab
     assert vocab.n_text == DOLLY_TEXT
     assert cfg.vocab_size == vocab.embed_rows == 51_328
-    assert (cfg.num_heads, cfg.hidden_size, cfg.num_layers) == (case.heads, case.hidden, case.layers)
+    assert (cfg.num_heads, cfg.hidden_size, cfg.num_layers) == (
+        case.heads, case.hidden, case.layers)
     assert (cfg.rotary_pct, cfg.use_parallel_residual, cfg.rotary_emb_base) == (
         case.rotary, case.parallel, case.theta)
     # Params really are sharded over the mesh, not parked on one device.
@@ -266,7 +267,8 @@ def _weight_messages(messages: list[str]) -> list[str]:
     return [m for m in messages if any(w in m.lower() for w in words)]
 
 
-def test_export_reloads_in_transformers_without_warnings(imported: Imported, exported: pathlib.Path):
+def test_export_reloads_in_transformers_without_warnings(imported: Imported,
+                                                          exported: pathlib.Path):
     files = sorted(p.name for p in exported.iterdir())
     assert hf_io.SAFETENSORS_INDEX in files and "config.json" in files
     assert len([f for f in files if f.endswith(".safetensors")]) > 1  # 300KB shards
@@ -470,7 +472,8 @@ def test_error_shape_disagrees_with_config(tmp_path, neox_tokenizer_dir):
 
 def test_error_tokenizer_larger_than_checkpoint(tmp_path, neox_tokenizer_dir):
     d = _tiny_dir(tmp_path, neox_tokenizer_dir, rows=50_000)
-    with pytest.raises(hf_io.HFCheckpointError, match=r"50277 token ids.*only 50000 embedding rows"):
+    with pytest.raises(hf_io.HFCheckpointError,
+                       match=r"50277 token ids.*only 50000 embedding rows"):
         hf_io.import_hf(d, _mesh(), progress=False)
 
 

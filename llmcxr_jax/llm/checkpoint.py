@@ -41,9 +41,9 @@ class CheckpointError(ValueError):
     """A workdir that does not hold a loadable LLM checkpoint."""
 
 
-def checkpoint_manager(workdir: str | pathlib.Path, read_only: bool = False) -> ocp.CheckpointManager:
-    """The orbax manager of `WORKDIR/checkpoints` with the "state" item."""
-    options = ocp.CheckpointManagerOptions(create=not read_only, enable_async_checkpointing=False)
+def checkpoint_manager(workdir: str | pathlib.Path, create: bool = True) -> ocp.CheckpointManager:
+    """The orbax manager of `WORKDIR/checkpoints` with the "state" item (synchronous saves)."""
+    options = ocp.CheckpointManagerOptions(create=create, enable_async_checkpointing=False)
     return ocp.CheckpointManager(pathlib.Path(workdir).absolute() / CHECKPOINT_DIR,
                                  options=options, item_names=(STATE_ITEM,))
 
@@ -115,7 +115,7 @@ def load_llm(workdir: str | pathlib.Path, shardings: Any = None, *, mesh: Mesh |
         mesh = mesh_from_flag("-1")
     if not (workdir / CHECKPOINT_DIR).is_dir():
         raise CheckpointError(f"{workdir / CHECKPOINT_DIR} not found: no params in {workdir}")
-    manager = checkpoint_manager(workdir, read_only=True)
+    manager = checkpoint_manager(workdir, create=False)
     try:
         step = manager.latest_step() if step is None else step
         if step is None or step not in manager.all_steps():

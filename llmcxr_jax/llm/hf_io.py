@@ -2,8 +2,8 @@
 
 Import (`import_hf`): `config.json` -> `ModelConfig`; weights from `model.safetensors`, sharded
 safetensors with `model.safetensors.index.json`, or `pytorch_model*.bin` (read with
-`torch.load(..., weights_only=True)` only); the tokenizer of the same directory with the Dolly specials
-and the image ids (`llmcxr_jax.text.vocab`). Every tensor is read on its own, mapped with
+`torch.load(..., weights_only=True)` only); the tokenizer of the same directory with the Dolly
+specials and the image ids (`llmcxr_jax.text.vocab`). Every tensor is read on its own, mapped with
 `hf_mapping`, and placed straight into its target sharding with `jax.make_array_from_callback`, so
 each device only receives its shard and the host holds at most one parameter at a time.
 
@@ -94,14 +94,16 @@ def model_config_from_hf(hf: dict[str, Any], source: str = "config.json") -> Mod
         raise HFCheckpointError(f"{source}: missing field(s) {missing}")
     act = hf.get("hidden_act", "gelu")
     if act != "gelu":
-        raise HFCheckpointError(f"{source}: hidden_act {act!r} is not supported (only exact 'gelu')")
+        raise HFCheckpointError(
+            f"{source}: hidden_act {act!r} is not supported (only exact 'gelu')")
     if hf.get("tie_word_embeddings", False):
-        raise HFCheckpointError(f"{source}: tie_word_embeddings=true is not supported; GPT-NeoX here "
-                                f"has separate input and output embeddings")
+        raise HFCheckpointError(f"{source}: tie_word_embeddings=true is not supported; GPT-NeoX "
+                                f"here has separate input and output embeddings")
     rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type != "default":
-        raise HFCheckpointError(f"{source}: rope_type {rope_type!r} is not supported (only 'default')")
+        raise HFCheckpointError(
+            f"{source}: rope_type {rope_type!r} is not supported (only 'default')")
     rotary_pct = rope.get("partial_rotary_factor", hf.get("rotary_pct", 0.25))
     theta = rope.get("rope_theta", hf.get("rope_theta", hf.get("rotary_emb_base", 10_000.0)))
     try:
@@ -251,7 +253,8 @@ class _TorchFile:
                 f"{path}: cannot be read with torch.load(weights_only=True) ({type(e).__name__}): "
                 f"not a PyTorch state dict of plain tensors; convert it to safetensors") from e
         if not isinstance(self._state, dict):
-            raise HFCheckpointError(f"{path}: expected a state dict, got {type(self._state).__name__}")
+            raise HFCheckpointError(
+                f"{path}: expected a state dict, got {type(self._state).__name__}")
 
     def keys(self) -> list[str]:
         return list(self._state)
@@ -289,8 +292,9 @@ def _read_index(index_path: pathlib.Path) -> dict[str, pathlib.Path]:
     for name in sorted(set(weight_map.values())):
         if not (index_path.parent / name).is_file():
             users = sorted(k for k, v in weight_map.items() if v == name)
-            raise HFCheckpointError(f"{index_path} names shard {name!r} (for {len(users)} tensors, "
-                                    f"e.g. {users[0]!r}) but {index_path.parent / name} does not exist")
+            raise HFCheckpointError(
+                f"{index_path} names shard {name!r} (for {len(users)} tensors, e.g. {users[0]!r}) "
+                f"but {index_path.parent / name} does not exist")
     return files
 
 
@@ -353,8 +357,9 @@ def _hf_keys_by_param(reader: TensorReader, config: ModelConfig
             continue
         path, layer = mapped
         if layer is not None and layer >= config.num_layers:
-            raise HFCheckpointError(f"{reader.file_of(key)}: tensor {key!r} is for layer {layer} but "
-                                    f"config.json has num_hidden_layers={config.num_layers}")
+            raise HFCheckpointError(
+                f"{reader.file_of(key)}: tensor {key!r} is for layer {layer} but config.json has "
+                f"num_hidden_layers={config.num_layers}")
         want, got = hf_shape(path, config), reader.shape(key)
         if want != got:
             raise HFCheckpointError(f"{reader.file_of(key)}: {key} has shape {list(got)} but "
