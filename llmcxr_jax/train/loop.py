@@ -26,13 +26,15 @@ from jax.sharding import Mesh
 from llmcxr_jax.configs import DataConfig, ModelConfig, TrainConfig
 from llmcxr_jax.data import pipeline as pipeline_lib
 from llmcxr_jax.parallel.mesh import check_global_batch, is_main_process
+from llmcxr_jax.parallel.rules import LOGICAL_AXIS_RULES
 from llmcxr_jax.text.vocab import Vocab
 from llmcxr_jax.train import flops as flops_lib
 from llmcxr_jax.train.checkpoint import Checkpointer, abstract_train_state, restore_params
 from llmcxr_jax.train.loss import summarize
 from llmcxr_jax.train.metrics import TrainLogger
 from llmcxr_jax.train.preemption import PreemptionWatcher
-from llmcxr_jax.train.state import abstract_params, init_state, param_shardings, state_from_params
+from llmcxr_jax.train.state import (Rules, abstract_params, init_state, param_shardings,
+                                    state_from_params)
 from llmcxr_jax.train.step import make_eval_step, make_train_step
 
 log = logging.getLogger(__name__)
@@ -83,7 +85,8 @@ def run_stage(stage: int, *, model_cfg: ModelConfig, train_cfg: TrainConfig,
               train_sources: pipeline_lib.Sources, eval_sources: pipeline_lib.Sources | None,
               stage_dir: pathlib.Path, init_params: Any = None,
               watcher: PreemptionWatcher | None = None,
-              stream: TextIO | None = sys.stdout) -> StageResult:
+              stream: TextIO | None = sys.stdout,
+              rules: Rules = LOGICAL_AXIS_RULES) -> StageResult:
     """Train one stage to `loop_cfg.steps` steps (resuming if checkpoints exist).
 
     `init_params` (sharded params) starts a fresh optimizer around them (stage 2 from stage 1);
@@ -92,7 +95,7 @@ def run_stage(stage: int, *, model_cfg: ModelConfig, train_cfg: TrainConfig,
     """
     stage_dir = pathlib.Path(stage_dir)
     done = stage_dir / DONE_FILE
-    p_shard = param_shardings(model_cfg, mesh)
+    p_shard = param_shardings(model_cfg, mesh, rules)
     if done.exists():
         summary = json.loads(done.read_text())
         params = restore_params(stage_dir / "checkpoints", summary["step"], p_shard,
@@ -105,19 +108,20 @@ def run_stage(stage: int, *, model_cfg: ModelConfig, train_cfg: TrainConfig,
     data_iter = pipeline_lib.build_pipeline(train_sources, vocab, data_cfg).global_iterator(mesh)
     held_out = eval_batches(eval_sources, vocab, dataclasses.replace(data_cfg, seed=1234), mesh,
                             loop_cfg.eval_batches) if eval_sources else []
-    step_fn = make_train_step(model_cfg, train_cfg, mesh, len(pipeline_lib.TASKS))
-    eval_fn = make_eval_step(model_cfg, mesh, len(pipeline_lib.TASKS))
+    step_fn = make_train_step(model_cfg, train_cfg, mesh, len(pipeline_lib.TASKS), rules)
+    eval_fn = make_eval_step(model_cfg, mesh, len(pipeline_lib.TASKS), rules)
 
     ckpt = Checkpointer(stage_dir / "checkpoints", save_every=loop_cfg.checkpoint_every,
                         keep=loop_cfg.keep_checkpoints)
-    restored = ckpt.restore_latest(abstract_train_state(model_cfg, train_cfg, mesh), data_iter)
+    restored = ckpt.restore_latest(abstract_train_state(model_cfg, train_cfg, mesh, rules),
+                                   data_iter)
     if restored is not None:
         state = restored.state
         log.info("stage %d: resumed from checkpoint step %d", stage, restored.step)
     elif init_params is not None:
-        state = state_from_params(init_params, model_cfg, train_cfg, mesh)
+        state = state_from_params(init_params, model_cfg, train_cfg, mesh, rules)
     else:
-        state = init_state(model_cfg, train_cfg, mesh)
+        state = init_state(model_cfg, train_cfg, mesh, rules)
 
     step = int(jax.device_get(state.step))
     logger = TrainLogger(stage_dir, stage=stage, total_steps=loop_cfg.steps, model_cfg=model_cfg,

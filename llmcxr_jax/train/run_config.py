@@ -31,6 +31,7 @@ class RunConfig:
     vqgan: VQGANTrainConfig = VQGANTrainConfig()
     stage2_weights: tuple[float, ...] = (0.4, 0.4, 0.2, 0.0)
     mesh: str = "-1"  # all devices on fsdp unless a preset or --mesh says otherwise
+    param_sharding: str = "fsdp"  # "data+fsdp": ZeRO-3, state split over data x fsdp too
     tokenizer: str = ""  # "" = train a byte-level BPE on the world's text (vocab_text_ids ids)
     vocab_text_ids: int = 2048
     vqgan_dir: str = ""  # "" = train the VQ-GAN here; else a save_vqgan / import_taming dir
@@ -85,7 +86,7 @@ RUN_PRESETS["dolly-v2-3b"] = dataclasses.replace(
                       checkpoint_every=500, keep_checkpoints=3),
     stage2=LoopConfig(steps=2_000, log_every=10, eval_every=250, eval_batches=8,
                       checkpoint_every=250, keep_checkpoints=3),
-    world=None, mesh="4x4", tokenizer="", vocab_text_ids=50_280,
+    world=None, mesh="4x4", param_sharding="data+fsdp", tokenizer="", vocab_text_ids=50_280,
     init_from="workdir/dolly-v2-3b", vqgan_dir="workdir/llmcxr-vqgan")
 
 
