@@ -1,7 +1,7 @@
 """Plan the per-device memory of the real train step on simulated CPU devices.
 
-    python launch/plan_memory.py --config dolly-v2-3b --mesh 4x4 --batch 16 --seq 1024 \
-        --remat full --chip v5e
+    python launch/plan_memory.py --config dolly-v2-3b --mesh 4x4 --batch 16 --seq 1024 --chip v5e
+    python launch/plan_memory.py --config dolly-v2-3b --mesh 4x4 --remat full
     python launch/plan_memory.py --preset v5e-16          # a tpu_configs preset's settings
     python launch/plan_memory.py --all-presets            # every preset + a Markdown table
 
@@ -49,19 +49,20 @@ def main(argv=None) -> int:
                    "tpu_configs preset (flags given too override it)")
     p.add_argument("--all-presets", action="store_true",
                    help="plan every preset (one process each) and print a Markdown table")
-    p.add_argument("--config", help="model preset (llmcxr_jax.configs.MODEL_PRESETS)")
+    p.add_argument("--config", help="model preset (llmcxr_jax.configs.MODEL_PRESETS); settings not "
+                   "given default to the v5e-16 preset's")
     p.add_argument("--mesh", help="mesh, e.g. 4x4 (data x fsdp) or data:1,fsdp:16,tensor:2")
-    p.add_argument("--batch", type=int, help="global batch (default 16)")
-    p.add_argument("--seq", type=int, help="sequence length (default 1024)")
+    p.add_argument("--batch", type=int, help="global batch")
+    p.add_argument("--seq", type=int, help="sequence length")
     p.add_argument("--remat", choices=("none", "full", "dots", "dots_with_no_batch_dims"),
-                   help="remat policy of the scanned layers (default none)")
-    p.add_argument("--dtype", help="compute dtype (default bfloat16, as on TPU/GPU)")
-    p.add_argument("--grad-accum", type=int, help="micro-batches per step (default 1)")
+                   help="remat policy of the scanned layers")
+    p.add_argument("--dtype", help="compute dtype (bfloat16 on TPU/GPU)")
+    p.add_argument("--grad-accum", type=int, help="micro-batches per step")
     p.add_argument("--chip", help="target chip for the HBM comparison: v4, v5e, v5p, v6e, h100, "
-                   "h200, a100 (default v5e)")
+                   "h200, a100, or cpu")
     p.add_argument("--param-sharding", choices=("fsdp", "data+fsdp"),
                    help="split the weights and Adam moments over fsdp only (data axis = replicas) "
-                   "or over data x fsdp (ZeRO-3; default)")
+                   "or over data x fsdp (ZeRO-3)")
     p.add_argument("--num-tasks", type=int, default=4)
     args = p.parse_args(argv)
 
@@ -80,10 +81,8 @@ def main(argv=None) -> int:
         print(markdown_table(rows))
         return 0
 
-    settings = dict(model="dolly-v2-3b", mesh="4x4", global_batch=16, seq_len=1024,
-                    remat_policy="none", dtype="bfloat16", grad_accum_steps=1, chip="v5e", param_sharding="data+fsdp")
-    if args.preset:
-        settings.update(get_preset(args.preset).plan_settings())
+    # Defaults: the v5e-16 preset (dolly-v2-3b, 4x4, batch 16 x 1024, bf16, its remat policy).
+    settings = get_preset(args.preset or "v5e-16").plan_settings()
     for flag, key in (("config", "model"), ("mesh", "mesh"), ("batch", "global_batch"),
                       ("seq", "seq_len"), ("remat", "remat_policy"), ("dtype", "dtype"),
                       ("grad_accum", "grad_accum_steps"), ("chip", "chip"),
