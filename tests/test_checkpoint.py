@@ -154,6 +154,7 @@ def test_damaged_latest_falls_back_to_previous(tmp_path, caplog):
     assert aside == ["2", "3", "4"]
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # as above
 def test_all_checkpoints_damaged_is_an_error(tmp_path):
     state = random_state(mesh_from_flag("2x4"))
     with ckpt.Checkpointer(tmp_path, save_every=1) as ck:
