@@ -1,7 +1,7 @@
 """Train the CXR findings classifier used by the evaluation (report -> image AUROC/F1, FID
 features) and by the VQ-GAN's clinical loss.
 
-    python launch/train_classifier.py --world DIR --out WORKDIR --steps 400 --size 128
+    python launch/train_classifier.py --world DIR --out WORKDIR --steps 900 --size 128
 
 DIR is a MIMIC-CXR-JPG-layout folder (`python launch/make_phantoms.py` writes one). WORKDIR gets
 config.json + params.safetensors (the classifier checkpoint; a classifier of your own in that

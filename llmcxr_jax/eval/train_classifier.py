@@ -47,9 +47,12 @@ EVAL_FILE = "eval.json"
 
 @dataclasses.dataclass(frozen=True)
 class TrainClassifierConfig:
-    steps: int = 400
-    batch_size: int = 32
-    learning_rate: float = 2e-3
+    """Defaults: the measured run (1,500-study phantom world at 128 px, 1,202 frontal training
+    images, about 9 minutes on a shared 2-core CPU): test macro AUROC 0.907 on the drawn findings."""
+
+    steps: int = 900
+    batch_size: int = 16
+    learning_rate: float = 3e-3
     weight_decay: float = 0.05
     warmup_steps: int = 20
     grad_clip: float = 1.0
@@ -60,7 +63,7 @@ class TrainClassifierConfig:
     max_shift: float = 0.06  # random translation, fraction of the side
     blur_prob: float = 0.25  # chance of a random-strength [1, 2, 1] blur (VQ-GAN-like softness)
     seed: int = 0
-    eval_every: int = 100  # validation AUROC every N steps (0: only at the end)
+    eval_every: int = 300  # validation AUROC every N steps (0: only at the end)
     eval_batch_size: int = 64
 
     def __post_init__(self) -> None:
