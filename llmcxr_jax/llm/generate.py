@@ -106,8 +106,10 @@ def generate(params: Any, config: ModelConfig, prompt_ids: Any, prompt_mask: Any
     if valid_mask.shape != (config.vocab_size,):
         raise ValueError(f"valid_mask has shape {valid_mask.shape}, expected ({config.vocab_size},)")
     max_len = round_up(padded + gen.max_new_tokens, gen.length_multiple)
+    # Stop ids travel as an array: configs differing only in them share one compiled loop.
     return _generate(params, jnp.asarray(ids), jnp.asarray(mask), rng, jnp.asarray(stops),
-                     jnp.asarray(valid_mask), config=config, gen=gen, max_len=max_len,
+                     jnp.asarray(valid_mask), config=config,
+                     gen=dataclasses.replace(gen, stop_ids=()), max_len=max_len,
                      logits_mask_fn=logits_mask_fn)
 
 
@@ -123,7 +125,8 @@ def _stop_array(stop_ids: Any, batch: int) -> np.ndarray:
         rows = list(arr) if arr.ndim == 2 else [arr.reshape(-1)] * batch
     if len(rows) != batch:
         raise ValueError(f"stop_ids has {len(rows)} rows for a batch of {batch}")
-    stops = np.full((batch, max([1] + [len(r) for r in rows])), -1, np.int32)
+    # Width rounded up to a multiple of 4 so a few more stop ids do not recompile the loop.
+    stops = np.full((batch, round_up(max([1] + [len(r) for r in rows]), 4)), -1, np.int32)
     for i, row in enumerate(rows):
         stops[i, :len(row)] = row
     return stops
