@@ -99,6 +99,14 @@ def vqa_records(examples: Sequence[vqa.VQAExample]) -> list[dict]:
             for e in examples]
 
 
+def flat_codes(codes_dir: str) -> dict[str, np.ndarray]:
+    """The encode step's codes ([h, w] per image) flattened row-major to the token order
+    [h * w], as the original flattens taming's index map."""
+    from llmcxr_jax.vqgan.encode import load_codes  # the encode step's reader
+
+    return {k: np.asarray(v).reshape(-1) for k, v in load_codes(codes_dir).items()}
+
+
 def load_sources(cfg: DataConfig, codes: Mapping[str, np.ndarray] | None = None) -> Sources:
     """Reads the files `cfg` names for the tasks with a positive weight.
 
@@ -114,9 +122,7 @@ def load_sources(cfg: DataConfig, codes: Mapping[str, np.ndarray] | None = None)
         if codes is None:
             if not cfg.codes:
                 raise ValueError("DataConfig.codes is empty but an image task has a positive weight")
-            from llmcxr_jax.vqgan.encode import load_codes  # the encode step's reader
-
-            codes = load_codes(cfg.codes)
+            codes = flat_codes(cfg.codes)
     if "report2image" in weights or "image2report" in weights:
         data = mimic.load_mimic(cfg.world, codes, stage=cfg.stage, splits=cfg.splits,
                                 tokens_per_image=cfg.tokens_per_image,

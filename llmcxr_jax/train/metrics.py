@@ -208,7 +208,8 @@ def progress_line(stage: Any, step: int, total_steps: int, record: Mapping[str, 
     """`stage 1 step 120/1000 loss 2.31 tok/s 5400 mfu 41% eta 3m` (+ eval loss, skipped)."""
     parts = [f"stage {stage}", f"step {step}/{total_steps}"]
     loss = record.get("loss")
-    parts.append(f"loss {loss:.4g}" if loss is not None and math.isfinite(loss) else "loss nan")
+    if loss is not None:  # an eval-only record has no train loss
+        parts.append(f"loss {loss:.4g}" if math.isfinite(loss) else "loss nan")
     if record.get("eval_loss") is not None:
         parts.append(f"eval {record['eval_loss']:.4g}")
     if record.get("tokens_per_s") is not None:

@@ -12,7 +12,7 @@ import json
 from typing import Any, Mapping, Sequence
 
 from llmcxr_jax import configs
-from llmcxr_jax.configs import DataConfig, ModelConfig, TrainConfig, VQGANTrainConfig
+from llmcxr_jax.configs import DataConfig, ModelConfig, TrainConfig, VQGANConfig, VQGANTrainConfig
 from llmcxr_jax.data.phantom_world import WorldConfig
 from llmcxr_jax.train.loop import LoopConfig
 
@@ -145,13 +145,21 @@ def apply_overrides(cfg: RunConfig, overrides: Sequence[str]) -> RunConfig:
     return cfg
 
 
-def resolve(cfg: RunConfig) -> RunConfig:
-    """Fill fields that follow others: the data's batch and length follow `train`, and the
-    optimizer's schedule length follows stage 1's steps."""
+def resolve(cfg: RunConfig, vqgan: VQGANConfig | None = None) -> RunConfig:
+    """Fill fields that follow others: the data's batch and length follow `train`; the tokens per
+    image and codebook size follow the VQ-GAN (`vqgan`, default: the preset trained here); the
+    optimizer's schedule length follows stage 1's steps; and when the run trains its own BPE, the
+    embedding rows follow from its text ids + the codebook (padded to 128)."""
+    vqgan = vqgan or configs.vqgan_preset(cfg.vqgan.vqgan)
     data = dataclasses.replace(cfg.data, global_batch=cfg.train.global_batch,
-                               seq_len=cfg.train.seq_len)
+                               seq_len=cfg.train.seq_len, tokens_per_image=vqgan.tokens_per_image,
+                               codebook_size=vqgan.n_embed)
     train = dataclasses.replace(cfg.train, total_steps=max(cfg.stage1.steps, 1))
-    return dataclasses.replace(cfg, data=data, train=train)
+    model = cfg.model
+    if not cfg.tokenizer:
+        model = dataclasses.replace(model, vocab_size=configs.extended_vocab_rows(
+            cfg.vocab_text_ids, vqgan.n_embed))
+    return dataclasses.replace(cfg, data=data, train=train, model=model)
 
 
 def to_json(cfg: RunConfig) -> str:

@@ -1,0 +1,351 @@
+"""The whole run in one workdir, each step reusing what is already complete:
+
+    WORKDIR/config.json      the resolved RunConfig (a run resumes from its workdir alone)
+    WORKDIR/world/           the phantom world (MIMIC-CXR-JPG layout), unless data.world is given
+    WORKDIR/tokenizer/       the vocabulary (trained BPE, or the given tokenizer + specials)
+    WORKDIR/vqgan_run/       VQ-GAN training (checkpoints, metrics); the model in vqgan_run/vqgan
+    WORKDIR/codes/           the images' VQ-GAN codes
+    WORKDIR/stage1/, stage2/ LLM training stages (checkpoints, metrics.jsonl, tb/, DONE.json)
+    WORKDIR/llm/             the final LLM (config, tokenizer, params) for generate/evaluate/export
+    WORKDIR/samples/         a few generated reports and images
+
+Each step is skipped when its output is complete (a marker or a finished file written last), so a
+second run, or a run resumed after a kill, does not redo finished work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import pathlib
+import time
+from typing import Any, Callable
+
+import jax
+import numpy as np
+
+from llmcxr_jax import configs
+from llmcxr_jax.configs import DataConfig, VQGANConfig
+from llmcxr_jax.data import images as images_lib
+from llmcxr_jax.data import mimic
+from llmcxr_jax.data import pipeline as pipeline_lib
+from llmcxr_jax.data.phantom_world import write_world
+from llmcxr_jax.data.skips import SkipCounter
+from llmcxr_jax.llm import inference
+from llmcxr_jax.llm.checkpoint import load_llm, save_llm
+from llmcxr_jax.parallel.mesh import check_global_batch, is_main_process, mesh_from_flag
+from llmcxr_jax.parallel.rules import rules_for
+from llmcxr_jax.text.bpe import train_bpe
+from llmcxr_jax.text.vocab import Vocab, load_vocab
+from llmcxr_jax.train import run_config as rc
+from llmcxr_jax.train.loop import DONE_FILE, StageResult, run_stage
+from llmcxr_jax.train.preemption import PreemptionWatcher
+from llmcxr_jax.train.state import param_shardings
+from llmcxr_jax.vqgan import checkpoint as vqgan_checkpoint
+from llmcxr_jax.vqgan import encode as encode_lib
+from llmcxr_jax.vqgan import train as vqgan_train
+from llmcxr_jax.vqgan.input_pipeline import image_batches
+
+log = logging.getLogger(__name__)
+Say = Callable[[str], None]
+
+
+@dataclasses.dataclass(frozen=True)
+class Paths:
+    root: pathlib.Path
+
+    @property
+    def world(self) -> pathlib.Path:
+        return self.root / "world"
+
+    @property
+    def tokenizer(self) -> pathlib.Path:
+        return self.root / "tokenizer"
+
+    @property
+    def vqgan_run(self) -> pathlib.Path:
+        return self.root / "vqgan_run"
+
+    @property
+    def codes(self) -> pathlib.Path:
+        return self.root / "codes"
+
+    def stage(self, k: int) -> pathlib.Path:
+        return self.root / f"stage{k}"
+
+    @property
+    def llm(self) -> pathlib.Path:
+        return self.root / "llm"
+
+    @property
+    def samples(self) -> pathlib.Path:
+        return self.root / "samples"
+
+
+def write_config(cfg: rc.RunConfig, root: pathlib.Path, say: Say) -> None:
+    """WORKDIR/config.json (atomically); warn about keys that differ from an earlier run's."""
+    path = root / "config.json"
+    if path.exists():
+        diffs = rc.check_against(cfg, json.loads(path.read_text()))
+        if diffs:
+            say(f"note: config differs from {path} in {diffs}; finished steps are reused as they "
+                f"are, unfinished ones continue with the new values")
+    if is_main_process():
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(rc.to_json(cfg))
+        tmp.rename(path)
+
+
+def world_dir(cfg: rc.RunConfig, paths: Paths, say: Say) -> pathlib.Path:
+    """The data root: the given `data.world`, or a phantom world made (once) in the workdir."""
+    if cfg.world is None:
+        if not cfg.data.world:
+            raise ValueError("this preset has no phantom world: pass --set data.world=DIR (a "
+                             "MIMIC-CXR-JPG root)")
+        return pathlib.Path(cfg.data.world)
+    if (paths.world / "phantom_world.json").exists():
+        say(f"world: reusing {paths.world}")
+        return paths.world
+    say(f"world: drawing {cfg.world.n_studies} phantom studies at {cfg.world.size} px")
+    summary = write_world(paths.world, cfg.world, progress=is_main_process())
+    say(f"world: {summary.get('images', '?')} images in {paths.world}")
+    return paths.world
+
+
+def world_texts(root: pathlib.Path) -> list[str]:
+    """Reports, instructions and VQA text of a world: the BPE training corpus."""
+    texts = [p.read_text() for p in sorted((root / "reports").rglob("*.txt"))]
+    for name, fields in (("instructions.jsonl", ("instruction", "context", "response")),
+                         ("vqa.jsonl", ("question", "answer"))):
+        path = root / name
+        if path.exists():
+            for line in path.read_text().splitlines():
+                record = json.loads(line)
+                texts.extend(str(record.get(f, "")) for f in fields)
+    return texts
+
+
+def vocabulary(cfg: rc.RunConfig, paths: Paths, world: pathlib.Path, say: Say) -> Vocab:
+    """The saved vocabulary, or a new one: the given tokenizer, else a BPE trained on the world."""
+    if (paths.tokenizer / "tokenizer.json").exists():
+        return Vocab.load(paths.tokenizer)
+    n_image = vqgan_config(cfg).n_embed
+    if cfg.tokenizer:
+        vocab = load_vocab(cfg.tokenizer, n_image=n_image)
+    else:
+        say(f"tokenizer: training a {cfg.vocab_text_ids}-id byte-level BPE on {world}")
+        vocab = train_bpe(world_texts(world), vocab_size=cfg.vocab_text_ids, n_image=n_image)
+    if is_main_process():
+        vocab.save(paths.tokenizer)
+    return vocab
+
+
+# --------------------------------------------------------------------------------------------------
+# VQ-GAN and image codes
+# --------------------------------------------------------------------------------------------------
+
+
+def vqgan_config(cfg: rc.RunConfig) -> VQGANConfig:
+    """The VQ-GAN's model config: the given checkpoint's, or the preset trained here."""
+    if cfg.vqgan_dir:
+        return vqgan_checkpoint.load_config(cfg.vqgan_dir)
+    return configs.vqgan_preset(cfg.vqgan.vqgan)
+
+
+def split_images(world: pathlib.Path, splits: tuple[str, ...]) -> list[pathlib.Path]:
+    """Image files of the given splits (from the split CSV), sorted by dicom id."""
+    rows = mimic.read_split(world, SkipCounter("split csv"))
+    return [mimic.image_path(world, r.subject_id, r.study_id, r.dicom_id)
+            for r in sorted(rows.values(), key=lambda r: r.dicom_id) if r.split in splits]
+
+
+def vqgan_dir(cfg: rc.RunConfig, paths: Paths, world: pathlib.Path, say: Say) -> pathlib.Path:
+    """The VQ-GAN to tokenise images with: the given one, or one trained (once) on the world."""
+    if cfg.vqgan_dir:
+        return pathlib.Path(cfg.vqgan_dir)
+    final = paths.vqgan_run / "vqgan"
+    if (final / "config.json").exists():
+        say(f"vqgan: reusing {final}")
+        return final
+    vq_cfg = vqgan_config(cfg)
+    images = split_images(world, ("train",))
+    say(f"vqgan: training {cfg.vqgan.vqgan} for {cfg.vqgan.steps} steps on {len(images)} images")
+    batches, bad = image_batches(images, vq_cfg.resolution, cfg.vqgan.batch_size,
+                                 seed=cfg.vqgan.seed, read_threads=cfg.vqgan.read_threads)
+    vqgan_train.train(vq_cfg, cfg.vqgan, paths.vqgan_run, batches, data_iter=batches,
+                      progress=is_main_process(), log=say)
+    if bad.reasons:
+        say(f"vqgan: skipped {len(bad.reasons)} unreadable images")
+    return final
+
+
+def image_codes(cfg: rc.RunConfig, paths: Paths, world: pathlib.Path, vq_dir: pathlib.Path,
+                say: Say) -> pathlib.Path:
+    """Codes of every image of the world (resumable: images already encoded are skipped)."""
+    if cfg.data.codes:
+        return pathlib.Path(cfg.data.codes)
+    images = split_images(world, ("train", "validate", "test"))
+    encode_lib.encode_images(vq_dir, images, paths.codes, progress=is_main_process(), log=say)
+    return paths.codes
+
+
+# --------------------------------------------------------------------------------------------------
+# LLM stages
+# --------------------------------------------------------------------------------------------------
+
+
+def data_for(cfg: rc.RunConfig, stage: int, world: pathlib.Path, codes: pathlib.Path,
+             splits: tuple[str, ...]) -> DataConfig:
+    data = rc.stage_data(cfg, stage)
+    extra = {}
+    if cfg.world is not None:
+        extra = {"instructions": str(world / "instructions.jsonl"),
+                 "vqa": str(world / "vqa.jsonl") if data.weights[3] > 0 else data.vqa}
+    return dataclasses.replace(data, world=str(world), codes=str(codes), splits=splits, **extra)
+
+
+def initial_params(cfg: rc.RunConfig, mesh: Any, vocab: Vocab) -> Any:
+    """Stage 1's starting params: an imported LLM workdir's (`init_from`), or None (random)."""
+    if not cfg.init_from:
+        return None
+    shardings = param_shardings(cfg.model, mesh, rules_for(cfg.param_sharding))
+    model_cfg, params, init_vocab = load_llm(cfg.init_from, shardings)
+    if model_cfg.vocab_size != cfg.model.vocab_size or model_cfg.hidden_size != cfg.model.hidden_size:
+        raise ValueError(f"init_from {cfg.init_from} has vocab_size {model_cfg.vocab_size} and "
+                         f"hidden_size {model_cfg.hidden_size}; the run's model has "
+                         f"{cfg.model.vocab_size} and {cfg.model.hidden_size}")
+    if init_vocab.n_text != vocab.n_text:
+        raise ValueError(f"init_from {cfg.init_from} has {init_vocab.n_text} text ids but the "
+                         f"run's vocabulary has {vocab.n_text}")
+    return params
+
+
+def llm_stages(cfg: rc.RunConfig, paths: Paths, world: pathlib.Path, codes: pathlib.Path,
+               vocab: Vocab, mesh: Any, stages: tuple[int, ...], say: Say,
+               watcher: PreemptionWatcher | None) -> StageResult | None:
+    """Run the requested stages in order; stage 2 starts from stage 1's final params with a
+    fresh optimizer. Returns the last stage's result (None if preempted)."""
+    if vocab.embed_rows != cfg.model.vocab_size:
+        raise ValueError(f"the vocabulary needs {vocab.embed_rows} embedding rows ({vocab.n_text} "
+                         f"text + {vocab.n_image} image ids, padded to 128) but model.vocab_size "
+                         f"is {cfg.model.vocab_size}: set --set model.vocab_size="
+                         f"{vocab.embed_rows} or use a matching tokenizer")
+    code_table = pipeline_lib.flat_codes(str(codes))
+    result: StageResult | None = None
+    params = None
+    for stage in (1, 2):
+        if stage not in stages and not (stage == 1 and 2 in stages):
+            continue
+        if stage == 1 and 1 not in stages and not (paths.stage(1) / DONE_FILE).exists():
+            raise ValueError(f"--stage 2 needs stage 1's final params, but {paths.stage(1)} has "
+                             f"no {DONE_FILE}: run --stage 1 (or both) first")
+        train_data = data_for(cfg, stage, world, codes, ("train",))
+        eval_data = data_for(cfg, stage, world, codes, ("validate",))
+        train_sources = pipeline_lib.load_sources(train_data, code_table)
+        say(f"stage {stage}: {train_sources.sizes()} training records; "
+            f"{train_sources.skips.summary()}")
+        try:
+            eval_sources = pipeline_lib.load_sources(eval_data, code_table)
+        except ValueError as err:  # a tiny world may hold no usable held-out pair
+            say(f"stage {stage}: no held-out evaluation ({err})")
+            eval_sources = None
+        init = initial_params(cfg, mesh, vocab) if stage == 1 else params
+        result = run_stage(stage, model_cfg=cfg.model, train_cfg=rc.stage_train(cfg, stage),
+                           data_cfg=train_data, loop_cfg=rc.stage_loop(cfg, stage), mesh=mesh,
+                           vocab=vocab, train_sources=train_sources, eval_sources=eval_sources,
+                           stage_dir=paths.stage(stage), init_params=init, watcher=watcher,
+                           rules=rules_for(cfg.param_sharding))
+        say(f"stage {stage}: {result.status} at step {result.step}")
+        if result.status == "preempted":
+            return None
+        params = result.params
+    return result
+
+
+# --------------------------------------------------------------------------------------------------
+# The whole run
+# --------------------------------------------------------------------------------------------------
+
+
+def run(cfg: rc.RunConfig, workdir: str | pathlib.Path, *, stages: tuple[int, ...] = (1, 2),
+        say: Say = print) -> int:
+    """Every step of the run in `workdir`; returns a process exit code (0 also when preempted,
+    after saving)."""
+    cfg = rc.resolve(cfg, vqgan_config(cfg))
+    paths = Paths(pathlib.Path(workdir))
+    mesh = mesh_from_flag(cfg.mesh)
+    check_global_batch(cfg.train.global_batch, mesh)
+    write_config(cfg, paths.root, say)
+    say(f"workdir {paths.root}; mesh {dict(mesh.shape)} on {mesh.devices.size} "
+        f"{jax.devices()[0].platform} device(s)")
+    start = time.perf_counter()
+    with PreemptionWatcher() as watcher:
+        world = world_dir(cfg, paths, say)
+        vq_dir = vqgan_dir(cfg, paths, world, say)
+        vocab = vocabulary(cfg, paths, world, say)
+        codes = image_codes(cfg, paths, world, vq_dir, say)
+        result = llm_stages(cfg, paths, world, codes, vocab, mesh, stages, say, watcher)
+        if result is None:
+            say("preempted: checkpoint saved; run the same command again to resume")
+            return 0
+    if 2 in stages or stages == (1,):
+        if not (paths.llm / "config.json").exists() or result.status != "reused":
+            save_llm(paths.llm, cfg.model, result.params, vocab, step=result.step,
+                     overwrite=True)
+        say(f"llm: final model in {paths.llm}")
+        if cfg.samples > 0:
+            write_samples(cfg, paths, world, vq_dir, vocab, result.params, say)
+    say(f"done in {time.perf_counter() - start:.0f} s. workdir {paths.root}: config.json, "
+        f"world/, vqgan_run/, codes/, stage1/, stage2/ (metrics.jsonl, tensorboard/), llm/, "
+        f"samples/")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------
+# A quick look at what the model learned
+# --------------------------------------------------------------------------------------------------
+
+
+def decode_images(vq_dir: pathlib.Path, codes: np.ndarray) -> np.ndarray:
+    """Images [B, H, W, 3] in [-1, 1] from flat codes [B, h * w]."""
+    mesh = encode_lib.device_mesh()
+    vq_cfg, vq_params, _ = encode_lib.load_model(vq_dir, mesh)
+    batch = encode_lib.padded_batch_size(len(codes), mesh)
+    grid = np.zeros((batch, vq_cfg.latent_size, vq_cfg.latent_size), np.int32)
+    grid[:len(codes)] = np.asarray(codes).reshape(len(codes), vq_cfg.latent_size, -1)
+    images = encode_lib.make_decode_fn(vq_cfg, mesh)(vq_params, grid)
+    return np.asarray(jax.device_get(images))[:len(codes)]
+
+
+def write_samples(cfg: rc.RunConfig, paths: Paths, world: pathlib.Path, vq_dir: pathlib.Path,
+                  vocab: Vocab, params: Any, say: Say) -> None:
+    """A few test-split reports -> images and images -> reports: samples/grid.png (each row: the
+    real image, the image drawn from its report) and samples/samples.md (the texts)."""
+    n = cfg.samples
+    codes = pipeline_lib.flat_codes(str(cfg.data.codes or paths.codes))
+    test = mimic.load_mimic(world, codes, stage=2, splits=("test",),
+                            tokens_per_image=vqgan_config(cfg).tokens_per_image,
+                            codebook_size=vqgan_config(cfg).n_embed).records[:n]
+    if not test:
+        say("samples: no test-split pairs to sample from")
+        return
+    rng_reports, rng_images = jax.random.split(jax.random.key(cfg.train.seed))
+    reports = inference.reports_from_images(params, cfg.model, vocab, [r.codes for r in test],
+                                            rng_reports)
+    drawn = inference.images_from_reports(params, cfg.model, vocab, [r.report for r in test],
+                                          rng_images, vqgan_config(cfg).tokens_per_image)
+    real = decode_images(vq_dir, np.stack([r.codes for r in test]))
+    fake = decode_images(vq_dir, drawn)
+    paths.samples.mkdir(parents=True, exist_ok=True)
+    grid = np.concatenate([np.concatenate([a, b], axis=1) for a, b in zip(real, fake)], axis=0)
+    images_lib.save_png(paths.samples / "grid.png", grid)
+    lines = ["# Samples (test split)", "",
+             "grid.png: each row is a real image (VQ-GAN reconstruction) | the image generated "
+             "from its report.", ""]
+    for i, (record, generated) in enumerate(zip(test, reports)):
+        lines += [f"## {i}: {record.dicom_id}", "", f"**reference report:** {record.report}", "",
+                  f"**report generated from the image:** {generated}", ""]
+    (paths.samples / "samples.md").write_text("\n".join(lines))
+    say(f"samples: {paths.samples / 'grid.png'} and {paths.samples / 'samples.md'}")
