@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import pathlib
 import sys
 from typing import Any, Callable, TextIO
@@ -159,6 +160,8 @@ def run_stage(stage: int, *, model_cfg: ModelConfig, train_cfg: TrainConfig,
         logger.close()
     if status == "done" and is_main_process():
         tmp = done.with_suffix(".tmp")
-        tmp.write_text(json.dumps(summary, indent=2, sort_keys=True))
+        finite = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+                  for k, v in summary.items()}  # strict JSON: no NaN (tasks absent from a stage)
+        tmp.write_text(json.dumps(finite, indent=2, sort_keys=True, allow_nan=False))
         tmp.rename(done)
     return StageResult(stage, status, step, state.params, summary)

@@ -7,6 +7,7 @@ optimizer moments, `step` and `skipped_steps` advance, and the metrics say `skip
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -51,10 +52,14 @@ def _split_micro(batch: Batch, steps: int) -> Batch:
     return jax.tree_util.tree_map(split, batch)
 
 
+@functools.lru_cache(maxsize=16)
 def make_train_step(model_cfg: ModelConfig, train_cfg: TrainConfig, mesh: Mesh, num_tasks: int,
                     rules: Rules = LOGICAL_AXIS_RULES) -> Callable[[TrainState, Batch],
                                                                     tuple[TrainState, dict]]:
-    """`step(state, batch) -> (state, metrics)`; the state argument is donated."""
+    """`step(state, batch) -> (state, metrics)`; the state argument is donated.
+
+    Cached on its (hashable) arguments, so a resumed stage or a second stage with the same shapes
+    reuses the compiled step."""
     model = GPTNeoX(model_cfg)
     tx = make_optimizer(train_cfg)
     schedule = learning_rate_schedule(train_cfg)
@@ -105,6 +110,7 @@ def make_train_step(model_cfg: ModelConfig, train_cfg: TrainConfig, mesh: Mesh, 
     return run
 
 
+@functools.lru_cache(maxsize=16)
 def make_eval_step(model_cfg: ModelConfig, mesh: Mesh, num_tasks: int,
                    rules: Rules = LOGICAL_AXIS_RULES) -> Callable[[Any, Batch], dict]:
     """`eval_step(params, batch) -> loss sums` (add them over batches, then `summarize`)."""
