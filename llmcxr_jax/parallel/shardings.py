@@ -7,6 +7,7 @@ Meshes themselves are built in `llmcxr_jax.parallel.mesh`.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -20,14 +21,21 @@ from llmcxr_jax.parallel.rules import LOGICAL_AXIS_RULES
 Rules = Sequence[tuple[str, Any]]
 
 
-def abstract_params(config: ModelConfig, boxed: bool = False) -> Any:
-    """Param shapes/dtypes (`jax.ShapeDtypeStruct`) without allocating; `boxed=True` keeps the
-    `nn.LogicallyPartitioned` boxes that carry the logical axis names."""
+@functools.lru_cache(maxsize=32)
+def _boxed_abstract_params(config: ModelConfig) -> Any:
+    """Traced once per config: a train stage asks for the shapes several times (state, shardings,
+    restore target), and each trace of the model's init costs about half a second on a CPU."""
     from llmcxr_jax.llm.model import GPTNeoX  # the model imports configs only; no cycle
 
     ids = jax.ShapeDtypeStruct((1, 1), jnp.int32)
-    variables = jax.eval_shape(GPTNeoX(config).init, jax.random.key(0), ids)
-    params = variables["params"]
+    return jax.eval_shape(GPTNeoX(config).init, jax.random.key(0), ids)["params"]
+
+
+def abstract_params(config: ModelConfig, boxed: bool = False) -> Any:
+    """Param shapes/dtypes (`jax.ShapeDtypeStruct`) without allocating; `boxed=True` keeps the
+    `nn.LogicallyPartitioned` boxes that carry the logical axis names. Each call returns a new
+    tree (callers may change it), over shapes traced once per config."""
+    params = jax.tree.map(lambda x: x, _boxed_abstract_params(config))
     return params if boxed else nn.unbox(params)
 
 

@@ -7,7 +7,7 @@ the full model never exists on one host.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any
 
 import flax
 import flax.linen as nn
@@ -19,9 +19,11 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from llmcxr_jax.configs import ModelConfig, TrainConfig
 from llmcxr_jax.llm.model import GPTNeoX
 from llmcxr_jax.parallel.rules import LOGICAL_AXIS_RULES
+from llmcxr_jax.parallel.shardings import Rules, abstract_params, param_shardings
 from llmcxr_jax.train.optimizer import make_optimizer
 
-Rules = Sequence[tuple[str, Any]]
+__all__ = ["Rules", "TrainState", "abstract_params", "param_shardings", "state_shardings",
+           "init_state", "state_from_params"]  # the first three re-exported for the train loop
 
 
 @flax.struct.dataclass
@@ -33,29 +35,12 @@ class TrainState:
     skipped_steps: jax.Array  # int32 []: steps whose loss or gradients were not finite
 
 
-def _dummy_ids() -> jax.Array:
-    return jnp.zeros((1, 8), jnp.int32)
-
-
-def abstract_params(model_cfg: ModelConfig) -> Any:
-    """Boxed (logically partitioned) parameter shapes; nothing is allocated."""
-    model = GPTNeoX(model_cfg)
-    return jax.eval_shape(lambda r: model.init(r, _dummy_ids())["params"], jax.random.key(0))
-
-
-def param_shardings(model_cfg: ModelConfig, mesh: Mesh,
-                    rules: Rules = LOGICAL_AXIS_RULES) -> Any:
-    """NamedShardings for the params, from their logical axis names."""
-    spec = nn.get_partition_spec(abstract_params(model_cfg))
-    return nn.logical_to_mesh_sharding(spec, mesh, rules)
-
-
 def state_shardings(model_cfg: ModelConfig, train_cfg: TrainConfig, mesh: Mesh,
                     rules: Rules = LOGICAL_AXIS_RULES) -> TrainState:
     """Shardings of every TrainState leaf: Adam moments follow their params, scalars replicate."""
     p_shard = param_shardings(model_cfg, mesh, rules)
     tx = make_optimizer(train_cfg)
-    abstract = nn.unbox(abstract_params(model_cfg))
+    abstract = abstract_params(model_cfg)
     opt_abstract = jax.eval_shape(tx.init, abstract)
     replicated = NamedSharding(mesh, PartitionSpec())
     opt_shard = optax.tree_map_params(
@@ -79,7 +64,7 @@ def init_state(model_cfg: ModelConfig, train_cfg: TrainConfig, mesh: Mesh,
 
     def init(seed: jax.Array) -> TrainState:
         init_key, state_key = jax.random.split(jax.random.key(seed))
-        params = nn.unbox(model.init(init_key, _dummy_ids())["params"])
+        params = nn.unbox(model.init(init_key, jnp.zeros((1, 8), jnp.int32))["params"])
         return _new_state(params, tx, jax.random.key_data(state_key))
 
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
