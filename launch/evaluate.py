@@ -1,0 +1,81 @@
+"""The paper's evaluation protocol on a training run's workdir.
+
+    python launch/evaluate.py --workdir workdir/phantom
+
+On the held-out test split of the run's world: report -> image (CXR-classifier AUROC / F1 of the
+generated images, beside the VQ-GAN reconstructions of the real ones and chance; FID in the
+classifier's feature space), image -> report (labeler F1 / AUROC / Jaccard, BLEU-1/4, ROUGE-L) and
+language retention (held-out instruction perplexity and exact match, base vs fine-tuned). Writes
+OUT/eval.json, OUT/report.md (tables and image grids), OUT/reports.jsonl and
+OUT/predictions.npz; OUT defaults to WORKDIR/eval. Without --classifier it uses
+WORKDIR/classifier, training one on the world's train split first if there is none.
+"""
+
+import argparse
+import json
+import pathlib
+import sys
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+from llmcxr_jax.eval.protocol import SUBSETS, EvalInputError, EvalOptions, evaluate  # noqa: E402
+
+
+def main(argv=None) -> int:
+    d = EvalOptions()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--workdir", required=True, help="a launch/train.py workdir")
+    p.add_argument("--classifier", default=d.classifier,
+                   help="a CXR classifier checkpoint dir (default WORKDIR/classifier, trained "
+                        "if absent)")
+    p.add_argument("--n-test", type=int, default=d.n_test, help="first N test items (default all)")
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--base", default=d.base,
+                   help="base LLM for language retention (default WORKDIR/base, else the run's "
+                        "init_from, else a random init)")
+    p.add_argument("--out", default=d.out, help="output folder (default WORKDIR/eval)")
+    p.add_argument("--n-language", type=int, default=d.n_language,
+                   help="held-out instructions for language retention")
+    p.add_argument("--report-tokens", type=int, default=d.report_tokens,
+                   help="max new tokens of a generated report")
+    p.add_argument("--n-show", type=int, default=d.n_show, help="items shown in report.md")
+    p.add_argument("--subset", choices=SUBSETS, default=d.subset,
+                   help="test images: frontal (default), stage2 (earliest frontal study per "
+                        "subject) or all")
+    p.add_argument("--report-stage", type=int, choices=(1, 2), default=d.report_stage,
+                   help="report section: 1 = FINDINGS + IMPRESSION, 2 = IMPRESSION (default: the "
+                        "final model's stage)")
+    p.add_argument("--mesh", default=d.mesh, help="mesh for the LLM params (default -1: all "
+                                                  "devices on fsdp)")
+    p.add_argument("--classifier-steps", type=int, default=d.classifier_steps,
+                   help="training steps when a classifier has to be trained")
+    args = p.parse_args(argv)
+    try:
+        options = EvalOptions(
+            classifier=args.classifier, n_test=args.n_test, batch_size=args.batch_size,
+            seed=args.seed, base=args.base, out=args.out, n_language=args.n_language,
+            report_tokens=args.report_tokens, n_show=args.n_show, subset=args.subset,
+            report_stage=args.report_stage, mesh=args.mesh,
+            classifier_steps=args.classifier_steps)
+        result = evaluate(args.workdir, options)
+    except EvalInputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    r2i, i2r, lang = result["report2image"], result["image2report"], result["language"]
+    print(json.dumps({
+        "n_test": result["n_test"],
+        "report2image_auroc_macro": r2i["auroc"]["macro"], "report2image_f1_micro": r2i["f1"]["micro"],
+        "report2image_fid": r2i["fid"],
+        "image2report_f1_micro": i2r["f1"]["micro"],
+        "image2report_f1_micro_chance": i2r["chance"]["f1"]["micro"],
+        "image2report_bleu4": i2r["bleu4"], "image2report_rouge_l": i2r["rouge_l"],
+        "perplexity_base": lang["base"]["perplexity"],
+        "perplexity_finetuned": lang["finetuned"]["perplexity"],
+        "accuracy_base": lang["base"]["accuracy"], "accuracy_finetuned": lang["finetuned"]["accuracy"],
+    }))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

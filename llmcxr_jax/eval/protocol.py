@@ -1,0 +1,460 @@
+"""The paper's evaluation protocol on a training run's workdir (`launch/evaluate.py`).
+
+On the held-out TEST split of the world the model was trained on:
+
+1. report -> image: images are generated from the test reports (exactly `tokens_per_image`
+   constrained codes each), decoded by the VQ-GAN and scored by the CXR classifier against the
+   CheXpert labels of the studies whose reports produced them (`alignment.image_alignment`).
+   Beside them: the same metrics on the VQ-GAN reconstructions of the real test images (the upper
+   bound the generator can reach through this VQ-GAN) and the chance levels; FID between generated
+   and real test images in the classifier's feature space (and of the reconstructions, the floor).
+2. image -> report: reports are generated from the test images' codes with the original's
+   sampling (top_p 0.92); the labeler reads generated and reference reports
+   (`alignment.report_agreement`); BLEU-1 / BLEU-4 / ROUGE-L (`text_metrics.report_metrics`).
+3. language retention: perplexity and exact-match accuracy on held-out procedural instructions,
+   for the base and the fine-tuned model (`language.retention`).
+
+Test items: by default every frontal (PA/AP) test image with codes and a report section (the
+classifier judges frontal views, which the generated images imitate), with the report section
+the final model was trained on (IMPRESSION after stage 2, FINDINGS + IMPRESSION after stage 1
+only). `n_test` keeps the first N by dicom id. Everything random derives from `seed`.
+
+Outputs in OUT (default WORKDIR/eval): eval.json, report.md with images/*.png, reports.jsonl
+(every item's reference and generated report) and predictions.npz (labels, classifier
+probabilities, generated codes), so every number can be recomputed from the files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+import time
+from typing import Any, Callable, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+from llmcxr_jax.data import images as images_lib
+from llmcxr_jax.data import mimic
+from llmcxr_jax.data.skips import SkipCounter
+from llmcxr_jax.eval import alignment, eval_report, language
+from llmcxr_jax.eval import classifier as clf
+from llmcxr_jax.eval import fid as fid_lib
+from llmcxr_jax.eval import text_metrics
+from llmcxr_jax.eval import train_classifier as train_clf
+from llmcxr_jax.llm import inference, serving
+from llmcxr_jax.llm.generate import GenerationConfig
+from llmcxr_jax.parallel import shardings as shardings_lib
+from llmcxr_jax.parallel.mesh import mesh_from_flag
+from llmcxr_jax.vqgan import encode as encode_lib
+
+Say = Callable[[str], None]
+SUBSETS = ("frontal", "stage2", "all")
+EVAL_FILE = "eval.json"
+RANDOM_INIT = "random-init"
+# Prompts are padded to a multiple of this before generation: report and image prompts of the
+# phantom world fit one bucket, so each task compiles once.
+PROMPT_BUCKET = 128
+
+
+class EvalInputError(ValueError):
+    """A workdir (or flag) the protocol cannot run on; the message names what is missing."""
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalOptions:
+    classifier: str = ""  # "" = WORKDIR/classifier, trained on the world's train split if absent
+    n_test: int | None = None  # None = every test item
+    batch_size: int = 16
+    seed: int = 0
+    base: str = ""  # "" = WORKDIR/base, else the run's init_from, else a random init
+    out: str = ""  # "" = WORKDIR/eval
+    n_language: int = 64  # held-out instructions
+    report_tokens: int = 128  # max new tokens of a generated report (the original's 128)
+    n_show: int = 8  # items shown with their images in report.md
+    subset: str = "frontal"  # frontal | stage2 (the refined subset) | all (laterals too)
+    report_stage: int | None = None  # None = the final model's: 2 if the run had stage 2
+    mesh: str = "-1"  # the LLM's mesh (all devices on fsdp)
+    classifier_steps: int = train_clf.TrainClassifierConfig.steps  # when one must be trained
+    labeler_section: str = "findings+impression"
+
+    def __post_init__(self) -> None:
+        if self.subset not in SUBSETS:
+            raise EvalInputError(f"--subset {self.subset!r}: expected one of {SUBSETS}")
+        if self.batch_size < 1:
+            raise EvalInputError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if self.n_test is not None and self.n_test < 2:
+            raise EvalInputError(f"--n-test must be >= 2 (FID needs two images), got {self.n_test}")
+        if self.report_stage not in (None, 1, 2):
+            raise EvalInputError(f"--report-stage must be 1 or 2, got {self.report_stage}")
+        if self.n_language < 1:
+            raise EvalInputError(f"--n-language must be >= 1, got {self.n_language}")
+
+
+# --------------------------------------------------------------------------------------------------
+# What the workdir holds
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class RunInputs:
+    root: pathlib.Path
+    world: pathlib.Path
+    codes: pathlib.Path
+    instructions: pathlib.Path | None  # the training instructions (for the held-out draw)
+    world_seed: int
+    init_from: str
+    report_stage: int
+
+
+def _run_config(root: pathlib.Path) -> dict[str, Any]:
+    path = root / "config.json"
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise EvalInputError(f"{path} is not valid JSON ({e})") from None
+    return data if isinstance(data, dict) else {}
+
+
+def resolve_inputs(workdir: str | pathlib.Path, options: EvalOptions) -> RunInputs:
+    """The world, codes and training instructions of a run workdir, with clear errors."""
+    root = pathlib.Path(workdir)
+    if not root.is_dir():
+        raise EvalInputError(f"--workdir {root} does not exist or is not a directory")
+    cfg = _run_config(root)
+    data = cfg.get("data") or {}
+    world = root / "world" if (root / "world").is_dir() else (
+        pathlib.Path(data["world"]) if data.get("world") else None)
+    if world is None or not world.is_dir():
+        raise EvalInputError(
+            f"{root}: no world to evaluate on: {root / 'world'} does not exist and "
+            f"{root / 'config.json'} names no existing data.world (got {data.get('world')!r})")
+    try:
+        mimic.find_csv(world, mimic.SPLIT_CSV)
+    except FileNotFoundError as e:
+        raise EvalInputError(f"world {world} has no split CSV: {e}") from None
+    codes = pathlib.Path(data["codes"]) if data.get("codes") else root / "codes"
+    if encode_lib.read_index(codes) is None:
+        raise EvalInputError(f"{codes} holds no image codes (no {encode_lib.INDEX_FILE}); run "
+                             f"launch/train.py (it encodes the world) or launch/encode_images.py")
+    instructions = pathlib.Path(data["instructions"]) if data.get("instructions") else None
+    if instructions is None and (world / "instructions.jsonl").is_file():
+        instructions = world / "instructions.jsonl"
+    world_cfg = cfg.get("world") or {}
+    stage = options.report_stage or (2 if (cfg.get("stage2") or {}).get("steps", 1) > 0 else 1)
+    return RunInputs(root=root, world=world, codes=codes, instructions=instructions,
+                     world_seed=int(world_cfg.get("seed", 0)),
+                     init_from=str(cfg.get("init_from") or ""), report_stage=stage)
+
+
+def _mesh(flag: str):
+    """The mesh of `flag`, on the first devices it needs when it asks for fewer than all."""
+    try:
+        return mesh_from_flag(flag)
+    except ValueError as e:
+        sizes = [int(s) for s in flag.replace(",", "x").split("x") if s.strip().lstrip("-").isdigit()]
+        n = int(np.prod(sizes)) if sizes and min(sizes) > 0 else 0
+        if 0 < n < jax.device_count():
+            return mesh_from_flag(flag, jax.devices()[:n])
+        raise EvalInputError(f"--mesh {flag}: {e}") from None
+
+
+# --------------------------------------------------------------------------------------------------
+# Test items
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class TestItem:
+    record: mimic.MimicRecord
+    labels: np.ndarray  # CheXpert values [L] of the classifier's labels (NaN = blank)
+    image_path: pathlib.Path
+
+
+def test_items(inputs: RunInputs, codes: dict[str, np.ndarray], tokens_per_image: int,
+               codebook_size: int, label_names: Sequence[str], options: EvalOptions,
+               say: Say) -> list[TestItem]:
+    """The test split's image-report pairs (see the module docstring), with their labels."""
+    skips = SkipCounter("evaluation test items")
+    metadata = mimic.read_metadata(inputs.world, skips)
+    frontal = {d for d, m in metadata.items() if m.view in mimic.FRONTAL_VIEWS}
+    subset = None
+    if inputs.report_stage == 2:
+        subset = frontal if options.subset == "frontal" else (
+            set(metadata) if options.subset == "all" else None)
+    data = mimic.load_mimic(inputs.world, codes, stage=inputs.report_stage, splits=("test",),
+                            tokens_per_image=tokens_per_image, codebook_size=codebook_size,
+                            stage2_subset=subset)
+    records = data.records
+    if options.subset == "frontal":
+        records = [r for r in records if r.dicom_id in frontal]
+    elif options.subset == "stage2" and inputs.report_stage == 1:
+        chosen = mimic.select_stage2(metadata)
+        records = [r for r in records if r.dicom_id in chosen]
+    labels = train_clf.read_chexpert(inputs.world, label_names, skips)
+    items = []
+    for r in records:
+        if r.study_id not in labels:
+            skips.add("no_chexpert_row", r.study_id)
+            continue
+        items.append(TestItem(r, labels[r.study_id],
+                              mimic.image_path(inputs.world, r.subject_id, r.study_id, r.dicom_id)))
+    if options.n_test is not None:
+        items = items[:options.n_test]
+    say(f"test items: {len(items)} ({options.subset} images of the test split, stage "
+        f"{inputs.report_stage} reports); reader skips: {dict(data.skips.counts)}"
+        + (f"; {dict(skips.counts)}" if skips.total else ""))
+    if len(items) < 2:
+        raise EvalInputError(f"{inputs.world}: only {len(items)} usable test item(s) (need >= 2); "
+                             f"skips: {dict(data.skips.counts)}")
+    return items
+
+
+# --------------------------------------------------------------------------------------------------
+# Models
+# --------------------------------------------------------------------------------------------------
+
+
+def classifier_for(inputs: RunInputs, options: EvalOptions, image_size: int, say: Say
+                   ) -> tuple[clf.ClassifierConfig, Any, np.ndarray | float, pathlib.Path]:
+    """(config, params, decision thresholds, dir): the given classifier, WORKDIR/classifier, or
+    one trained there on the world's train split at the VQ-GAN's image size."""
+    if options.classifier:
+        directory = pathlib.Path(options.classifier)
+        if not (directory / clf.CONFIG_FILE).is_file():
+            raise EvalInputError(f"--classifier {directory}: no {clf.CONFIG_FILE} there (a "
+                                 f"launch/train_classifier.py output is expected)")
+    else:
+        directory = inputs.root / "classifier"
+        if not ((directory / clf.CONFIG_FILE).is_file() and (directory / clf.PARAMS_FILE).is_file()):
+            say(f"classifier: none in {directory}; training one on {inputs.world} (train split, "
+                f"{image_size} px, {options.classifier_steps} steps)")
+            train_clf.train(inputs.world, directory, clf.ClassifierConfig(image_size=image_size),
+                            train_clf.TrainClassifierConfig(steps=options.classifier_steps,
+                                                            seed=options.seed),
+                            log=say)
+    config, params = clf.load_classifier(directory)
+    thresholds = clf.load_thresholds(directory, config)
+    say(f"classifier: {directory} ({len(config.labels)} labels, {config.image_size} px, "
+        f"thresholds {'tuned' if thresholds is not None else '0.5'})")
+    return config, params, (0.5 if thresholds is None else thresholds), directory
+
+
+def base_model(inputs: RunInputs, options: EvalOptions, finetuned: serving.Bundle, mesh: Any,
+               say: Say) -> tuple[str, Any, Any, Any]:
+    """(source, config, params, vocab) of the base model (see `EvalOptions.base`)."""
+    for source in (options.base, str(inputs.root / "base"), inputs.init_from):
+        if not source:
+            continue
+        path = pathlib.Path(source)
+        if source != options.base and not path.exists():
+            if source == inputs.init_from:
+                raise EvalInputError(f"the run's init_from {source} does not exist: pass --base "
+                                     f"DIR (an LLM workdir) for the language-retention baseline")
+            continue
+        try:
+            bundle = serving.load_bundle(path, mesh, load_vqgan=False)
+        except serving.BundleError as e:
+            raise EvalInputError(f"base model {source}: {e}") from None
+        say(f"base model: {source}")
+        return str(source), bundle.model_config, bundle.params, bundle.vocab
+    from llmcxr_jax.llm.model import init_params
+
+    config = finetuned.model_config
+    shardings = shardings_lib.param_shardings(config, mesh)
+    params = jax.jit(lambda key: init_params(config, key), out_shardings=shardings)(
+        jax.random.key(options.seed))
+    say("base model: random-init (no --base, WORKDIR/base or init_from)")
+    return RANDOM_INIT, config, params, finetuned.vocab
+
+
+# --------------------------------------------------------------------------------------------------
+# Batched generation and image helpers
+# --------------------------------------------------------------------------------------------------
+
+
+def in_batches(items: Sequence[Any], batch_size: int, fn: Callable[[list, int], Sequence[Any]],
+               what: str, say: Say) -> list[Any]:
+    """`fn(chunk, start)` over fixed-size chunks (the last padded with its last item, so one
+    compilation serves all), outputs trimmed to the real items; a progress line per batch."""
+    out: list[Any] = []
+    start_time = time.perf_counter()
+    for start in range(0, len(items), batch_size):
+        chunk = list(items[start:start + batch_size])
+        real = len(chunk)
+        chunk += [chunk[-1]] * (batch_size - real)
+        out.extend(list(fn(chunk, start))[:real])
+        say(f"{what}: {len(out)}/{len(items)} ({time.perf_counter() - start_time:.1f} s)")
+    return out
+
+
+class Decoder:
+    """VQ-GAN codes [N, h * w] -> images [N, H, W, 3] in [-1, 1], jitted, fixed batch."""
+
+    def __init__(self, config: Any, params: Any, batch_size: int):
+        self.config = config
+        self.mesh = encode_lib.device_mesh()
+        self.params = jax.device_put(params, NamedSharding(self.mesh, PartitionSpec()))
+        self.fn = encode_lib.make_decode_fn(config, self.mesh)
+        self.batch = encode_lib.padded_batch_size(batch_size, self.mesh)
+
+    def __call__(self, codes: np.ndarray) -> np.ndarray:
+        codes = np.asarray(codes).reshape(len(codes), self.config.latent_size, -1)
+        out = []
+        for start in range(0, len(codes), self.batch):
+            chunk = codes[start:start + self.batch]
+            grid = np.zeros((self.batch,) + codes.shape[1:], np.int32)
+            grid[:len(chunk)] = chunk
+            out.append(np.asarray(jax.device_get(self.fn(self.params, grid)))[:len(chunk)])
+        return np.concatenate(out)
+
+
+def resize_images(images: np.ndarray, size: int) -> np.ndarray:
+    """[N, H, W, C] -> [N, size, size, C] (Lanczos, as the data pipeline), unchanged if equal."""
+    if images.shape[1] == size and images.shape[2] == size:
+        return images
+    return np.asarray(jax.image.resize(images, (images.shape[0], size, size, images.shape[3]),
+                                       method="lanczos3")).clip(-1.0, 1.0)
+
+
+# --------------------------------------------------------------------------------------------------
+# The protocol
+# --------------------------------------------------------------------------------------------------
+
+
+def evaluate(workdir: str | pathlib.Path, options: EvalOptions = EvalOptions(),
+             say: Say = print) -> dict[str, Any]:
+    """Run the whole protocol; writes OUT/eval.json, report.md, images/, reports.jsonl and
+    predictions.npz, and returns the eval.json dict."""
+    t0 = time.perf_counter()
+    timing: dict[str, float] = {}
+    inputs = resolve_inputs(workdir, options)
+    out = pathlib.Path(options.out) if options.out else inputs.root / "eval"
+    mesh = _mesh(options.mesh)
+    try:
+        bundle = serving.load_bundle(inputs.root, mesh)
+    except serving.BundleError as e:
+        raise EvalInputError(str(e)) from None
+    vq_cfg, vq_params = bundle.require_vqgan("the protocol decodes generated codes")
+    say(f"model: {bundle.llm_dir} (step {bundle.step}); VQ-GAN {bundle.vqgan_dir} "
+        f"({vq_cfg.resolution} px, {vq_cfg.tokens_per_image} tokens per image)")
+    cls_cfg, cls_params, thresholds, cls_dir = classifier_for(inputs, options, vq_cfg.resolution,
+                                                              say)
+    codes = {k: np.asarray(v).reshape(-1) for k, v in encode_lib.load_codes(inputs.codes).items()}
+    items = test_items(inputs, codes, vq_cfg.tokens_per_image, vq_cfg.n_embed, cls_cfg.labels,
+                       options, say)
+    records = [it.record for it in items]
+    key_r2i, key_i2r, key_lang = jax.random.split(jax.random.key(options.seed), 3)
+    decoder = Decoder(vq_cfg, vq_params, options.batch_size)
+    timing["setup_s"] = time.perf_counter() - t0
+
+    # 1. report -> image ---------------------------------------------------------------------------
+    t = time.perf_counter()
+    gen_codes = np.asarray(in_batches(
+        [r.report for r in records], options.batch_size,
+        lambda chunk, start: inference.images_from_reports(
+            bundle.params, bundle.model_config, bundle.vocab, chunk,
+            jax.random.fold_in(key_r2i, start), vq_cfg.tokens_per_image,
+            GenerationConfig(do_sample=True, top_p=1.0, length_multiple=PROMPT_BUCKET)),
+        "report->image", say))
+    generated = decoder(gen_codes)
+    reconstructed = decoder(np.stack([r.codes for r in records]))
+    real = np.stack([images_lib.load_image(it.image_path, vq_cfg.resolution) for it in items])
+    as_cls = lambda x: resize_images(x, cls_cfg.image_size)  # noqa: E731
+    probs_gen = clf.predict_proba(cls_cfg, cls_params, as_cls(generated), options.batch_size)
+    probs_rec = clf.predict_proba(cls_cfg, cls_params, as_cls(reconstructed), options.batch_size)
+    feats = {name: clf.extract_features(cls_cfg, cls_params, as_cls(x), options.batch_size)
+             for name, x in (("generated", generated), ("reconstructed", reconstructed),
+                             ("real", real))}
+    label_values = np.stack([it.labels for it in items])
+    r2i = alignment.image_alignment(label_values, probs_gen, cls_cfg.labels, thresholds)
+    rec = alignment.image_alignment(label_values, probs_rec, cls_cfg.labels, thresholds)
+    r2i["reconstruction"] = {k: rec[k] for k in ("n", "findings", "auroc", "f1", "per_finding")}
+    r2i.update({
+        "fid": fid_lib.fid_from_features(feats["generated"], feats["real"]),
+        "fid_reconstruction": fid_lib.fid_from_features(feats["reconstructed"], feats["real"]),
+        "fid_n": {"generated": len(generated), "real": len(real)},
+        "fid_features": f"cxr_classifier ({cls_dir}, {cls_cfg.feature_dim}-d pooled features)",
+        "inception_fid": "not computed: no Inception-v3 weights were given (none ship with the "
+                         "project); the FID above is in the CXR classifier's feature space",
+        "classifier": str(cls_dir), "tokens_per_image": vq_cfg.tokens_per_image})
+    timing["report2image_s"] = time.perf_counter() - t
+    say(f"report->image: macro AUROC {_f(r2i['auroc']['macro'])} (reconstructions "
+        f"{_f(rec['auroc']['macro'])}, chance 0.5), FID {r2i['fid']:.2f}")
+
+    # 2. image -> report ---------------------------------------------------------------------------
+    t = time.perf_counter()
+    sampling = dataclasses.replace(inference.REPORT_SAMPLING, max_new_tokens=options.report_tokens,
+                                   length_multiple=PROMPT_BUCKET)
+    gen_reports = in_batches(
+        [r.codes for r in records], options.batch_size,
+        lambda chunk, start: inference.reports_from_images(
+            bundle.params, bundle.model_config, bundle.vocab, chunk,
+            jax.random.fold_in(key_i2r, start), sampling),
+        "image->report", say)
+    references = [r.report for r in records]
+    i2r = alignment.report_agreement(gen_reports, references, options.labeler_section)
+    i2r.update(text_metrics.report_metrics(gen_reports, references))
+    timing["image2report_s"] = time.perf_counter() - t
+    say(f"image->report: micro F1 {_f(i2r['f1']['micro'])} (chance "
+        f"{_f(i2r['chance']['f1']['micro'])}), BLEU-4 {i2r['bleu4']:.3f}, "
+        f"ROUGE-L {i2r['rouge_l']:.3f}")
+
+    # 3. language retention ------------------------------------------------------------------------
+    t = time.perf_counter()
+    heldout = language.heldout_instructions(
+        options.n_language, inputs.world_seed + language.HELDOUT_SEED_OFFSET + options.seed,
+        language.training_pairs(inputs.instructions))
+    base_source, base_cfg, base_params, base_vocab = base_model(inputs, options, bundle, mesh, say)
+    lang = {"n": len(heldout), "heldout_seed": inputs.world_seed + language.HELDOUT_SEED_OFFSET
+            + options.seed, "deduplicated_against": str(inputs.instructions or "")}
+    lang["base"] = language.retention(base_params, base_cfg, base_vocab, heldout, key_lang,
+                                      options.batch_size, base_source, say)
+    lang["finetuned"] = language.retention(bundle.params, bundle.model_config, bundle.vocab,
+                                           heldout, key_lang, options.batch_size,
+                                           str(bundle.llm_dir), say)
+    timing["language_s"] = time.perf_counter() - t
+
+    result = {
+        "workdir": str(inputs.root), "seed": options.seed, "n_test": len(items),
+        "subset": options.subset, "report_stage": inputs.report_stage,
+        "model": {"llm": str(bundle.llm_dir), "step": bundle.step, "vqgan": str(bundle.vqgan_dir)},
+        "report2image": r2i, "image2report": i2r, "language": lang,
+        "options": dataclasses.asdict(options),
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    _write_items(out, items, gen_reports, gen_codes, probs_gen, probs_rec, cls_cfg.labels)
+    eval_report.write(out, result, items=[(r.dicom_id, r.report) for r in records],
+                      generated_reports=gen_reports, generated=generated,
+                      reconstructed=reconstructed, n_show=options.n_show)
+    timing["total_s"] = time.perf_counter() - t0
+    result["timing"] = {k: round(v, 2) for k, v in timing.items()}
+    result = alignment.finite_or_none(result)
+    tmp = out / (EVAL_FILE + ".tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    tmp.replace(out / EVAL_FILE)
+    say(f"eval: {out / EVAL_FILE} and {out / eval_report.REPORT_FILE} "
+        f"({timing['total_s']:.0f} s)")
+    return result
+
+
+def _f(x: Any) -> str:
+    return "n/a" if x is None else f"{x:.3f}"
+
+
+def _write_items(out: pathlib.Path, items: Sequence[TestItem], gen_reports: Sequence[str],
+                 gen_codes: np.ndarray, probs_gen: np.ndarray, probs_rec: np.ndarray,
+                 names: Sequence[str]) -> None:
+    """reports.jsonl (one line per item) and predictions.npz (arrays behind the metrics)."""
+    with open(out / "reports.jsonl", "w") as f:
+        for it, g in zip(items, gen_reports):
+            f.write(json.dumps({"dicom_id": it.record.dicom_id, "study_id": it.record.study_id,
+                                "reference": it.record.report, "generated": g}) + "\n")
+    np.savez(out / "predictions.npz", dicom_ids=np.array([it.record.dicom_id for it in items]),
+             label_names=np.array(list(names)), label_values=np.stack([it.labels for it in items]),
+             probs_generated=probs_gen, probs_reconstructed=probs_rec,
+             generated_codes=np.asarray(gen_codes, np.int32))
