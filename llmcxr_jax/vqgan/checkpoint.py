@@ -11,17 +11,15 @@ code. Training state (optimizer, step, data iterator) lives in the trainer's orb
 this format is the exported model. bfloat16 params are widened to float32 on disk (lossless;
 safetensors' numpy reader has no bfloat16) and cast back to `config.param_dtype` on load.
 
-Writes are atomic per file (temp name + fsync + `os.replace`), params first and config last, and
-`load_vqgan` checks every tensor's name and shape against the config, so an interrupted write
-never loads as a silently wrong model.
+Writes are atomic per file (`io_utils.atomic_write`: temp name + fsync + `os.replace`), params
+first and config last, and `load_vqgan` checks every tensor's name and shape against the config,
+so an interrupted write never loads as a silently wrong model.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import pathlib
-import tempfile
 from typing import Any
 
 import jax
@@ -33,26 +31,12 @@ from safetensors.numpy import load_file, save_file
 
 from llmcxr_jax import configs
 from llmcxr_jax.configs import VQGANConfig
+from llmcxr_jax.io_utils import atomic_write, atomic_write_text
 from llmcxr_jax.vqgan.model import abstract_params
 
 CONFIG_FILE = "config.json"
 PARAMS_FILE = "params.safetensors"
 SEP = "/"
-
-
-def _atomic_write(path: pathlib.Path, write: Any) -> None:
-    """Call `write(tmp_path)` on a temp file beside `path`, fsync it, then rename onto `path`."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600
-        os.replace(tmp, path)
-    except BaseException:
-        pathlib.Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save_vqgan(directory: str | pathlib.Path, config: VQGANConfig, params: Any) -> pathlib.Path:
@@ -62,10 +46,10 @@ def save_vqgan(directory: str | pathlib.Path, config: VQGANConfig, params: Any) 
     flat = traverse_util.flatten_dict(nn.meta.unbox(params))
     tensors = {SEP.join(k): np.ascontiguousarray(np.asarray(jax.device_get(v), np.float32))
                for k, v in flat.items()}
-    _atomic_write(directory / PARAMS_FILE, lambda tmp: save_file(tensors, tmp,
-                                                                 metadata={"format": "llmcxr_jax.vqgan"}))
+    atomic_write(directory / PARAMS_FILE,
+                 lambda tmp: save_file(tensors, tmp, metadata={"format": "llmcxr_jax.vqgan"}))
     text = json.dumps(configs.to_dict(config), indent=2) + "\n"
-    _atomic_write(directory / CONFIG_FILE, lambda tmp: pathlib.Path(tmp).write_text(text))
+    atomic_write_text(directory / CONFIG_FILE, text)
     return directory
 
 

@@ -43,6 +43,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from llmcxr_jax import configs
 from llmcxr_jax.configs import VQGANConfig, VQGANTrainConfig
+from llmcxr_jax.parallel.mesh import MeshError, mesh_from_flag
+from llmcxr_jax.train.metrics import MetricsWriter
 from llmcxr_jax.vqgan import discriminator as disc_lib
 from llmcxr_jax.vqgan import losses
 from llmcxr_jax.vqgan.model import VQGAN, abstract_params, init_params, last_layer_kernel
@@ -56,14 +58,14 @@ CODEBOOK_PATH = ("quantize", "embedding")
 # --------------------------------------------------------------------------------------------------
 
 
-def make_data_mesh(n_data: int = 1) -> Mesh:
-    """A 1-D `data` mesh over the first `n_data` devices (-1: all), with Auto axes."""
-    devices = jax.devices()
-    n = len(devices) if n_data == -1 else n_data
-    if not 1 <= n <= len(devices):
-        raise ValueError(f"mesh_data={n_data}: have {len(devices)} devices")
-    return jax.make_mesh((n,), (DATA_AXIS,), axis_types=(jax.sharding.AxisType.Auto,),
-                         devices=devices[:n])
+def data_mesh(n_data: int = 1) -> Mesh:
+    """The project's mesh (`parallel.mesh`, Auto axes) with `data` over the first `n_data`
+    devices (-1: all); `fsdp` and `tensor` have size 1."""
+    devices = jax.devices() if n_data == -1 else jax.devices()[:max(n_data, 0)]
+    try:
+        return mesh_from_flag(f"data:{n_data}", devices)
+    except MeshError as err:
+        raise MeshError(f"mesh_data={n_data}: {err}") from None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -121,7 +123,7 @@ class VQGANTrainer:
         self.compiler_options = dict(compiler_options or {})
         self.config = config
         self.nets = nets
-        self.mesh = mesh if mesh is not None else make_data_mesh(config.mesh_data)
+        self.mesh = mesh if mesh is not None else data_mesh(config.mesh_data)
         n_data = self.mesh.shape[DATA_AXIS]
         if config.batch_size % n_data:
             raise ValueError(f"batch_size {config.batch_size} is not divisible by the {n_data} "
@@ -348,27 +350,6 @@ def restore_checkpoint(manager, trainer: VQGANTrainer, data_iter: Any = None
     return restored["state"]
 
 
-class MetricsWriter:
-    """Scalars to `metrics.jsonl` (one object per logged step) and TensorBoard (`tb/`)."""
-
-    def __init__(self, workdir: pathlib.Path):
-        from tensorboardX import SummaryWriter
-
-        self.jsonl = open(workdir / "metrics.jsonl", "a")
-        self.tb = SummaryWriter(str(workdir / "tb"))
-
-    def write(self, step: int, metrics: Mapping[str, float]) -> None:
-        self.jsonl.write(json.dumps({"step": step, **{k: float(v) for k, v in metrics.items()}}) + "\n")
-        self.jsonl.flush()
-        for k, v in metrics.items():
-            self.tb.add_scalar(f"train/{k}", float(v), step)
-        self.tb.flush()
-
-    def close(self) -> None:
-        self.jsonl.close()
-        self.tb.close()
-
-
 def write_run_config(workdir: pathlib.Path, vq_config: VQGANConfig, config: VQGANTrainConfig,
                      extra: Mapping[str, Any] | None = None) -> None:
     """WORKDIR/config.json: the resolved configs (plus run facts) a resume needs."""
@@ -441,7 +422,7 @@ def train(vq_config: VQGANConfig, config: VQGANTrainConfig, workdir: str | pathl
     `batches` yields host arrays [batch_size, H, W, 3] in [-1, 1]; `data_iter` (a grain iterator,
     usually the same object) is checkpointed with the state when given; `trainer` reuses an
     already compiled step for the same configs. Writes WORKDIR/config.json,
-    metrics.jsonl, tb/, checkpoints/ and the final model to WORKDIR/vqgan (`save_vqgan`).
+    metrics.jsonl, tensorboard/ (process 0 only), checkpoints/ and the final model to WORKDIR/vqgan (`save_vqgan`).
     """
     from llmcxr_jax.vqgan.checkpoint import save_vqgan
 
