@@ -28,7 +28,6 @@ from llmcxr_jax.text.vocab import Vocab
 
 ANSWER_TOKENS = 48  # the longest procedural answer (a sorted list of 8 numbers) fits
 HELDOUT_SEED_OFFSET = 7919  # added to the world's seed: a seed the training data never used
-BUCKET = 128  # prompt / example lengths are padded to a multiple of this (one compile for most)
 
 
 def training_pairs(path: str | pathlib.Path | None) -> set[tuple[str, str]]:
@@ -70,6 +69,11 @@ def heldout_instructions(n: int, seed: int, exclude: set[tuple[str, str]]) -> li
                      f"(wanted {n})")
 
 
+def example_bucket(examples: Sequence[Any], multiple: int = 64) -> int:
+    """The padded length for perplexity batches: the longest input (ids[:-1]) rounded up."""
+    return -(-max(len(e.ids) - 1 for e in examples) // multiple) * multiple
+
+
 def _batched(items: Sequence[Any], batch_size: int):
     for start in range(0, len(items), batch_size):
         chunk = list(items[start:start + batch_size])
@@ -79,7 +83,11 @@ def _batched(items: Sequence[Any], batch_size: int):
 def answers(params: Any, config: ModelConfig, vocab: Vocab, records: Sequence[dict],
             rng: jax.Array, batch_size: int, max_new_tokens: int = ANSWER_TOKENS) -> list[str]:
     """Greedy answers to each record's instruction (and context), in fixed-size batches."""
-    gen = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, length_multiple=BUCKET)
+    longest = max(len(prompts.instruction_prompt_ids(vocab, r["instruction"], r["context"] or None))
+                  for r in records)
+    # Every prompt padded to one length: one compilation for all batches.
+    gen = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False,
+                           length_multiple=-(-longest // 64) * 64)
     out: list[str] = []
     for start, chunk in _batched(records, batch_size):
         texts = inference.follow_instructions(
@@ -95,7 +103,9 @@ def retention(params: Any, config: ModelConfig, vocab: Vocab, records: Sequence[
     """{n, perplexity, accuracy, ...} of one model on the held-out records."""
     examples = [prompts.instruction_example(vocab, r["instruction"], r["context"] or None,
                                             r["response"]) for r in records]
-    ppl = perplexity(config, params, examples, batch_size=batch_size, bucket=BUCKET)
+    # One padded length for every batch (the longest example's, rounded up): one compilation.
+    ppl = perplexity(config, params, examples, batch_size=batch_size,
+                     bucket=example_bucket(examples))
     generated = answers(params, config, vocab, records, rng, batch_size)
     correct = [procedural_instructions.check(r, g) for r, g in zip(records, generated)]
     say(f"language ({source}): perplexity {ppl['perplexity']:.2f}, exact match "

@@ -33,6 +33,7 @@ import time
 from typing import Any, Callable, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
@@ -48,15 +49,13 @@ from llmcxr_jax.llm import inference, serving
 from llmcxr_jax.llm.generate import GenerationConfig
 from llmcxr_jax.parallel import shardings as shardings_lib
 from llmcxr_jax.parallel.mesh import mesh_from_flag
+from llmcxr_jax.text import prompts
 from llmcxr_jax.vqgan import encode as encode_lib
 
 Say = Callable[[str], None]
 SUBSETS = ("frontal", "stage2", "all")
 EVAL_FILE = "eval.json"
 RANDOM_INIT = "random-init"
-# Prompts are padded to a multiple of this before generation: report and image prompts of the
-# phantom world fit one bucket, so each task compiles once.
-PROMPT_BUCKET = 128
 
 
 class EvalInputError(ValueError):
@@ -262,14 +261,28 @@ def base_model(inputs: RunInputs, options: EvalOptions, finetuned: serving.Bundl
             raise EvalInputError(f"base model {source}: {e}") from None
         say(f"base model: {source}")
         return str(source), bundle.model_config, bundle.params, bundle.vocab
-    from llmcxr_jax.llm.model import init_params
-
     config = finetuned.model_config
-    shardings = shardings_lib.param_shardings(config, mesh)
-    params = jax.jit(lambda key: init_params(config, key), out_shardings=shardings)(
-        jax.random.key(options.seed))
+    params = random_init(config, shardings_lib.param_shardings(config, mesh), options.seed)
     say("base model: random-init (no --base, WORKDIR/base or init_from)")
     return RANDOM_INIT, config, params, finetuned.vocab
+
+
+def random_init(config: Any, shardings: Any, seed: int) -> Any:
+    """The model's initial distributions drawn on the host and placed into `shardings` (no
+    compilation): weights and embeddings normal(initializer_range), LayerNorm scale 1, biases 0."""
+    rng = np.random.default_rng(seed)
+
+    def draw(path: tuple, leaf: Any, sharding: Any) -> jax.Array:
+        name = getattr(path[-1], "key", str(path[-1]))
+        if name in ("kernel", "embedding"):
+            x = rng.standard_normal(leaf.shape, np.float32) * config.initializer_range
+        elif name == "scale":
+            x = np.ones(leaf.shape, np.float32)
+        else:
+            x = np.zeros(leaf.shape, np.float32)
+        return jax.device_put(x.astype(leaf.dtype), sharding)
+
+    return jax.tree_util.tree_map_with_path(draw, shardings_lib.abstract_params(config), shardings)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -292,12 +305,20 @@ def in_batches(items: Sequence[Any], batch_size: int, fn: Callable[[list, int], 
     return out
 
 
-class Decoder:
-    """VQ-GAN codes [N, h * w] -> images [N, H, W, 3] in [-1, 1], jitted, fixed batch."""
+def prompt_bucket(lengths: Sequence[int], multiple: int = 64) -> int:
+    """A `length_multiple` that pads every prompt of a task to one length (the longest, rounded
+    up), so each task compiles its generation loop once."""
+    return -(-max(lengths) // multiple) * multiple
 
-    def __init__(self, config: Any, params: Any, batch_size: int):
+
+class Decoder:
+    """VQ-GAN codes [N, h * w] -> images [N, H, W, 3] in [-1, 1], jitted, fixed batch, on
+    `devices` (default all)."""
+
+    def __init__(self, config: Any, params: Any, batch_size: int, devices: Sequence[Any] | None = None):
         self.config = config
-        self.mesh = encode_lib.device_mesh()
+        self.mesh = jax.make_mesh((len(devices),), (encode_lib.DATA_AXIS,),
+                                  devices=list(devices)) if devices else encode_lib.device_mesh()
         self.params = jax.device_put(params, NamedSharding(self.mesh, PartitionSpec()))
         self.fn = encode_lib.make_decode_fn(config, self.mesh)
         self.batch = encode_lib.padded_batch_size(batch_size, self.mesh)
@@ -311,6 +332,25 @@ class Decoder:
             grid[:len(chunk)] = chunk
             out.append(np.asarray(jax.device_get(self.fn(self.params, grid)))[:len(chunk)])
         return np.concatenate(out)
+
+
+def classifier_outputs(config: clf.ClassifierConfig, params: Any, batch_size: int
+                       ) -> Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """images -> (sigmoid probabilities [N, L], features [N, F]) from one jitted forward."""
+    model = clf.CXRClassifier(config)
+
+    @jax.jit
+    def forward(p, x):
+        logits, features = model.apply({"params": p}, x)
+        return jnp.concatenate([jax.nn.sigmoid(logits), features], axis=-1)
+
+    n_labels = len(config.labels)
+
+    def run(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        both = clf.batched(forward, params, images, batch_size)
+        return both[:, :n_labels], both[:, n_labels:]
+
+    return run
 
 
 def resize_images(images: np.ndarray, size: int) -> np.ndarray:
@@ -349,27 +389,28 @@ def evaluate(workdir: str | pathlib.Path, options: EvalOptions = EvalOptions(),
                        options, say)
     records = [it.record for it in items]
     key_r2i, key_i2r, key_lang = jax.random.split(jax.random.key(options.seed), 3)
-    decoder = Decoder(vq_cfg, vq_params, options.batch_size)
+    decoder = Decoder(vq_cfg, vq_params, options.batch_size, list(mesh.devices.flat))
     timing["setup_s"] = time.perf_counter() - t0
 
     # 1. report -> image ---------------------------------------------------------------------------
     t = time.perf_counter()
+    bucket = prompt_bucket([len(prompts.report_to_image_prompt_ids(bundle.vocab, r.report, 0))
+                            for r in records])
     gen_codes = np.asarray(in_batches(
         [r.report for r in records], options.batch_size,
         lambda chunk, start: inference.images_from_reports(
             bundle.params, bundle.model_config, bundle.vocab, chunk,
             jax.random.fold_in(key_r2i, start), vq_cfg.tokens_per_image,
-            GenerationConfig(do_sample=True, top_p=1.0, length_multiple=PROMPT_BUCKET)),
+            GenerationConfig(do_sample=True, top_p=1.0, length_multiple=bucket)),
         "report->image", say))
     generated = decoder(gen_codes)
     reconstructed = decoder(np.stack([r.codes for r in records]))
     real = np.stack([images_lib.load_image(it.image_path, vq_cfg.resolution) for it in items])
     as_cls = lambda x: resize_images(x, cls_cfg.image_size)  # noqa: E731
-    probs_gen = clf.predict_proba(cls_cfg, cls_params, as_cls(generated), options.batch_size)
-    probs_rec = clf.predict_proba(cls_cfg, cls_params, as_cls(reconstructed), options.batch_size)
-    feats = {name: clf.extract_features(cls_cfg, cls_params, as_cls(x), options.batch_size)
-             for name, x in (("generated", generated), ("reconstructed", reconstructed),
-                             ("real", real))}
+    score = classifier_outputs(cls_cfg, cls_params, options.batch_size)
+    (probs_gen, f_gen), (probs_rec, f_rec), (_, f_real) = (
+        score(as_cls(x)) for x in (generated, reconstructed, real))
+    feats = {"generated": f_gen, "reconstructed": f_rec, "real": f_real}
     label_values = np.stack([it.labels for it in items])
     r2i = alignment.image_alignment(label_values, probs_gen, cls_cfg.labels, thresholds)
     rec = alignment.image_alignment(label_values, probs_rec, cls_cfg.labels, thresholds)
@@ -388,8 +429,10 @@ def evaluate(workdir: str | pathlib.Path, options: EvalOptions = EvalOptions(),
 
     # 2. image -> report ---------------------------------------------------------------------------
     t = time.perf_counter()
+    bucket = prompt_bucket([len(prompts.image_to_report_prompt_ids(bundle.vocab, r.codes, 0))
+                            for r in records])
     sampling = dataclasses.replace(inference.REPORT_SAMPLING, max_new_tokens=options.report_tokens,
-                                   length_multiple=PROMPT_BUCKET)
+                                   length_multiple=bucket)
     gen_reports = in_batches(
         [r.codes for r in records], options.batch_size,
         lambda chunk, start: inference.reports_from_images(

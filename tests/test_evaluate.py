@@ -1,0 +1,230 @@
+"""The evaluation protocol (eval/protocol.py, launch/evaluate.py) on a tiny run workdir: every
+required key with its item count, metrics equal to a direct recomputation from the saved
+predictions (and the predictions equal to the classifier run on the decoded saved codes), the
+labeler-based block on references, chance levels against exact counts, the report's PNGs, and
+clear errors for broken workdirs."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import pathlib
+import re
+
+import jax
+import numpy as np
+import pytest
+
+import eval_workdir
+from llmcxr_jax.data import labeler, mimic, procedural_instructions
+from llmcxr_jax.eval import alignment
+from llmcxr_jax.eval import classification_metrics as metrics
+from llmcxr_jax.eval import classifier as clf
+from llmcxr_jax.eval import language, protocol
+from llmcxr_jax.eval.perplexity import perplexity
+from llmcxr_jax.llm import serving
+from llmcxr_jax.text import prompts
+from llmcxr_jax.vqgan.checkpoint import load_vqgan
+from llmcxr_jax.vqgan.encode import load_codes
+
+OPTIONS = dict(batch_size=4, n_language=4, report_tokens=12, n_show=2, mesh="1")
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    root = eval_workdir.build(tmp_path_factory.mktemp("evalrun") / "work")
+    lines: list[str] = []
+    options = protocol.EvalOptions(classifier=str(root / "test_classifier"), **OPTIONS)
+    result = protocol.evaluate(root, options, say=lines.append)
+    return root, result, lines
+
+
+def _get(d, dotted):
+    for k in dotted.split("."):
+        d = d[k]
+    return d
+
+
+def test_eval_json_has_every_required_key_with_counts(run):
+    root, result, lines = run
+    saved = json.loads((root / "eval" / "eval.json").read_text())
+    assert saved["n_test"] == result["n_test"]
+    n = saved["n_test"]
+    # The test items: frontal test-split images with a stage-2 (IMPRESSION) report.
+    meta = mimic.read_metadata(root / "world", mimic.SkipCounter("t"))
+    split = mimic.read_split(root / "world", mimic.SkipCounter("t"))
+    frontal_test = {d for d, r in split.items() if r.split == "test"
+                    and meta[d].view in mimic.FRONTAL_VIEWS}
+    ids = [json.loads(l)["dicom_id"] for l in (root / "eval" / "reports.jsonl").read_text().splitlines()]
+    assert len(ids) == n and set(ids) <= frontal_test and n == len(frontal_test) and n >= 8
+    for block in ("report2image", "image2report"):
+        for metric in ("auroc", "f1"):
+            for avg in ("micro", "macro", "weighted"):
+                assert isinstance(_get(saved, f"{block}.{metric}.{avg}"), float)
+        assert saved[block]["n"] == n
+        assert saved[block]["chance"]["auroc"] == 0.5
+        assert set(saved[block]["chance"]["f1"]) >= {"micro", "macro", "weighted"}
+    for key in ("report2image.fid", "report2image.fid_reconstruction", "image2report.bleu4",
+                "image2report.bleu1", "image2report.rouge_l", "image2report.jaccard.micro"):
+        assert isinstance(_get(saved, key), float), key
+    assert saved["report2image"]["reconstruction"]["n"] == n
+    assert saved["report2image"]["fid_n"] == {"generated": n, "real": n}
+    assert saved["report2image"]["inception_fid"].startswith("not computed")
+    for model in ("base", "finetuned"):
+        block = saved["language"][model]
+        assert block["n"] == 4 and 0.0 <= block["accuracy"] <= 1.0 and block["perplexity"] > 1.0
+    assert saved["language"]["base"]["source"] == protocol.RANDOM_INIT
+    # Progress lines while generating.
+    assert any(re.match(r"report->image: \d+/\d+ \(", l) for l in lines)
+    assert any(re.match(r"image->report: \d+/\d+ \(", l) for l in lines)
+
+
+def test_report2image_metrics_recompute_from_the_classifier(run):
+    root, result, _ = run
+    pred = np.load(root / "eval" / "predictions.npz")
+    names = [str(s) for s in pred["label_names"]]
+    cls_cfg, cls_params = clf.load_classifier(root / "test_classifier")
+    assert names == list(cls_cfg.labels)
+    # The saved probabilities are the classifier's on the VQ-GAN decode of the saved codes.
+    vq_cfg, vq_params = load_vqgan(root / "vqgan_run" / "vqgan")
+    codes = pred["generated_codes"]
+    assert codes.shape == (result["n_test"], vq_cfg.tokens_per_image)
+    assert codes.min() >= 0 and codes.max() < vq_cfg.n_embed
+    decoder = protocol.Decoder(vq_cfg, vq_params, 4, jax.devices()[:1])
+    probs = clf.predict_proba(cls_cfg, cls_params, decoder(codes))
+    np.testing.assert_allclose(probs, pred["probs_generated"], atol=1e-5)
+    # ... and of the real images' reconstructions for the upper bound.
+    world_codes = {k: np.asarray(v).reshape(-1) for k, v in load_codes(root / "codes").items()}
+    rec = clf.predict_proba(cls_cfg, cls_params,
+                            decoder(np.stack([world_codes[str(d)] for d in pred["dicom_ids"]])))
+    np.testing.assert_allclose(rec, pred["probs_reconstructed"], atol=1e-5)
+    # Metrics: classification_metrics on the findings with both classes in the truth.
+    y = metrics.binarize_chexpert(pred["label_values"], "ones", "zeros")[0]
+    keep = [j for j in range(len(names)) if 0 < y[:, j].sum() < len(y)]
+    block = result["report2image"]
+    assert block["findings"] == [names[j] for j in keep]
+    assert block["excluded"] == [n for j, n in enumerate(names) if j not in keep]
+    direct = metrics.evaluate(y[:, keep], pred["probs_generated"][:, keep],
+                              names=block["findings"], threshold=0.5)
+    for metric in ("auroc", "f1"):
+        for avg in ("micro", "macro", "weighted"):
+            assert block[metric][avg] == pytest.approx(direct[metric][avg])
+    rec_direct = metrics.auroc(y[:, keep], pred["probs_reconstructed"][:, keep])
+    assert block["reconstruction"]["auroc"]["macro"] == pytest.approx(rec_direct.macro)
+    # The study labels are the world's CheXpert CSV rows.
+    truth = {r["study_id"]: r["labels"] for r in map(
+        json.loads, (root / "world" / "phantom_labels.jsonl").read_text().splitlines())}
+    items = [json.loads(l) for l in (root / "eval" / "reports.jsonl").read_text().splitlines()]
+    for it, row in zip(items, pred["label_values"]):
+        want = [np.nan if truth[int(it["study_id"])][n] is None else truth[int(it["study_id"])][n]
+                for n in names]
+        np.testing.assert_array_equal(row, np.asarray(want, float))
+
+
+def test_image2report_metrics_recompute_from_the_labeler(run):
+    root, result, _ = run
+    items = [json.loads(l) for l in (root / "eval" / "reports.jsonl").read_text().splitlines()]
+    gen = [it["generated"] for it in items]
+    ref = [it["reference"] for it in items]
+    section = "findings+impression"
+    g = alignment.label_matrix(labeler.label_reports(gen, section), labeler.LABELS)
+    r = alignment.label_matrix(labeler.label_reports(ref, section), labeler.LABELS)
+    y = metrics.binarize_chexpert(r, "ones", "zeros")[0]
+    p = metrics.binarize_chexpert(g, "ones", "zeros")[0]
+    keep = [j for j in range(y.shape[1]) if 0 < y[:, j].sum() < len(y)]
+    block = result["image2report"]
+    assert block["findings"] == [labeler.LABELS[j] for j in keep]
+    assert block["f1"]["micro"] == pytest.approx(metrics.f1(y[:, keep], p[:, keep]).micro)
+    assert block["jaccard"]["macro"] == pytest.approx(metrics.jaccard(y[:, keep], p[:, keep]).macro)
+    # The references themselves as "generated" reports agree perfectly.
+    perfect = alignment.report_agreement(ref, ref, section)
+    for metric in ("f1", "jaccard", "auroc"):
+        assert perfect[metric]["micro"] == perfect[metric]["macro"] == 1.0
+    assert perfect["chance"]["f1"]["micro"] < 1.0
+
+
+def test_chance_levels_equal_the_expected_counts():
+    # 100 items; prevalences 0.1 / 0.2 / 0.3 / 0.5 make the expected counts of a random predictor
+    # at prevalence integers (TP = N p^2, FP = FN = N p (1 - p)): build that prediction exactly.
+    n, prevalences = 100, (0.1, 0.2, 0.3, 0.5)
+    y = np.zeros((n, len(prevalences)))
+    pred = np.zeros_like(y)
+    for j, p in enumerate(prevalences):
+        pos = int(n * p)
+        tp, fp = int(round(n * p * p)), int(round(n * p * (1 - p)))
+        y[:pos, j] = 1
+        pred[:tp, j] = 1  # true positives
+        pred[pos:pos + fp, j] = 1  # false positives
+    names = [f"f{j}" for j in range(len(prevalences))]
+    chance = alignment.chance_levels(y, names)
+    want = metrics.f1(y, pred)
+    for avg in ("micro", "macro", "weighted"):
+        assert chance["f1"][avg] == pytest.approx(getattr(want, avg))
+    assert list(chance["f1"]["per_label"].values()) == pytest.approx(list(want.per_label))
+    everything = metrics.f1(y, np.ones_like(y))
+    for avg in ("micro", "macro", "weighted"):
+        assert chance["f1_all_positive"][avg] == pytest.approx(getattr(everything, avg))
+
+
+def test_language_heldout_set_and_perplexity(run):
+    root, result, _ = run
+    train = language.training_pairs(root / "world" / "instructions.jsonl")
+    assert len(train) > 0
+    seed = result["language"]["heldout_seed"]
+    held = language.heldout_instructions(4, seed, train)
+    assert not {(r["instruction"], r["context"]) for r in held} & train
+    # The finetuned perplexity is eval.perplexity's on the same held-out examples.
+    bundle = serving.load_bundle(root, protocol._mesh("1"), load_vqgan=False)
+    examples = [prompts.instruction_example(bundle.vocab, r["instruction"], r["context"] or None,
+                                            r["response"]) for r in held]
+    direct = perplexity(bundle.model_config, bundle.params, examples, batch_size=4,
+                        bucket=language.example_bucket(examples))
+    assert result["language"]["finetuned"]["perplexity"] == pytest.approx(direct["perplexity"],
+                                                                          rel=1e-5)
+    for s in result["language"]["finetuned"]["samples"]:
+        assert s["correct"] == procedural_instructions.check(
+            {"response": s["reference"]}, s["generated"])
+    # Excluding a drawn record makes the draw skip it.
+    again = language.heldout_instructions(4, seed, train | {(held[0]["instruction"],
+                                                             held[0]["context"])})
+    assert (held[0]["instruction"], held[0]["context"]) not in {
+        (r["instruction"], r["context"]) for r in again}
+
+
+def test_report_md_references_pngs_that_exist(run):
+    root, _, _ = run
+    out = root / "eval"
+    text = (out / "report.md").read_text()
+    pngs = re.findall(r"!\[[^\]]*\]\(([^)]+\.png)\)", text)
+    assert len(pngs) >= 2 * 2 + 2 + 1  # real + generated per shown item, image->report rows, grid
+    for p in pngs:
+        assert (out / p).is_file(), p
+    assert "## Report -> image" in text and "## Image -> report" in text
+    assert "## Language retention" in text and "random-init" in text
+
+
+def test_bad_workdirs_give_clear_errors(run, tmp_path, capsys):
+    root, _, _ = run
+    with pytest.raises(protocol.EvalInputError, match="does not exist"):
+        protocol.evaluate(tmp_path / "nowhere", protocol.EvalOptions(**OPTIONS))
+    no_llm = tmp_path / "no_llm"
+    no_llm.mkdir()
+    for name in ("config.json", "world", "codes", "vqgan_run"):
+        (no_llm / name).symlink_to(root / name)
+    with pytest.raises(protocol.EvalInputError, match="holds no LLM"):
+        protocol.evaluate(no_llm, protocol.EvalOptions(**OPTIONS))
+    no_world = tmp_path / "no_world"
+    no_world.mkdir()
+    for name in ("llm", "codes", "vqgan_run"):
+        (no_world / name).symlink_to(root / name)
+    (no_world / "config.json").write_text(json.dumps({"data": {"world": str(tmp_path / "gone")}}))
+    with pytest.raises(protocol.EvalInputError, match="no world to evaluate on"):
+        protocol.evaluate(no_world, protocol.EvalOptions(**OPTIONS))
+    with pytest.raises(protocol.EvalInputError, match="--subset"):
+        protocol.EvalOptions(subset="lateral")
+    spec = importlib.util.spec_from_file_location(
+        "launch_evaluate", pathlib.Path(__file__).resolve().parents[1] / "launch" / "evaluate.py")
+    launch_evaluate = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(launch_evaluate)
+    assert launch_evaluate.main(["--workdir", str(no_llm), "--mesh", "1"]) == 2
+    assert "holds no LLM" in capsys.readouterr().err
