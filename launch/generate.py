@@ -7,7 +7,7 @@
     python launch/generate.py --workdir W --task vqa --image a.png --question "..."
     python launch/generate.py --workdir W --task vqa --input q.jsonl          # {"image","question"}
     python launch/generate.py --workdir W --task instruct --instruction "..." [--context "..."]
-    python launch/generate.py --workdir W --task instruct --input i.jsonl  # {"instruction","context"}
+    python launch/generate.py --workdir W --task instruct --input i.jsonl  # {"instruction", ...}
         [--out DIR] [--batch-size 8] [--seed 0] [--greedy] [--max-new-tokens 128]
         [--phrasing 0|random] [--top-p P] [--top-k K] [--temperature T] [--mesh -1] [--vqgan DIR]
 

@@ -37,7 +37,8 @@ TEXT_ARGS = ("--batch-size", "2", "--max-new-tokens", "6", "--greedy")  # one co
 
 
 def _launch():
-    spec = importlib.util.spec_from_file_location("launch_generate", REPO / "launch" / "generate.py")
+    path = REPO / "launch" / "generate.py"
+    spec = importlib.util.spec_from_file_location("launch_generate", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

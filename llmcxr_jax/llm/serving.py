@@ -51,7 +51,7 @@ KINDS = ("run", "llm", "serving")
 
 
 class BundleError(ValueError):
-    """A path that does not hold a loadable model; the message names the path and what is missing."""
+    """A path without a loadable model; the message names the path and what is missing."""
 
 
 @dataclasses.dataclass(frozen=True)
