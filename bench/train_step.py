@@ -1,4 +1,5 @@
-"""Train-step throughput: our jitted AdamW step vs transformers + torch AdamW, same weights.
+"""Train-step throughput: our jitted AdamW step vs transformers + torch AdamW, same weights;
+with `--mesh`, the full sharded train step on a device mesh (tokens/s, step time, FLOP/s, MFU).
 
 pythia-70m shape with the extended vocabulary (51,328 rows), B=8, T=512, fp32 on CPU, next-token
 cross-entropy on every position, global-norm clipping at 1.0, weight decay 0 on both sides. Ours
@@ -12,6 +13,25 @@ ours and the reference interleaved so both see the same machine load.
 
 Prints a table, then one JSON object as the last line; `ratio_vs_reference` is our tokens/s over
 the reference's.
+
+Sharded mode (`--mesh`, any form `parallel.mesh` accepts: 2x4, 4x4, data:2,fsdp:4,tensor:2, -1)
+runs the trainer's own step: state initialised straight into `train.state.state_shardings` under
+`parallel.rules.rules_for(--param-sharding)`, the batch split over data x fsdp
+(`train.step.batch_shardings`), `train.step.make_train_step` compiled ahead of time (its
+per-device memory is read from XLA). It reports step time, tokens/s (global and per device),
+model FLOP/s (`train.flops`: 6 N + 12 L T H per token) and MFU against the chip's peak (None on
+CPU, where only FLOP/s is meaningful). The reference here is the same step on one device from the
+same initial state (first-step losses cross-checked; `speedup_vs_1_device` is the ratio of
+tokens/s); skip it with `--no-baseline` when the model does not fit one device.
+
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 python bench/train_step.py --mesh 2x4 --quick
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 python bench/train_step.py --mesh 2x4 \
+        --batch 8 --seq-len 128 --steps 2                                 # pythia-70m shape
+    python bench/train_step.py --mesh 4x4 --model dolly-v2-3b --batch 16 --seq-len 1024 \
+        --param-sharding data+fsdp --remat full --no-baseline          # e.g. a v5e-16 slice
+
+Simulated CPU devices share the host's cores, so their numbers say the step runs and how much
+the sharding costs there, not how a pod will perform.
 """
 
 from __future__ import annotations
@@ -22,6 +42,7 @@ import pathlib
 import statistics
 import sys
 import time
+from typing import Any
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
@@ -33,16 +54,20 @@ import torch  # noqa: E402
 from bench.decode import hf_model  # noqa: E402
 from llmcxr_jax.configs import DOLLY_TEXT_IDS, TrainConfig, model_preset  # noqa: E402
 from llmcxr_jax.llm import hf_mapping  # noqa: E402
-from llmcxr_jax.parallel.mesh import make_mesh  # noqa: E402
-from llmcxr_jax.train.state import state_from_params  # noqa: E402
-from llmcxr_jax.train.step import make_train_step  # noqa: E402
+from llmcxr_jax.parallel.mesh import (MeshError, check_global_batch,  # noqa: E402
+                                      data_parallel_size, make_mesh, mesh_from_flag)
+from llmcxr_jax.parallel.rules import PARAM_SHARDING_MODES, rules_for  # noqa: E402
+from llmcxr_jax.train import flops as flops_lib  # noqa: E402
+from llmcxr_jax.train.state import init_state, state_from_params  # noqa: E402
+from llmcxr_jax.train.step import batch_shardings, make_train_step  # noqa: E402
 
 LEARNING_RATE = 1e-4
 
 
-def make_batch(batch: int, length: int, seed: int) -> dict[str, np.ndarray]:
-    """Random ids; the loss on every position that has a next token."""
-    inputs = np.random.default_rng(seed).integers(0, DOLLY_TEXT_IDS, (batch, length))
+def make_batch(batch: int, length: int, seed: int,
+               n_ids: int = DOLLY_TEXT_IDS) -> dict[str, np.ndarray]:
+    """Random ids below `n_ids`; the loss on every position that has a next token."""
+    inputs = np.random.default_rng(seed).integers(0, n_ids, (batch, length))
     loss_mask = np.ones((batch, length), np.float32)
     loss_mask[:, -1] = 0
     return dict(inputs=inputs.astype(np.int32), targets=np.roll(inputs, -1, 1).astype(np.int32),
@@ -107,14 +132,168 @@ def run(batch: int, length: int, steps: int, threads: int, seed: int = 0) -> dic
     }
 
 
+def _timed_step(step, state, batch: dict) -> tuple[Any, float, float]:
+    """One step, blocked on; (new state, seconds, loss)."""
+    start = time.perf_counter()
+    state, metrics = step(state, batch)
+    loss = float(jax.block_until_ready(metrics["loss"]))
+    return state, time.perf_counter() - start, loss
+
+
+def run_sharded(model: str, mesh_flag: str, param_sharding: str, batch: int, length: int,
+                steps: int, dtype: str, remat: str, baseline: bool, seed: int = 0) -> dict:
+    """The trainer's jitted step on `mesh_flag`'s mesh (see the module docstring); with
+    `baseline`, the same step on one device from the same initial state, timed interleaved."""
+    devices = jax.devices()
+    dtype = dtype if dtype != "auto" else (
+        "float32" if devices[0].platform == "cpu" else "bfloat16")
+    config = model_preset(model, dtype=dtype, remat_policy=remat)
+    mesh = mesh_from_flag(mesh_flag)
+    check_global_batch(batch, mesh)
+    rules = rules_for(param_sharding)
+    train_cfg = TrainConfig(learning_rate=LEARNING_RATE, warmup_steps=0, weight_decay=0.0,
+                            grad_clip_norm=1.0, global_batch=batch, seq_len=length, seed=seed)
+    host_batches = [make_batch(batch, length, seed + i, min(DOLLY_TEXT_IDS, config.vocab_size))
+                    for i in range(steps + 1)]
+
+    # The trainer's state (initialised in its shardings) and step, compiled ahead of time.
+    state = init_state(config, train_cfg, mesh, rules)
+    batches = [jax.device_put(b, batch_shardings(mesh)) for b in host_batches]
+    start = time.perf_counter()
+    with jax.set_mesh(mesh):
+        compiled = make_train_step(config, train_cfg, mesh, 1, rules).jitted.lower(
+            state, batches[0]).compile()
+    compile_s = time.perf_counter() - start
+    memory = compiled.memory_analysis()
+
+    def sharded(state, b):
+        with jax.set_mesh(mesh):
+            return compiled(state, b)
+
+    state, first_s, loss = _timed_step(sharded, state, batches[0])
+    losses, times = [loss], []
+    if baseline:  # random init is sharding-independent (partitionable threefry): same params
+        one = make_mesh({"data": 1}, devices[:1])
+        single = make_train_step(config, train_cfg, one, 1, rules)
+        state1 = init_state(config, train_cfg, one, rules)
+        state1, _, first_loss_1 = _timed_step(single, state1, host_batches[0])
+        if abs(first_loss_1 - loss) > 1e-3 * abs(first_loss_1):
+            raise RuntimeError(f"first-step losses differ: {mesh_flag} mesh {loss:.6f}, "
+                               f"1 device {first_loss_1:.6f}")
+        times1 = []
+    for b, host in zip(batches[1:], host_batches[1:]):
+        state, seconds, loss = _timed_step(sharded, state, b)
+        times.append(seconds)
+        losses.append(loss)
+        if baseline:
+            state1, seconds, _ = _timed_step(single, state1, host)
+            times1.append(seconds)
+    step_s = statistics.median(times)
+    tokens_per_s = batch * length / step_s
+    flops_per_token = flops_lib.train_flops_per_token(config, length)
+    peak = flops_lib.device_peak_flops(list(mesh.devices.flat))
+    result = {
+        "mesh": {k: int(v) for k, v in mesh.shape.items()}, "devices": int(mesh.size),
+        "platform": devices[0].platform, "device_kind": devices[0].device_kind,
+        "dtype": dtype, "remat": remat, "param_sharding": param_sharding,
+        "step_s": step_s, "tokens_per_s": tokens_per_s,
+        "tokens_per_s_per_device": tokens_per_s / mesh.size,
+        "flops_per_token": flops_per_token, "flops_per_s": tokens_per_s * flops_per_token,
+        "peak_flops_per_device": peak,
+        "mfu": flops_lib.mfu(tokens_per_s * flops_per_token, peak, int(mesh.size)),
+        "compile_s": compile_s, "first_step_s": first_s, "losses": losses,
+        "argument_bytes_per_device": int(memory.argument_size_in_bytes) if memory else None,
+        "temp_bytes_per_device": int(memory.temp_size_in_bytes) if memory else None,
+        "params": flops_lib.total_params(config), "all_step_s": times,
+    }
+    if baseline:
+        step1_s = statistics.median(times1)
+        result.update(baseline_step_s=step1_s, baseline_tokens_per_s=batch * length / step1_s,
+                      speedup_vs_1_device=step1_s / step_s, first_loss_1_device=first_loss_1)
+    return result
+
+
+def _bytes(n: int | None) -> str:
+    return "n/a" if n is None else f"{n / 2**20:.1f} MiB"
+
+
+def print_sharded(r: dict, args: argparse.Namespace) -> None:
+    mesh = " x ".join(f"{k}={v}" for k, v in r["mesh"].items())
+    print(f"sharded train step: {args.model}, {r['params'] / 1e6:.1f} M params, B={args.batch}, "
+          f"T={args.seq_len}, {r['dtype']}, remat {r['remat']}, params over "
+          f"{r['param_sharding']}, median of {args.steps}")
+    print(f"mesh {mesh} on {r['devices']} {r['platform']} device(s) ({r['device_kind']})")
+    if r["mfu"] is not None:
+        mfu = f"{100 * r['mfu']:.1f} % of {r['peak_flops_per_device'] / 1e12:.0f} TFLOP/s x " \
+              f"{r['devices']}"
+    else:
+        mfu = "n/a (CPU: FLOP/s only)" if r["platform"] == "cpu" else "n/a (chip not in table)"
+    rows = [("step time", f"{r['step_s']:.3f} s"),
+            ("tokens/s", f"{r['tokens_per_s']:.1f}"),
+            ("tokens/s per device", f"{r['tokens_per_s_per_device']:.1f}"),
+            ("model FLOP/s", f"{r['flops_per_s'] / 1e9:.2f} GFLOP/s "
+                             f"({r['flops_per_token'] / 1e6:.1f} MFLOP/token)"),
+            ("MFU", mfu),
+            ("compile", f"{r['compile_s']:.1f} s (first step {r['first_step_s']:.2f} s)"),
+            ("per device: arguments", _bytes(r["argument_bytes_per_device"])),
+            ("per device: temporaries", _bytes(r["temp_bytes_per_device"])),
+            ("losses", " ".join(f"{x:.4f}" for x in r["losses"]))]
+    if "baseline_step_s" in r:
+        rows += [("1 device: step time", f"{r['baseline_step_s']:.3f} s "
+                                         f"({r['baseline_tokens_per_s']:.1f} tokens/s)"),
+                 ("speedup vs 1 device", f"{r['speedup_vs_1_device']:.2f}x "
+                                         f"(first loss {r['first_loss_1_device']:.5f})")]
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"{key:>{width}}  {value}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="smoke run: B=2, T=128, 2 steps")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: B=2, T=128, 2 steps (sharded: the tiny model, one row "
+                             "per batch-parallel device)")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--steps", type=int, default=3, help="timed steps after the first")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    parser.add_argument("--mesh", default=None,
+                        help="sharded mode on this mesh (2x4, data:2,fsdp:4, -1, ...); default: "
+                             "one device against transformers")
+    parser.add_argument("--model", default=None,
+                        help="sharded mode: model preset (default pythia-70m; tiny with --quick)")
+    parser.add_argument("--param-sharding", default="fsdp", choices=PARAM_SHARDING_MODES,
+                        help="sharded mode: weights over fsdp, or data+fsdp (ZeRO-3)")
+    parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
+                        help="sharded mode: compute dtype (auto: fp32 on CPU, else bf16)")
+    parser.add_argument("--remat", default="none",
+                        choices=("none", "full", "dots", "dots_with_no_batch_dims"),
+                        help="sharded mode: rematerialisation policy")
+    parser.add_argument("--no-baseline", action="store_true",
+                        help="sharded mode: skip the same step on one device")
     args = parser.parse_args()
+
+    if args.mesh is not None:
+        try:
+            mesh = mesh_from_flag(args.mesh)
+            ways = data_parallel_size(mesh)
+            check_global_batch(max(ways, 2) if args.quick else args.batch, mesh)
+        except MeshError as err:
+            parser.error(str(err))
+        if args.quick:
+            args.batch, args.seq_len, args.steps = max(ways, 2), 128, 2
+            args.model = args.model or "tiny"
+        args.model = args.model or "pythia-70m"
+        r = run_sharded(args.model, args.mesh, args.param_sharding, args.batch, args.seq_len,
+                        args.steps, args.dtype, args.remat, not args.no_baseline)
+        print_sharded(r, args)
+        summary = {"bench": "train_step_sharded", "model": args.model, "mesh_flag": args.mesh,
+                   "batch": args.batch, "seq_len": args.seq_len, "steps": args.steps,
+                   "quick": args.quick,
+                   **{k: v for k, v in r.items() if not k.startswith("all_")}}
+        print(json.dumps(summary))
+        return
+
     if args.quick:
         args.batch, args.seq_len, args.steps = 2, 128, 2
 
