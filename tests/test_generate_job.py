@@ -119,6 +119,18 @@ def test_same_seed_same_outputs_and_items_reproduce_alone(workdir, report2image,
     assert alone[1]["codes"] != records[1]["codes"]
 
 
+def test_generate_runs_from_a_serving_folder_alone(workdir, report2image, tmp_path):
+    """`launch/export.py --format serving` gives a folder that generates the same images."""
+    serving_dir = tmp_path / "serving"
+    serving.export_bundle(serving.load_bundle(workdir, load_vqgan=False), serving_dir)
+    records = _run(serving_dir, tmp_path / "o", "--task", "report2image",
+                   *[a for r in REPORTS for a in ("--report", r)], "--batch-size", "2",
+                   "--seed", "5")
+    assert records == report2image[1]
+    job = json.loads((tmp_path / "o" / "job.json").read_text())
+    assert job["kind"] == "serving" and job["model"] == str(serving_dir)
+
+
 @pytest.fixture(scope="module")
 def image_inputs(workdir, report2image, tmp_path_factory):
     """A folder with two PNGs (32 px) and one .npy of codes."""
