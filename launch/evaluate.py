@@ -65,14 +65,16 @@ def main(argv=None) -> int:
     r2i, i2r, lang = result["report2image"], result["image2report"], result["language"]
     print(json.dumps({
         "n_test": result["n_test"],
-        "report2image_auroc_macro": r2i["auroc"]["macro"], "report2image_f1_micro": r2i["f1"]["micro"],
+        "report2image_auroc_macro": r2i["auroc"]["macro"],
+        "report2image_f1_micro": r2i["f1"]["micro"],
         "report2image_fid": r2i["fid"],
         "image2report_f1_micro": i2r["f1"]["micro"],
         "image2report_f1_micro_chance": i2r["chance"]["f1"]["micro"],
         "image2report_bleu4": i2r["bleu4"], "image2report_rouge_l": i2r["rouge_l"],
         "perplexity_base": lang["base"]["perplexity"],
         "perplexity_finetuned": lang["finetuned"]["perplexity"],
-        "accuracy_base": lang["base"]["accuracy"], "accuracy_finetuned": lang["finetuned"]["accuracy"],
+        "accuracy_base": lang["base"]["accuracy"],
+        "accuracy_finetuned": lang["finetuned"]["accuracy"],
     }))
     return 0
 

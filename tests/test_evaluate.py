@@ -55,7 +55,8 @@ def test_eval_json_has_every_required_key_with_counts(run):
     split = mimic.read_split(root / "world", mimic.SkipCounter("t"))
     frontal_test = {d for d, r in split.items() if r.split == "test"
                     and meta[d].view in mimic.FRONTAL_VIEWS}
-    ids = [json.loads(l)["dicom_id"] for l in (root / "eval" / "reports.jsonl").read_text().splitlines()]
+    lines_out = (root / "eval" / "reports.jsonl").read_text().splitlines()
+    ids = [json.loads(line)["dicom_id"] for line in lines_out]
     assert len(ids) == n and set(ids) <= frontal_test and n == len(frontal_test) and n >= 8
     for block in ("report2image", "image2report"):
         for metric in ("auroc", "f1"):
@@ -228,3 +229,27 @@ def test_bad_workdirs_give_clear_errors(run, tmp_path, capsys):
     spec.loader.exec_module(launch_evaluate)
     assert launch_evaluate.main(["--workdir", str(no_llm), "--mesh", "1"]) == 2
     assert "holds no LLM" in capsys.readouterr().err
+
+
+def test_reproducible_from_the_seed(run, tmp_path):
+    root, result, _ = run
+    same = protocol.evaluate(root, protocol.EvalOptions(
+        classifier=str(root / "test_classifier"), out=str(tmp_path / "same"), **OPTIONS),
+        say=lambda s: None)
+    for key in ("report2image", "image2report"):
+        for metric in ("auroc", "f1"):
+            assert same[key][metric] == result[key][metric]
+    assert same["report2image"]["fid"] == result["report2image"]["fid"]
+    assert same["language"]["finetuned"]["perplexity"] == result["language"]["finetuned"][
+        "perplexity"]
+    first = np.load(root / "eval" / "predictions.npz")["generated_codes"]
+    np.testing.assert_array_equal(np.load(tmp_path / "same" / "predictions.npz")["generated_codes"],
+                                  first)
+    assert (tmp_path / "same" / "reports.jsonl").read_text() == (
+        root / "eval" / "reports.jsonl").read_text()
+    other = protocol.evaluate(root, protocol.EvalOptions(
+        classifier=str(root / "test_classifier"), out=str(tmp_path / "other"),
+        **{**OPTIONS, "seed": 1}), say=lambda s: None)
+    assert other["seed"] == 1
+    assert not np.array_equal(np.load(tmp_path / "other" / "predictions.npz")["generated_codes"],
+                              first)

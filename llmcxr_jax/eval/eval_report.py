@@ -114,10 +114,11 @@ def write(out: pathlib.Path, result: Mapping[str, Any], *, items: Sequence[tuple
                   f"![grid]({IMAGES_DIR}/report2image_grid.png)", ""]
 
     lines += ["## Image -> report", "",
-              f"The report labeler (section `{i2r['labeler_section']}`) reads the generated and the "
-              f"reference reports (n = {i2r['n']}); uncertain mentions count as positive.", "",
+              f"The report labeler (section `{i2r['labeler_section']}`) reads the generated and "
+              f"the reference reports (n = {i2r['n']}); uncertain mentions count as positive.", "",
               f"Scored findings: {', '.join(i2r['findings'])}. "
-              f"Excluded (a single class in the references): {', '.join(i2r['excluded']) or 'none'}.",
+              f"Excluded (a single class in the references): "
+              f"{', '.join(i2r['excluded']) or 'none'}.",
               ""]
     lines += metrics_table(i2r, ("auroc", "f1", "jaccard"), {"chance": {
         **_chance(i2r), "jaccard": {a: None for a in ("micro", "macro", "weighted")}}})

@@ -27,6 +27,7 @@ probabilities, generated codes), so every number can be recomputed from the file
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import pathlib
 import time
@@ -155,7 +156,8 @@ def _mesh(flag: str):
     try:
         return mesh_from_flag(flag)
     except ValueError as e:
-        sizes = [int(s) for s in flag.replace(",", "x").split("x") if s.strip().lstrip("-").isdigit()]
+        parts = flag.replace(",", "x").split("x")
+        sizes = [int(s) for s in parts if s.strip().lstrip("-").isdigit()]
         n = int(np.prod(sizes)) if sizes and min(sizes) > 0 else 0
         if 0 < n < jax.device_count():
             return mesh_from_flag(flag, jax.devices()[:n])
@@ -229,7 +231,8 @@ def classifier_for(inputs: RunInputs, options: EvalOptions, image_size: int, say
                                  f"launch/train_classifier.py output is expected)")
     else:
         directory = inputs.root / "classifier"
-        if not ((directory / clf.CONFIG_FILE).is_file() and (directory / clf.PARAMS_FILE).is_file()):
+        complete = all((directory / f).is_file() for f in (clf.CONFIG_FILE, clf.PARAMS_FILE))
+        if not complete:
             say(f"classifier: none in {directory}; training one on {inputs.world} (train split, "
                 f"{image_size} px, {options.classifier_steps} steps)")
             train_clf.train(inputs.world, directory, clf.ClassifierConfig(image_size=image_size),
@@ -315,12 +318,14 @@ class Decoder:
     """VQ-GAN codes [N, h * w] -> images [N, H, W, 3] in [-1, 1], jitted, fixed batch, on
     `devices` (default all)."""
 
-    def __init__(self, config: Any, params: Any, batch_size: int, devices: Sequence[Any] | None = None):
+    def __init__(self, config: Any, params: Any, batch_size: int,
+                 devices: Sequence[Any] | None = None):
         self.config = config
         self.mesh = jax.make_mesh((len(devices),), (encode_lib.DATA_AXIS,),
+                                  axis_types=(jax.sharding.AxisType.Auto,),
                                   devices=list(devices)) if devices else encode_lib.device_mesh()
         self.params = jax.device_put(params, NamedSharding(self.mesh, PartitionSpec()))
-        self.fn = encode_lib.make_decode_fn(config, self.mesh)
+        self.fn = encode_lib.make_decode_fn(config, self.mesh)  # cached per (config, mesh)
         self.batch = encode_lib.padded_batch_size(batch_size, self.mesh)
 
     def __call__(self, codes: np.ndarray) -> np.ndarray:
@@ -334,16 +339,22 @@ class Decoder:
         return np.concatenate(out)
 
 
-def classifier_outputs(config: clf.ClassifierConfig, params: Any, batch_size: int
-                       ) -> Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]:
-    """images -> (sigmoid probabilities [N, L], features [N, F]) from one jitted forward."""
+@functools.lru_cache(maxsize=None)
+def _classifier_forward(config: clf.ClassifierConfig) -> Callable:
+    """jitted (params, images) -> [B, L + F]: sigmoid probabilities then features."""
     model = clf.CXRClassifier(config)
 
-    @jax.jit
     def forward(p, x):
         logits, features = model.apply({"params": p}, x)
         return jnp.concatenate([jax.nn.sigmoid(logits), features], axis=-1)
 
+    return jax.jit(forward)
+
+
+def classifier_outputs(config: clf.ClassifierConfig, params: Any, batch_size: int
+                       ) -> Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """images -> (sigmoid probabilities [N, L], features [N, F]) from one jitted forward."""
+    forward = _classifier_forward(config)
     n_labels = len(config.labels)
 
     def run(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
