@@ -33,7 +33,7 @@ from llmcxr_jax.train.metrics import read_jsonl
 REPO = pathlib.Path(__file__).resolve().parents[1]
 DRIVER = REPO / "tests" / "resume_driver.py"
 STEPS = 8
-TMP_MARK = ".orbax-checkpoint-tmp-"
+TMP_MARK = ".orbax-checkpoint-tmp"  # orbax 0.12: `<step>.orbax-checkpoint-tmp`, items inside
 TIMEOUT = 300
 
 
@@ -133,7 +133,7 @@ def runs(tmp_path_factory):
     finished_steps, half_written = out["killed"]["checkpoints"]
     planted = None
     if not half_written:  # the save finished before the kill: leave what a kill mid-save leaves
-        planted = stage / "checkpoints" / f"{STEPS}{TMP_MARK}1700000000"
+        planted = stage / "checkpoints" / f"{finished_steps[-1] + 2}{TMP_MARK}"
         shutil.copytree(stage / "checkpoints" / str(finished_steps[-1]), planted)
         (planted / "commit_success.txt").unlink(missing_ok=True)
     out["planted"] = planted
