@@ -170,7 +170,7 @@ def test_sigkill_then_restart_gives_the_uninterrupted_losses(runs):
     killed, final = runs["killed"], runs["final"]
     assert killed["returncode"] == -signal.SIGKILL
     _assert_same_losses(killed["losses"], runs["reference"])
-    assert max(killed["losses"]) == 6
+    assert 6 <= max(killed["losses"]) < STEPS  # killed in step 6's pause (later only if slow)
 
     assert final["returncode"] == 0, final["stderr"][-3000:]
     assert "result done 8" in final["stdout"]
