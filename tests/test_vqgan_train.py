@@ -281,6 +281,25 @@ def test_steps_reduce_loss_and_restart_dead_codes(trainer, fixed_batch):
     assert int(state.step) == 8
 
 
+def test_step_before_disc_start_skips_the_discriminator(trainer, fixed_batch):
+    """Before disc_start the adversarial factor is 0: the discriminator-free step makes the same
+    generator update as the full step and leaves the discriminator's state untouched."""
+    aux, batch = trainer.aux_params(), trainer.shard_batch(fixed_batch)
+    full, m_full = trainer.jitted_step(gan=True)(trainer.init_state(), batch, aux)
+    start = trainer.init_state()
+    d_before = jax.device_get((start.d_params, start.d_batch_stats, start.d_opt_state))
+    light, m_light = trainer.jitted_step(gan=False)(start, batch, aux)
+    assert m_full["disc_factor"] == 0.0  # step 0 < disc_start = 3
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+                 jax.device_get((full.g_params, full.g_opt_state, full.code_last_used)),
+                 jax.device_get((light.g_params, light.g_opt_state, light.code_last_used)))
+    jax.tree.map(np.testing.assert_array_equal, d_before,
+                 jax.device_get((light.d_params, light.d_batch_stats, light.d_opt_state)))
+    for key in ("g_total_loss", "nll_loss", "rec_loss", "codebook_loss", "perplexity"):
+        np.testing.assert_allclose(m_light[key], m_full[key], rtol=1e-5)
+    assert m_light["d_loss"] == 0.0 and m_light["g_loss"] == 0.0 and int(light.step) == 1
+
+
 def _image_dir(path, n=6):
     path.mkdir()
     for i in range(n):

@@ -28,6 +28,7 @@ LPIPS is switched back to train mode by Lightning); BatchNorm statistics are ove
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import pathlib
 import time
@@ -138,7 +139,7 @@ class VQGANTrainer:
         self.clinical_weight = config.clinical_weight if nets.clinical else 0.0
         self.replicated = NamedSharding(self.mesh, P())
         self.batch_sharding = NamedSharding(self.mesh, P(DATA_AXIS))
-        self._step = None
+        self._steps: dict[bool, Callable] = {}
 
     # ---- state ----
 
@@ -209,9 +210,14 @@ class VQGANTrainer:
             parts["clinical_loss"] = c
         return nll, parts
 
-    def train_step(self, state: VQGANTrainState, x: jax.Array, aux: Any
+    def train_step(self, state: VQGANTrainState, x: jax.Array, aux: Any, gan: bool = True
                    ) -> tuple[VQGANTrainState, dict[str, jax.Array]]:
-        """One generator and one discriminator update on the global batch `x` (NHWC, [-1, 1])."""
+        """One generator and one discriminator update on the global batch `x` (NHWC, [-1, 1]).
+
+        `gan=False` is the step before `disc_start`, where taming's adversarial factor is 0: the
+        same generator update without any discriminator work (its params, optimizer and
+        BatchNorm statistics are left as they are; taming would still run it and discard it).
+        """
         cfg = self.config
         step = state.step
         # Per-step keys are folded from the fixed run key only where randomness is used:
@@ -228,6 +234,9 @@ class VQGANTrainer:
 
         (nll, parts), gx_nll = jax.value_and_grad(
             lambda xr: self.nll_terms(aux, x, xr), has_aux=True)(xrec)
+        if not gan:
+            return self._reconstruction_only_update(state, nll, gx_nll, parts, q_loss, q,
+                                                    pull_back)
 
         def g_loss_fn(xr):
             logits, upd = self.disc.apply({"params": state.d_params, "batch_stats": state.d_batch_stats},
@@ -263,7 +272,40 @@ class VQGANTrainer:
         d_updates, d_opt_state = self.d_tx.update(d_grads, state.d_opt_state, state.d_params)
         d_params = optax.apply_updates(state.d_params, d_updates)
 
-        # Code usage over a window of steps, and the optional dead-code restart.
+        g_params, last_used, dead, n_restarted = self._code_usage(state, g_params, q)
+        new_state = VQGANTrainState(
+            step=step + 1, g_params=g_params, d_params=d_params, d_batch_stats=batch_stats,
+            g_opt_state=g_opt_state, d_opt_state=d_opt_state, rng=state.rng,
+            code_last_used=last_used)
+        return new_state, _metrics(
+            g_total=g_total, nll=nll, g_loss=g_loss, d_loss=d_loss, d_weight=d_weight,
+            factor=factor, q_loss=q_loss, logits_real=logits_real, logits_fake=logits_fake, q=q,
+            dead=dead, n_restarted=n_restarted, parts=parts)
+
+    def _reconstruction_only_update(self, state: VQGANTrainState, nll: jax.Array,
+                                    gx_nll: jax.Array, parts: dict, q_loss: jax.Array, q: Any,
+                                    pull_back: Callable
+                                    ) -> tuple[VQGANTrainState, dict[str, jax.Array]]:
+        """The generator update of a step before `disc_start` (no discriminator anywhere)."""
+        cfg = self.config
+        g_total = nll + cfg.codebook_weight * q_loss
+        g_grads = pull_back((gx_nll, jnp.asarray(cfg.codebook_weight, q_loss.dtype)))[0]
+        g_updates, g_opt_state = self.g_tx.update(g_grads, state.g_opt_state, state.g_params)
+        g_params = optax.apply_updates(state.g_params, g_updates)
+        g_params, last_used, dead, n_restarted = self._code_usage(state, g_params, q)
+        new_state = state.replace(step=state.step + 1, g_params=g_params,
+                                  g_opt_state=g_opt_state, code_last_used=last_used)
+        zero = jnp.zeros((), jnp.float32)
+        return new_state, _metrics(
+            g_total=g_total, nll=nll, g_loss=zero, d_loss=zero, d_weight=zero, factor=zero,
+            q_loss=q_loss, logits_real=zero, logits_fake=zero, q=q, dead=dead,
+            n_restarted=n_restarted, parts=parts)
+
+    def _code_usage(self, state: VQGANTrainState, g_params: Any, q: Any
+                    ) -> tuple[Any, jax.Array, jax.Array, jax.Array]:
+        """Code usage over a window of steps, and the optional dead-code restart."""
+        cfg = self.config
+        step = state.step
         last_used = jnp.where(q.code_counts > 0, step, state.code_last_used)
         dead = (step - last_used) >= cfg.dead_code_window
         n_restarted = jnp.zeros((), jnp.int32)
@@ -271,39 +313,43 @@ class VQGANTrainer:
             due = ((step + 1) % cfg.dead_code_restart_every) == 0
             restart = dead & due
             z = jax.lax.stop_gradient(q.z).reshape(-1, q.z.shape[-1])
-            pick = jax.random.randint(step_key(1), (self.vq_config.n_embed,), 0, z.shape[0])
+            key = jax.random.fold_in(jax.random.fold_in(state.rng, step), 1)
+            pick = jax.random.randint(key, (self.vq_config.n_embed,), 0, z.shape[0])
             codebook = _get_in(g_params, CODEBOOK_PATH)
             codebook = jnp.where(restart[:, None], z[pick].astype(codebook.dtype), codebook)
             g_params = _replace_in(g_params, CODEBOOK_PATH, codebook)
             last_used = jnp.where(restart, step, last_used)
             n_restarted = jnp.sum(restart).astype(jnp.int32)
+        return g_params, last_used, dead, n_restarted
 
-        new_state = VQGANTrainState(
-            step=step + 1, g_params=g_params, d_params=d_params, d_batch_stats=batch_stats,
-            g_opt_state=g_opt_state, d_opt_state=d_opt_state, rng=state.rng,
-            code_last_used=last_used)
-        f32 = lambda v: jnp.asarray(v, jnp.float32)  # noqa: E731
-        metrics = {
-            "g_total_loss": g_total, "nll_loss": nll, "g_loss": g_loss, "d_loss": d_loss,
-            "d_weight": d_weight, "disc_factor": factor, "codebook_loss": q_loss,
-            "logits_real": logits_real, "logits_fake": logits_fake,
-            "perplexity": q.perplexity,
-            "codes_used_batch_frac": jnp.mean(q.code_counts > 0),
-            "dead_code_frac": jnp.mean(dead), "codes_restarted": n_restarted,
-            **parts,
-        }
-        return new_state, {k: f32(v) for k, v in metrics.items()}
-
-    def jitted_step(self) -> Callable:
-        """`train_step` jitted with explicit shardings; the state argument is donated."""
-        if self._step is None:
+    def jitted_step(self, gan: bool = True) -> Callable:
+        """`train_step` jitted with explicit shardings; the state argument is donated.
+        `gan=False`: the discriminator-free step used before `disc_start` (compiled on first use,
+        so a run that never reaches `disc_start` compiles only that one)."""
+        if gan not in self._steps:
             state_sh = self.state_shardings()
             aux_sh = jax.tree.map(lambda _: self.replicated, self.nets.params())
-            self._step = jax.jit(self.train_step,
-                                 in_shardings=(state_sh, self.batch_sharding, aux_sh),
-                                 out_shardings=(state_sh, self.replicated), donate_argnums=(0,),
-                                 compiler_options=self.compiler_options or None)
-        return self._step
+            self._steps[gan] = jax.jit(
+                functools.partial(self.train_step, gan=gan),
+                in_shardings=(state_sh, self.batch_sharding, aux_sh),
+                out_shardings=(state_sh, self.replicated), donate_argnums=(0,),
+                compiler_options=self.compiler_options or None)
+        return self._steps[gan]
+
+
+def _metrics(*, g_total, nll, g_loss, d_loss, d_weight, factor, q_loss, logits_real,
+             logits_fake, q, dead, n_restarted, parts) -> dict[str, jax.Array]:
+    """The step's logged scalars, fp32."""
+    metrics = {
+        "g_total_loss": g_total, "nll_loss": nll, "g_loss": g_loss, "d_loss": d_loss,
+        "d_weight": d_weight, "disc_factor": factor, "codebook_loss": q_loss,
+        "logits_real": logits_real, "logits_fake": logits_fake,
+        "perplexity": q.perplexity,
+        "codes_used_batch_frac": jnp.mean(q.code_counts > 0),
+        "dead_code_frac": jnp.mean(dead), "codes_restarted": n_restarted,
+        **parts,
+    }
+    return {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -445,7 +491,6 @@ def train(vq_config: VQGANConfig, config: VQGANTrainConfig, workdir: str | pathl
     else:
         log(f"vqgan train: resumed at step {int(state.step)} from {manager.directory}")
     aux = trainer.aux_params()
-    step_fn = trainer.jitted_step()
     writer = MetricsWriter(workdir)
     start = int(jax.device_get(state.step))
     it: Iterator[np.ndarray] = iter(batches)
@@ -457,7 +502,7 @@ def train(vq_config: VQGANConfig, config: VQGANTrainConfig, workdir: str | pathl
     try:
         for step in range(start, config.steps):
             batch = trainer.shard_batch(next(it))
-            state, metrics = step_fn(state, batch, aux)
+            state, metrics = trainer.jitted_step(gan=step >= config.disc_start)(state, batch, aux)
             images_seen += config.batch_size
             done = step + 1
             if done % config.log_every == 0 or done == config.steps:
