@@ -84,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     mesh_lib.maybe_initialize_distributed()
     mesh = mesh_lib.mesh_from_flag(args.mesh)
     try:
-        bundle = serving.load_bundle(args.workdir, mesh, vqgan=args.vqgan, step=args.step)
+        bundle = serving.load_bundle(args.workdir, mesh, vqgan=args.vqgan, step=args.step,
+                                     load_vqgan=args.task != "instruct")  # text only
     except serving.BundleError as e:
         raise SystemExit(f"error: --workdir: {e}") from None
     out = args.out or pathlib.Path(args.workdir) / "generated" / args.task
