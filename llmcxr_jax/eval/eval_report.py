@@ -107,11 +107,13 @@ def write(out: pathlib.Path, result: Mapping[str, Any], *, items: Sequence[tuple
         images_lib.save_png(out / gen_png, _enlarge(generated[i]))
         lines.append(f"| {_cell(items[i][1])} | ![real {i}]({real_png}) | "
                      f"![generated {i}]({gen_png}) |")
-    grid = np.concatenate([np.concatenate([a, b], axis=1)
-                           for a, b in zip(reconstructed[:n_show], generated[:n_show])], axis=0)
-    images_lib.save_png(out / IMAGES_DIR / "report2image_grid.png", grid)
-    lines += ["", f"All shown pairs in one grid (real | generated per row): "
-                  f"![grid]({IMAGES_DIR}/report2image_grid.png)", ""]
+    if n_show:
+        grid = np.concatenate([np.concatenate([a, b], axis=1)
+                               for a, b in zip(reconstructed[:n_show], generated[:n_show])])
+        images_lib.save_png(out / IMAGES_DIR / "report2image_grid.png", grid)
+        lines += ["", f"All shown pairs in one grid (real | generated per row): "
+                      f"![grid]({IMAGES_DIR}/report2image_grid.png)"]
+    lines.append("")
 
     lines += ["## Image -> report", "",
               f"The report labeler (section `{i2r['labeler_section']}`) reads the generated and "

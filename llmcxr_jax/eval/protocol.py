@@ -89,6 +89,9 @@ class EvalOptions:
             raise EvalInputError(f"--n-test must be >= 2 (FID needs two images), got {self.n_test}")
         if self.report_stage not in (None, 1, 2):
             raise EvalInputError(f"--report-stage must be 1 or 2, got {self.report_stage}")
+        if self.n_show < 0 or self.report_tokens < 1:
+            raise EvalInputError(f"--n-show must be >= 0 and --report-tokens >= 1, got "
+                                 f"{self.n_show} and {self.report_tokens}")
         if self.n_language < 1:
             raise EvalInputError(f"--n-language must be >= 1, got {self.n_language}")
 
