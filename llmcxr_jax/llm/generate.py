@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Sequence
+from typing import Any
 
 import flax
 import flax.linen as nn
@@ -29,7 +29,7 @@ import numpy as np
 from llmcxr_jax.configs import ModelConfig, round_up
 from llmcxr_jax.llm.constraints import DecodeState, LogitsMaskFn, apply_mask
 from llmcxr_jax.llm.model import MLP, Projection, apply_rotary, attention_mask, rotary_tables
-from llmcxr_jax.llm.sampling import greedy_tokens, sample_tokens
+from llmcxr_jax.llm.sampling import fold_in, greedy_tokens, sample_tokens
 
 Array = jax.Array
 
@@ -77,7 +77,9 @@ def generate(params: Any, config: ModelConfig, prompt_ids: Any, prompt_mask: Any
       params: GPT-NeoX params (`GPTNeoX(config)`).
       prompt_ids, prompt_mask: [batch, length]; prompts are left-padded (mask 0 on the left), and
         every row needs at least one real token.
-      rng: a PRNG key; the same key gives the same tokens.
+      rng: a PRNG key, or a [batch] array of keys, one per row: row i then samples only from
+        its own key, so its tokens do not depend on the other rows (up to the float rounding of
+        a different batch or padding). The same key(s) give the same tokens.
       stop_ids: per-row stop ids, [batch, n] (-1 = unused) or [n] for all rows; default
         `gen.stop_ids`.
       valid_mask: [vocab] bool, False for ids never to be sampled (padding rows of the embedding,
@@ -260,7 +262,7 @@ def _generate(params: Any, prompt_ids: Array, prompt_mask: Array, rng: Array, st
                                 vocab_size=config.vocab_size)
             logits = apply_mask(logits, logits_mask_fn(state))
         if gen.do_sample:
-            token = sample_tokens(jax.random.fold_in(rng, step), logits, gen.temperature,
+            token = sample_tokens(fold_in(rng, step), logits, gen.temperature,
                                   gen.top_k, gen.top_p)
         else:
             token = greedy_tokens(logits)

@@ -27,7 +27,6 @@ samples from its own key), with no host round trip per token. Batches are padded
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import pathlib
 import time
@@ -38,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from llmcxr_jax.configs import ModelConfig, round_up
+from llmcxr_jax.configs import ModelConfig
 from llmcxr_jax.data import images as image_lib
 from llmcxr_jax.llm import generate as generate_lib
 from llmcxr_jax.llm.constraints import image_then_end_mask
@@ -284,21 +283,6 @@ def phrasing_for(job: JobConfig, seed: int) -> int | None:
 # --------------------------------------------------------------------------------------------------
 
 
-@functools.partial(jax.jit, static_argnames=("config", "gen", "max_len", "logits_mask_fn"))
-def _generate_rows(params: Any, ids: jax.Array, mask: jax.Array, keys: jax.Array,
-                   stops: jax.Array, valid_mask: jax.Array, *, config: ModelConfig,
-                   gen: GenerationConfig, max_len: int, logits_mask_fn: Any) -> GenerationOutput:
-    """`generate`'s decode loop for every row with that row's own key (vmapped over rows)."""
-
-    def one(row_ids, row_mask, key, row_stops):
-        out = generate_lib._generate(params, row_ids[None], row_mask[None], key, row_stops[None],
-                                     valid_mask, config=config, gen=gen, max_len=max_len,
-                                     logits_mask_fn=logits_mask_fn)
-        return jax.tree.map(lambda x: x[0], out)
-
-    return jax.vmap(one)(ids, mask, keys, stops)
-
-
 def generate_per_row(params: Any, config: ModelConfig, vocab: Vocab, rows: Sequence[Sequence[int]],
                      seeds: Sequence[int], gen: GenerationConfig,
                      logits_mask_fn: Any = None) -> GenerationOutput:
@@ -307,19 +291,12 @@ def generate_per_row(params: Any, config: ModelConfig, vocab: Vocab, rows: Seque
     host arrays out."""
     if len(rows) != len(seeds):
         raise ValueError(f"{len(rows)} rows but {len(seeds)} seeds")
-    gen = dataclasses.replace(gen, stop_ids=(), pad_id=vocab.pad_id)
+    gen = dataclasses.replace(gen, stop_ids=(vocab.end_id,), pad_id=vocab.pad_id)
     ids, mask = left_pad(rows, vocab.pad_id)
-    length = round_up(ids.shape[1], gen.length_multiple)
-    ids = np.pad(ids, ((0, 0), (length - ids.shape[1], 0)), constant_values=vocab.pad_id)
-    mask = np.pad(mask, ((0, 0), (length - mask.shape[1], 0)))
-    stops = np.full((len(rows), 4), -1, np.int32)
-    stops[:, 0] = vocab.end_id
-    max_len = round_up(length + gen.max_new_tokens, gen.length_multiple)
     keys = jax.vmap(jax.random.key)(jnp.asarray(np.asarray(seeds, np.uint32)))
-    valid = jnp.asarray(vocab.valid_token_mask()[:config.vocab_size])
-    out = _generate_rows(params, jnp.asarray(ids), jnp.asarray(mask), keys, jnp.asarray(stops),
-                         valid, config=config, gen=gen, max_len=max_len,
-                         logits_mask_fn=logits_mask_fn)
+    out = generate_lib.generate(params, config, ids, mask, keys, gen,
+                                valid_mask=vocab.valid_token_mask()[:config.vocab_size],
+                                logits_mask_fn=logits_mask_fn)
     return jax.tree.map(np.asarray, jax.device_get(out))
 
 

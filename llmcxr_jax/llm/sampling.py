@@ -22,6 +22,8 @@ least `top_p` of the mass, so a draw is accepted with probability >= top_p: on a
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 
@@ -137,9 +139,26 @@ def _weight_at(blocks: Array, tokens: Array) -> Array:
     return jnp.take_along_axis(flat, tokens[:, None], axis=-1)[:, 0]
 
 
+def fold_in(rng: Array, data: Any) -> Array:
+    """`jax.random.fold_in` for one key or a [batch] array of per-row keys."""
+    if rng.ndim == 0:
+        return jax.random.fold_in(rng, data)
+    return jax.vmap(jax.random.fold_in, in_axes=(0, None))(rng, data)
+
+
+def _uniforms(rng: Array, batch: int) -> Array:
+    """[batch] uniforms: from one key, or one draw from each row's own key."""
+    if rng.ndim == 0:
+        return jax.random.uniform(rng, (batch,), jnp.float32)
+    if rng.shape != (batch,):
+        raise ValueError(f"{rng.shape[0]} per-row keys for {batch} rows")
+    return jax.vmap(lambda k: jax.random.uniform(k, (), jnp.float32))(rng)
+
+
 def sample_tokens(rng: Array, logits: Array, temperature: float = 1.0, top_k: int = 0,
                   top_p: float = 1.0) -> Array:
     """One token per row from softmax(process_logits(logits, ...)), without a vocabulary sort.
+    `rng` is one key, or a [batch] array of keys (row i then draws only from key i).
 
     logits [batch, vocab] (disallowed tokens already -inf) -> int32 [batch]. Exact in
     distribution up to float rounding; see the module docstring. A row without any finite logit
@@ -160,7 +179,7 @@ def sample_tokens(rng: Array, logits: Array, temperature: float = 1.0, top_k: in
 
     def body(state):
         tokens, accepted, draws = state
-        uniform = jax.random.uniform(jax.random.fold_in(rng, draws), (batch,), jnp.float32)
+        uniform = _uniforms(fold_in(rng, draws), batch)
         candidates = _inverse_cdf_draw(uniform, blocks, block_cumsum)
         in_nucleus = in_top_p_nucleus(logits, jnp.minimum(candidates, vocab - 1), top_p)
         take = ~accepted & (_weight_at(blocks, candidates) > 0) & in_nucleus

@@ -58,18 +58,21 @@ def _phantom(model: str, *, n_studies: int, stage1_steps: int, stage2_steps: int
         stage2=LoopConfig(steps=stage2_steps, log_every=10, eval_every=0, eval_batches=2,
                           checkpoint_every=100, keep_checkpoints=2),
         world=WorldConfig(n_studies=n_studies, size=128, seed=0, n_instructions=2000),
+        # Reconstruction + codebook losses only (disc_start past the end: on 2 CPU cores the
+        # budget goes to more reconstruction steps); early, frequent dead-code restarts keep
+        # the 1,024 codes in use. `--set vqgan.disc_start=N` turns the GAN phase on.
         vqgan=VQGANTrainConfig(vqgan="phantom-f4", steps=vqgan_steps, batch_size=8,
-                               learning_rate=2e-4, disc_start=max(2 * vqgan_steps // 3, 1),
+                               learning_rate=4e-4, disc_start=vqgan_steps + 1,
                                perceptual_weight=0.0, log_every=25, dead_code_restart=True,
-                               dead_code_window=50, dead_code_restart_every=50,
+                               dead_code_window=20, dead_code_restart_every=25,
                                checkpoint_every=max(vqgan_steps // 2, 1)),
     )
 
 
 RUN_PRESETS: dict[str, RunConfig] = {
     # The embedded default: the phantom world from nothing, on a laptop-class CPU.
-    "phantom": _phantom("tiny", n_studies=800, stage1_steps=150, stage2_steps=50,
-                        vqgan_steps=300, batch=8, seq_len=512, lr=1e-3),
+    "phantom": _phantom("tiny", n_studies=800, stage1_steps=100, stage2_steps=40,
+                        vqgan_steps=150, batch=8, seq_len=512, lr=1e-3),
     # A smoke run on a 16-device simulated mesh (`--mesh=4x4`): the global batch splits 16 ways.
     "tiny": _phantom("tiny", n_studies=120, stage1_steps=20, stage2_steps=10, vqgan_steps=20,
                      batch=16, seq_len=512, lr=1e-3),

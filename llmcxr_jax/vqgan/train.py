@@ -503,6 +503,7 @@ def train(vq_config: VQGANConfig, config: VQGANTrainConfig, workdir: str | pathl
         for step in range(start, config.steps):
             batch = trainer.shard_batch(next(it))
             state, metrics = trainer.jitted_step(gan=step >= config.disc_start)(state, batch, aux)
+            jax.block_until_ready(metrics)  # the bar and images/s show finished steps, not queued
             images_seen += config.batch_size
             done = step + 1
             if done % config.log_every == 0 or done == config.steps:
