@@ -56,6 +56,15 @@ def test_stage2_uses_impression_only_data_and_its_own_weights():
     assert rc.stage_train(cfg, 2).total_steps == cfg.stage2.steps
 
 
+def test_stage0_base_model_trains_on_text_only():
+    cfg = rc.apply_overrides(rc.run_preset("phantom"), ["base_steps=12"])
+    zero = rc.stage_data(cfg, 0)
+    assert zero.task_weights() == {"instruct": 1.0}
+    assert rc.stage_loop(cfg, 0).steps == 12 and rc.stage_train(cfg, 0).total_steps == 12
+    assert rc.stage_loop(cfg, 1) == cfg.stage1  # stage 1's own settings are untouched
+    assert rc.run_preset("dolly-v2-3b").base_steps == 0  # starts from dolly-v2 instead
+
+
 @pytest.mark.parametrize("args,message", [
     (["--mesh=4x4"], "--mesh=4x4 needs 16 devices but 2 are available"),
     (["--config", "nope"], "unknown --config 'nope'"),

@@ -5,6 +5,7 @@
     WORKDIR/tokenizer/       the vocabulary (trained BPE, or the given tokenizer + specials)
     WORKDIR/vqgan_run/       VQ-GAN training (checkpoints, metrics); the model in vqgan_run/vqgan
     WORKDIR/codes/           the images' VQ-GAN codes
+    WORKDIR/stage0/, base/   optional text-only base model (`base_steps`), the "before" model
     WORKDIR/stage1/, stage2/ LLM training stages (checkpoints, metrics.jsonl, tb/, DONE.json)
     WORKDIR/llm/             the final LLM (config, tokenizer, params) for generate/evaluate/export
     WORKDIR/samples/         a few generated reports and images
@@ -77,6 +78,10 @@ class Paths:
     @property
     def llm(self) -> pathlib.Path:
         return self.root / "llm"
+
+    @property
+    def base(self) -> pathlib.Path:
+        return self.root / "base"
 
     @property
     def samples(self) -> pathlib.Path:
@@ -222,6 +227,28 @@ def initial_params(cfg: rc.RunConfig, mesh: Any, vocab: Vocab) -> Any:
     return params
 
 
+def base_model(cfg: rc.RunConfig, paths: Paths, world: pathlib.Path, codes: pathlib.Path,
+               code_table: Any, vocab: Vocab, mesh: Any, say: Say,
+               watcher: PreemptionWatcher | None) -> Any:
+    """Stage 0: `base_steps` of text-only training on the world's instructions, from random
+    weights; the result is saved once to WORKDIR/base/ (the language-retention baseline) and
+    returned as stage 1's starting params. None if preempted."""
+    data = data_for(cfg, 0, world, codes, ("train",))
+    sources = pipeline_lib.load_sources(data, code_table)
+    say(f"stage 0 (base model, text only): {sources.sizes()} training records")
+    result = run_stage(0, model_cfg=cfg.model, train_cfg=rc.stage_train(cfg, 0), data_cfg=data,
+                       loop_cfg=rc.stage_loop(cfg, 0), mesh=mesh, vocab=vocab,
+                       train_sources=sources, eval_sources=None, stage_dir=paths.stage(0),
+                       watcher=watcher, rules=rules_for(cfg.param_sharding))
+    say(f"stage 0: {result.status} at step {result.step}")
+    if result.status == "preempted":
+        return None
+    if not (paths.base / "config.json").exists():
+        save_llm(paths.base, cfg.model, result.params, vocab, step=result.step, overwrite=True)
+        say(f"stage 0: base model in {paths.base}")
+    return result.params
+
+
 def llm_stages(cfg: rc.RunConfig, paths: Paths, world: pathlib.Path, codes: pathlib.Path,
                vocab: Vocab, mesh: Any, stages: tuple[int, ...], say: Say,
                watcher: PreemptionWatcher | None) -> StageResult | None:
@@ -251,7 +278,14 @@ def llm_stages(cfg: rc.RunConfig, paths: Paths, world: pathlib.Path, codes: path
         except ValueError as err:  # a tiny world may hold no usable held-out pair
             say(f"stage {stage}: no held-out evaluation ({err})")
             eval_sources = None
-        init = initial_params(cfg, mesh, vocab) if stage == 1 else params
+        if stage == 1:
+            init = initial_params(cfg, mesh, vocab)
+            if init is None and cfg.base_steps > 0:
+                init = base_model(cfg, paths, world, codes, code_table, vocab, mesh, say, watcher)
+                if init is None:
+                    return None  # preempted in stage 0
+        else:
+            init = params
         result = run_stage(stage, model_cfg=cfg.model, train_cfg=rc.stage_train(cfg, stage),
                            data_cfg=train_data, loop_cfg=rc.stage_loop(cfg, stage), mesh=mesh,
                            vocab=vocab, train_sources=train_sources, eval_sources=eval_sources,

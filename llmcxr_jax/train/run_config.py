@@ -36,6 +36,10 @@ class RunConfig:
     vocab_text_ids: int = 2048
     vqgan_dir: str = ""  # "" = train the VQ-GAN here; else a save_vqgan / import_taming dir
     init_from: str = ""  # "" = random init; else an LLM workdir (launch/import_hf.py output)
+    # Without init_from: steps of text-only training on the world's instructions (stage 0, the
+    # role dolly-v2 plays for LLM-CXR) before stage 1; saved to WORKDIR/base/, the "before" model
+    # of the language-retention evaluation. 0 = stage 1 starts from random weights.
+    base_steps: int = 0
     samples: int = 4  # reports and images generated at the end as a quick look
 
 
@@ -45,7 +49,8 @@ _TOP_LEVEL = tuple(f.name for f in dataclasses.fields(RunConfig) if f.name not i
 
 
 def _phantom(model: str, *, n_studies: int, stage1_steps: int, stage2_steps: int,
-             vqgan_steps: int, batch: int, seq_len: int, lr: float) -> RunConfig:
+             vqgan_steps: int, batch: int, seq_len: int, lr: float, base_steps: int = 0
+             ) -> RunConfig:
     train = TrainConfig(learning_rate=lr, warmup_steps=20, schedule="cosine",
                         total_steps=stage1_steps, global_batch=batch, seq_len=seq_len,
                         weight_decay=0.0)
@@ -66,13 +71,14 @@ def _phantom(model: str, *, n_studies: int, stage1_steps: int, stage2_steps: int
                                perceptual_weight=0.0, log_every=25, dead_code_restart=True,
                                dead_code_window=20, dead_code_restart_every=25,
                                checkpoint_every=max(vqgan_steps // 2, 1)),
+        base_steps=base_steps,
     )
 
 
 RUN_PRESETS: dict[str, RunConfig] = {
     # The embedded default: the phantom world from nothing, on a laptop-class CPU.
     "phantom": _phantom("tiny", n_studies=800, stage1_steps=100, stage2_steps=40,
-                        vqgan_steps=150, batch=8, seq_len=512, lr=1e-3),
+                        vqgan_steps=150, batch=8, seq_len=512, lr=1e-3, base_steps=60),
     # A smoke run on a 16-device simulated mesh (`--mesh=4x4`): the global batch splits 16 ways.
     "tiny": _phantom("tiny", n_studies=120, stage1_steps=20, stage2_steps=10, vqgan_steps=20,
                      batch=16, seq_len=512, lr=1e-3),
@@ -91,7 +97,7 @@ RUN_PRESETS["dolly-v2-3b"] = dataclasses.replace(
     stage2=LoopConfig(steps=2_000, log_every=10, eval_every=250, eval_batches=8,
                       checkpoint_every=250, keep_checkpoints=3),
     world=None, mesh="4x4", param_sharding="data+fsdp", tokenizer="", vocab_text_ids=50_280,
-    init_from="workdir/dolly-v2-3b", vqgan_dir="workdir/llmcxr-vqgan")
+    init_from="workdir/dolly-v2-3b", vqgan_dir="workdir/llmcxr-vqgan", base_steps=0)
 
 
 def run_preset(name: str) -> RunConfig:
@@ -194,13 +200,19 @@ def describe_keys() -> str:
 
 
 def stage_data(cfg: RunConfig, stage: int) -> DataConfig:
-    """Stage 1: every pair, FINDINGS + IMPRESSION; stage 2: the refined subset, IMPRESSION only."""
+    """Stage 0: text instructions only; stage 1: every pair, FINDINGS + IMPRESSION; stage 2: the
+    refined subset, IMPRESSION only."""
+    if stage == 0:
+        return dataclasses.replace(cfg.data, weights=(0.0, 0.0, 1.0, 0.0))
     if stage == 1:
         return cfg.data
     return dataclasses.replace(cfg.data, stage=2, weights=cfg.stage2_weights)
 
 
 def stage_loop(cfg: RunConfig, stage: int) -> LoopConfig:
+    """Stage 0 (the base model) runs `base_steps` steps with stage 1's loop settings."""
+    if stage == 0:
+        return dataclasses.replace(cfg.stage1, steps=cfg.base_steps, eval_every=0)
     return cfg.stage1 if stage == 1 else cfg.stage2
 
 
