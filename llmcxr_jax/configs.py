@@ -64,6 +64,8 @@ class ModelConfig:
     # Numerics and memory.
     dtype: str = "float32"  # compute dtype: "bfloat16" on TPU/GPU, "float32" on CPU
     param_dtype: str = "float32"  # master weights
+    # False: the layer loop is unrolled when traced (same stacked [layers, ...] params, so
+    # checkpoints and shardings do not change): longer compiles, no per-layer loop overheads.
     scan_layers: bool = True
     remat_policy: str = "none"  # none | full | dots | dots_with_no_batch_dims
 

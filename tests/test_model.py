@@ -111,12 +111,14 @@ def _loss_and_grads(config: ModelConfig, params, ids):
     return compiled(params)
 
 
-def test_remat_policies_give_identical_loss_and_grads(reference):
+def test_remat_policies_and_unrolled_layers_give_identical_loss_and_grads(reference):
     _, params = reference
     ids = np.random.default_rng(4).integers(0, VOCAB, (2, 8)).astype(np.int32)
     base_loss, base_grads = _loss_and_grads(CONFIG, params, ids)
-    for policy in REMAT_POLICIES[1:]:
-        loss, grads = _loss_and_grads(dataclasses.replace(CONFIG, remat_policy=policy), params, ids)
+    variants = {p: dataclasses.replace(CONFIG, remat_policy=p) for p in REMAT_POLICIES[1:]}
+    variants["unrolled layers"] = dataclasses.replace(CONFIG, scan_layers=False)
+    for policy, config in variants.items():
+        loss, grads = _loss_and_grads(config, params, ids)
         np.testing.assert_allclose(loss, base_loss, rtol=1e-6, err_msg=policy)
         jax.tree.map(lambda g, h: np.testing.assert_allclose(g, h, rtol=1e-5, atol=1e-7,
                                                              err_msg=policy), grads, base_grads)

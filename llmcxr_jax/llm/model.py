@@ -270,6 +270,7 @@ class GPTNeoX(nn.Module):
         layers = nn.scan(
             block, variable_axes={"params": 0}, split_rngs={"params": True},
             in_axes=(cache_axis, cache_axis) + (nn.broadcast,) * 6, length=cfg.num_layers,
+            unroll=1 if cfg.scan_layers else cfg.num_layers,
             metadata_params={nn.PARTITION_NAME: "layers"})(cfg, name="layers")
         x, new_kv = layers(x, k_cache, v_cache, cos, sin, q_slots, segment_ids, kv_segments,
                            cache_index)

@@ -77,7 +77,7 @@ def _phantom(model: str, *, n_studies: int, stage1_steps: int, stage2_steps: int
 
 RUN_PRESETS: dict[str, RunConfig] = {
     # The embedded default: the phantom world from nothing, on a laptop-class CPU.
-    "phantom": _phantom("tiny", n_studies=800, stage1_steps=100, stage2_steps=40,
+    "phantom": _phantom("tiny", n_studies=800, stage1_steps=300, stage2_steps=90,
                         vqgan_steps=150, batch=8, seq_len=512, lr=1e-3, base_steps=60),
     # A smoke run on a 16-device simulated mesh (`--mesh=4x4`): the global batch splits 16 ways.
     "tiny": _phantom("tiny", n_studies=120, stage1_steps=20, stage2_steps=10, vqgan_steps=20,
