@@ -28,9 +28,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import os
 import pathlib
-import tempfile
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -43,6 +41,7 @@ from safetensors.numpy import load_file, save_file
 
 from llmcxr_jax import configs
 from llmcxr_jax.data.findings import CHEXPERT_LABELS, PHANTOM_DRAWN_LABELS
+from llmcxr_jax.io_utils import atomic_write as _atomic_write
 
 Array = jax.Array
 CONFIG_FILE = "config.json"
@@ -221,20 +220,6 @@ def extract_features(config: ClassifierConfig, params: Any, images: np.ndarray,
 # --------------------------------------------------------------------------------------------------
 # Checkpoint
 # --------------------------------------------------------------------------------------------------
-
-
-def _atomic_write(path: pathlib.Path, write: Callable[[str], None]) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        pathlib.Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save_classifier(directory: str | pathlib.Path, config: ClassifierConfig, params: Any
