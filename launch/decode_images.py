@@ -9,6 +9,10 @@ import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
+from llmcxr_jax.parallel.cpu_devices import split_cpu_into_devices  # noqa: E402
+
+split_cpu_into_devices()  # before JAX is imported: one XLA CPU device per core
+
 from llmcxr_jax.vqgan.encode import decode_codes  # noqa: E402
 
 

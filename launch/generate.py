@@ -25,6 +25,10 @@ import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
+from llmcxr_jax.parallel.cpu_devices import split_cpu_into_devices  # noqa: E402
+
+split_cpu_into_devices()  # before JAX is imported: one XLA CPU device per core
+
 from llmcxr_jax.llm import generate_job, serving  # noqa: E402
 from llmcxr_jax.parallel import mesh as mesh_lib  # noqa: E402
 

@@ -22,13 +22,13 @@ import functools
 import json
 import os
 import pathlib
-import tempfile
 from typing import Any, Iterable, Sequence
 
 import numpy as np
 from tokenizers import AddedToken, Tokenizer
 
 from llmcxr_jax import configs
+from llmcxr_jax.io_utils import atomic_write_text
 
 END_KEY = "### End"
 INSTRUCTION_KEY = "### Instruction:"
@@ -260,8 +260,8 @@ class Vocab:
         """Write `tokenizer.json` and `llmcxr_vocab.json` into `directory` (atomically, per file)."""
         out = pathlib.Path(directory)
         out.mkdir(parents=True, exist_ok=True)
-        _atomic_write(out / TOKENIZER_FILE, self.tokenizer.to_str(pretty=True))
-        _atomic_write(out / VOCAB_META_FILE, json.dumps(self.meta(), indent=2) + "\n")
+        atomic_write_text(out / TOKENIZER_FILE, self.tokenizer.to_str(pretty=True))
+        atomic_write_text(out / VOCAB_META_FILE, json.dumps(self.meta(), indent=2) + "\n")
         return out
 
     @classmethod
@@ -295,17 +295,6 @@ class Vocab:
             eos_token=EOS_TOKEN, bos_token=EOS_TOKEN, unk_token=EOS_TOKEN,
             pad_token=self.tokenizer.id_to_token(self.pad_id),
             additional_special_tokens=list(DOLLY_SPECIALS))
-
-
-def _atomic_write(path: pathlib.Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        pathlib.Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def text_size(tokenizer: Tokenizer) -> int:

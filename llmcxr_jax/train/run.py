@@ -6,7 +6,8 @@
     WORKDIR/vqgan_run/       VQ-GAN training (checkpoints, metrics); the model in vqgan_run/vqgan
     WORKDIR/codes/           the images' VQ-GAN codes
     WORKDIR/stage0/, base/   optional text-only base model (`base_steps`), the "before" model
-    WORKDIR/stage1/, stage2/ LLM training stages (checkpoints, metrics.jsonl, tb/, DONE.json)
+    WORKDIR/stage1/, stage2/ LLM training stages (checkpoints, metrics.jsonl, tensorboard/,
+                             DONE.json)
     WORKDIR/llm/             the final LLM (config, tokenizer, params) for generate/evaluate/export
     WORKDIR/samples/         a few generated reports and images
 

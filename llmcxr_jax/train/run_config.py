@@ -70,7 +70,7 @@ def _phantom(model: str, *, n_studies: int, stage1_steps: int, stage2_steps: int
                                learning_rate=4e-4, disc_start=vqgan_steps + 1,
                                perceptual_weight=0.0, log_every=25, dead_code_restart=True,
                                dead_code_window=20, dead_code_restart_every=25,
-                               checkpoint_every=max(vqgan_steps // 2, 1)),
+                               checkpoint_every=max(vqgan_steps // 2, 1), mesh_data=-1),
         base_steps=base_steps,
     )
 

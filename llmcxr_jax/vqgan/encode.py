@@ -19,9 +19,7 @@ import concurrent.futures
 import functools
 import hashlib
 import json
-import os
 import pathlib
-import tempfile
 from typing import Any, Callable, Iterable, Sequence
 
 import jax
@@ -31,6 +29,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from llmcxr_jax import configs
 from llmcxr_jax.configs import VQGANConfig
+from llmcxr_jax.io_utils import atomic_write
 from llmcxr_jax.data import images as image_lib
 from llmcxr_jax.vqgan.model import VQGAN
 
@@ -113,21 +112,9 @@ def load_model(vqgan: str | pathlib.Path, mesh: Mesh) -> tuple[VQGANConfig, Any,
 # --------------------------------------------------------------------------------------------------
 
 
-def _atomic_write_bytes(path: pathlib.Path, write: Callable[[str], None]) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        pathlib.Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _write_json(path: pathlib.Path, data: Any) -> None:
     text = json.dumps(data, indent=1, sort_keys=True) + "\n"
-    _atomic_write_bytes(path, lambda tmp: pathlib.Path(tmp).write_text(text))
+    atomic_write(path, lambda tmp: pathlib.Path(tmp).write_text(text))
 
 
 def read_index(codes_dir: str | pathlib.Path) -> dict | None:
@@ -200,7 +187,7 @@ class CodesWriter:
             name = f"shard_{len(self.index['shards']):05d}.npz"
             ids = np.array(self._ids, dtype=np.str_)
             codes = np.stack(self._codes)
-            _atomic_write_bytes(self.dir / name, lambda tmp: _savez(tmp, ids, codes))
+            atomic_write(self.dir / name, lambda tmp: _savez(tmp, ids, codes))
             self.index["shards"].append(name)
             self.index["count"] += len(ids)
             self._ids, self._codes = [], []
