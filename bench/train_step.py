@@ -3,8 +3,11 @@ with `--mesh`, the full sharded train step on a device mesh (tokens/s, step time
 
 pythia-70m shape with the extended vocabulary (51,328 rows), B=8, T=512, fp32 on CPU, next-token
 cross-entropy on every position, global-norm clipping at 1.0, weight decay 0 on both sides. Ours
-is the project's train step (`llmcxr_jax.train.step.make_train_step`, one device); the reference
-is `GPTNeoXForCausalLM(labels=...)` + `torch.optim.AdamW` + `clip_grad_norm_`. The first step
+is the project's train step (`llmcxr_jax.train.step.make_train_step`) on the CPU devices the
+launch scripts use by default, one XLA device per core (`parallel/cpu_devices.py`; the batch is
+split over them, params FSDP-sharded; `--devices 1` for a single XLA device); the reference is
+`GPTNeoXForCausalLM(labels=...)` + `torch.optim.AdamW` + `clip_grad_norm_` with `--threads`
+torch threads (default: the same number of cores). The first step
 (compilation for us) is timed separately; the table shows the median of `--steps` timed steps,
 ours and the reference interleaved so both see the same machine load.
 
@@ -46,6 +49,10 @@ from typing import Any
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
+from llmcxr_jax.parallel.cpu_devices import split_cpu_into_devices  # noqa: E402
+
+split_cpu_into_devices()  # as the launch scripts do: one XLA CPU device per core
+
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
@@ -82,7 +89,8 @@ def _timed(fn) -> tuple[float, float]:
     return time.perf_counter() - start, loss
 
 
-def run(batch: int, length: int, steps: int, threads: int, seed: int = 0) -> dict:
+def run(batch: int, length: int, steps: int, threads: int, devices: int = 0,
+        seed: int = 0) -> dict:
     torch.set_num_threads(threads)
     config = model_preset("pythia-70m")
     model = hf_model(config, seed).train()
@@ -91,7 +99,10 @@ def run(batch: int, length: int, steps: int, threads: int, seed: int = 0) -> dic
 
     train_cfg = TrainConfig(learning_rate=LEARNING_RATE, warmup_steps=0, weight_decay=0.0,
                             grad_clip_norm=1.0, global_batch=batch, seq_len=length)
-    mesh = make_mesh({"data": 1}, jax.devices()[:1])
+    n = devices or jax.local_device_count()
+    if batch % n:
+        raise SystemExit(f"--batch {batch} is not divisible by the {n} devices")
+    mesh = make_mesh({"fsdp": n}, jax.devices()[:n])
     step = make_train_step(config, train_cfg, mesh, num_tasks=1)
     state = state_from_params(params, config, train_cfg, mesh)
 
@@ -129,6 +140,7 @@ def run(batch: int, length: int, steps: int, threads: int, seed: int = 0) -> dic
         "ours_compile_s": max(first_ours - ours_s, 0.0),
         "first_loss_ours": loss_ours, "first_loss_reference": loss_ref,
         "ours_all_s": times_ours, "reference_all_s": times_ref,
+        "ours_devices": n, "ours_platform": jax.devices()[0].platform,
     }
 
 
@@ -256,7 +268,10 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--steps", type=int, default=3, help="timed steps after the first")
-    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
+                        help="torch.set_num_threads (default: torch's, one per core)")
+    parser.add_argument("--devices", type=int, default=0,
+                        help="default mode: XLA devices for ours (0 = all local devices)")
     parser.add_argument("--mesh", default=None,
                         help="sharded mode on this mesh (2x4, data:2,fsdp:4, -1, ...); default: "
                              "one device against transformers")
@@ -297,12 +312,13 @@ def main() -> None:
     if args.quick:
         args.batch, args.seq_len, args.steps = 2, 128, 2
 
-    r = run(args.batch, args.seq_len, args.steps, args.threads)
+    r = run(args.batch, args.seq_len, args.steps, args.threads, args.devices)
     if abs(r["first_loss_ours"] - r["first_loss_reference"]) > 1e-3 * r["first_loss_reference"]:
         raise RuntimeError(f"first-step losses differ: ours {r['first_loss_ours']:.6f}, "
                            f"reference {r['first_loss_reference']:.6f}")
     print(f"train step: pythia-70m shape, vocab 51,328, B={args.batch}, T={args.seq_len}, fp32, "
-          f"AdamW, median of {args.steps}")
+          f"AdamW, median of {args.steps}; ours on {r['ours_devices']} {r['ours_platform']} "
+          f"device(s), reference with {args.threads} torch thread(s)")
     print(f"{'':>10} {'step s':>8} {'tokens/s':>10} {'first step s':>13} {'first loss':>11}")
     print(f"{'ours':>10} {r['ours_step_s']:>8.3f} {r['ours_tokens_per_s']:>10.1f} "
           f"{r['ours_first_step_s']:>13.2f} {r['first_loss_ours']:>11.5f}")
