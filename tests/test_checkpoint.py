@@ -1,7 +1,6 @@
 """Checkpoints: sharded round trips onto other meshes, keep-K, the data iterator's position,
 fallback from a damaged latest checkpoint, crash leftovers, params-only restore, SIGTERM."""
 
-import json
 import logging
 import os
 import pathlib

@@ -290,7 +290,7 @@ def train(world: str | pathlib.Path, workdir: str | pathlib.Path,
     for name in (eval_split, test_split):
         if name:
             data[name] = load_split(world, name, size, model_cfg.labels, **read)
-    log(f"classifier data: " + ", ".join(f"{k} {len(v)}" for k, v in data.items())
+    log("classifier data: " + ", ".join(f"{k} {len(v)}" for k, v in data.items())
         + (f"; skipped {skips.total} ({dict(skips.counts)})" if skips.total else ""))
     y, mask = targets(data["train"].labels, cfg.uncertain, cfg.blank)
     tx = make_optimizer(cfg)
