@@ -28,7 +28,6 @@ import pathlib
 import platform
 import statistics
 import sys
-import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
@@ -38,6 +37,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
+from bench.decode import _timed, hf_model  # noqa: E402
 from llmcxr_jax.configs import IMAGE_CODES, model_preset  # noqa: E402
 from llmcxr_jax.llm import hf_mapping, inference  # noqa: E402
 from llmcxr_jax.llm.generate import GenerationConfig  # noqa: E402
@@ -70,26 +70,6 @@ class ImageThenEnd(transformers.LogitsProcessor):
         else:
             allowed[self.end_id] = True
         return scores.masked_fill(~allowed, float("-inf"))
-
-
-def hf_model(config, seed: int) -> "transformers.GPTNeoXForCausalLM":
-    hf_config = transformers.GPTNeoXConfig(
-        vocab_size=config.vocab_size, hidden_size=config.hidden_size,
-        num_hidden_layers=config.num_layers, num_attention_heads=config.num_heads,
-        intermediate_size=config.intermediate_size,
-        rope_parameters={"rope_type": "default", "rope_theta": config.rotary_emb_base,
-                         "partial_rotary_factor": config.rotary_pct},
-        max_position_embeddings=config.max_position_embeddings,
-        layer_norm_eps=config.layer_norm_eps, use_parallel_residual=config.use_parallel_residual,
-        tie_word_embeddings=False)
-    torch.manual_seed(seed)
-    return transformers.GPTNeoXForCausalLM(hf_config).eval()
-
-
-def _timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
 
 
 def run(batch_sizes: list[int], n_tokens: int, repeats: int, threads: int, greedy_tokens: int,

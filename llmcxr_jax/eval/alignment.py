@@ -18,7 +18,6 @@ given too (`f1_all_positive`): it is the higher of the two baselines for rare fi
 
 from __future__ import annotations
 
-import math
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -137,14 +136,3 @@ def report_agreement(generated: Sequence[str], reference: Sequence[str],
     out = scored_block(y, label_scores(gen_values), names, threshold=0.5, with_jaccard=True)
     out["labeler_section"] = section
     return out
-
-
-def finite_or_none(x: Any) -> Any:
-    """NaN / inf -> None, recursively (strict JSON)."""
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, dict):
-        return {k: finite_or_none(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [finite_or_none(v) for v in x]
-    return x

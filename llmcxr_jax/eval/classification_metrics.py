@@ -271,15 +271,15 @@ def _names(names: Sequence[str] | None, n: int) -> list[str]:
     return list(names)
 
 
-def _clean(v: Any) -> Any:
-    """NaN -> None so the result is valid JSON."""
-    if isinstance(v, float) and math.isnan(v):
+def finite_or_none(x: Any) -> Any:
+    """NaN / inf -> None, recursively, so the result is valid (strict) JSON."""
+    if isinstance(x, float) and not math.isfinite(x):
         return None
-    if isinstance(v, dict):
-        return {k: _clean(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_clean(x) for x in v]
-    return v
+    if isinstance(x, dict):
+        return {k: finite_or_none(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [finite_or_none(v) for v in x]
+    return x
 
 
 def evaluate(y_true: Any, y_score: Any, names: Sequence[str] | None = None,
@@ -303,7 +303,7 @@ def evaluate(y_true: Any, y_score: Any, names: Sequence[str] | None = None,
                "recall": f.recall[j], "positives": int(t[:, j].sum()),
                "predicted": int(p[:, j].sum())}
         for j, name in enumerate(names)}
-    return _clean(out)
+    return finite_or_none(out)
 
 
 def _fmt(v: Any) -> str:

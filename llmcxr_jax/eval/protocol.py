@@ -41,7 +41,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from llmcxr_jax.data import images as images_lib
 from llmcxr_jax.data import mimic
 from llmcxr_jax.data.skips import SkipCounter
-from llmcxr_jax.eval import alignment, eval_report, language
+from llmcxr_jax.eval import alignment, classification_metrics, eval_report, language
 from llmcxr_jax.eval import classifier as clf
 from llmcxr_jax.eval import fid as fid_lib
 from llmcxr_jax.eval import text_metrics
@@ -490,7 +490,7 @@ def evaluate(workdir: str | pathlib.Path, options: EvalOptions = EvalOptions(),
                       reconstructed=reconstructed, n_show=options.n_show)
     timing["total_s"] = time.perf_counter() - t0
     result["timing"] = {k: round(v, 2) for k, v in timing.items()}
-    result = alignment.finite_or_none(result)
+    result = classification_metrics.finite_or_none(result)
     tmp = out / (EVAL_FILE + ".tmp")
     tmp.write_text(json.dumps(result, indent=2) + "\n")
     tmp.replace(out / EVAL_FILE)
