@@ -71,19 +71,28 @@ def _padded_batch(left: bool, rng) -> tuple[np.ndarray, np.ndarray]:
     return np.where(mask == 1, ids, 1), mask
 
 
+# Attention in one dense product, and in blocks of 4 query rows (11 = 4 + 4 + 3: causality lets
+# each block skip the keys after it; the uneven last block is covered too).
+BLOCKED = dataclasses.replace(CONFIG, attention_chunk=4)
+ATTENTION = pytest.mark.parametrize("config", [dataclasses.replace(CONFIG, attention_chunk=0),
+                                               BLOCKED], ids=["dense", "blocked"])
+
+
+@ATTENTION
 @pytest.mark.parametrize("left", [True, False], ids=["left_padding", "right_padding"])
-def test_padding_matches_transformers(reference, left):
+def test_padding_matches_transformers(reference, left, config):
     model, params = reference
     ids, mask = _padded_batch(left, np.random.default_rng(int(left)))
     positions = np.clip(np.cumsum(mask, axis=1) - 1, 0, None).astype(np.int32)  # as HF generate
-    ours = np.asarray(_forward(CONFIG)(params, ids, positions, mask))
+    ours = np.asarray(_forward(config)(params, ids, positions, mask))
     ref = _hf_logits(model, ids, attention_mask=mask, position_ids=positions)
     valid = mask == 1
     np.testing.assert_allclose(ours[valid], ref[valid], atol=1e-4, rtol=0)
     assert np.isfinite(ours).all()  # fully padded rows stay NaN-free
 
 
-def test_packed_sequences_match_each_alone(reference):
+@ATTENTION
+def test_packed_sequences_match_each_alone(reference, config):
     model, params = reference
     rng = np.random.default_rng(3)
     a, b = rng.integers(2, VOCAB, 5), rng.integers(2, VOCAB, 6)
@@ -93,7 +102,7 @@ def test_packed_sequences_match_each_alone(reference):
     ids[0], seg[0], pos[0] = np.concatenate([a, b]), [1] * 5 + [2] * 6, [*range(5), *range(6)]
     ids[1, :5], seg[1, :5], pos[1, :5] = a, 1, np.arange(5)  # a alone, right-padded
     ids[2, :6], seg[2, :6], pos[2, :6] = b, 1, np.arange(6)  # b alone
-    out = np.asarray(_forward(CONFIG)(params, ids, pos, seg))
+    out = np.asarray(_forward(config)(params, ids, pos, seg))
     np.testing.assert_allclose(out[0, :5], out[1, :5], atol=1e-5, rtol=0)
     np.testing.assert_allclose(out[0, 5:], out[2, :6], atol=1e-5, rtol=0)
     np.testing.assert_allclose(out[0, 5:], _hf_logits(model, b[None])[0], atol=1e-4, rtol=0)
@@ -111,12 +120,13 @@ def _loss_and_grads(config: ModelConfig, params, ids):
     return compiled(params)
 
 
-def test_remat_policies_and_unrolled_layers_give_identical_loss_and_grads(reference):
+def test_remat_unrolled_layers_and_blocked_attention_give_identical_loss_and_grads(reference):
     _, params = reference
     ids = np.random.default_rng(4).integers(0, VOCAB, (2, 8)).astype(np.int32)
     base_loss, base_grads = _loss_and_grads(CONFIG, params, ids)
     variants = {p: dataclasses.replace(CONFIG, remat_policy=p) for p in REMAT_POLICIES[1:]}
     variants["unrolled layers"] = dataclasses.replace(CONFIG, scan_layers=False)
+    variants["attention in blocks of 3 rows"] = dataclasses.replace(CONFIG, attention_chunk=3)
     for policy, config in variants.items():
         loss, grads = _loss_and_grads(config, params, ids)
         np.testing.assert_allclose(loss, base_loss, rtol=1e-6, err_msg=policy)

@@ -21,6 +21,7 @@ each start at position 0.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import flax
@@ -107,11 +108,31 @@ def dot_product_attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
     return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
 
 
+def causal_blocked_attention(q: Array, k: Array, v: Array, mask: Array, chunk: int) -> Array:
+    """`dot_product_attention` for queries and keys in the same slots (no cache), computed in
+    blocks of `chunk` query rows: block i attends to keys [0, end of block i) only, since causality
+    masks the rest anyway. Fewer FLOPs and softmax work than one dense masked product; equal
+    outputs on every row that attends to anything (fully masked padding rows are garbage in both).
+    """
+    length = q.shape[1]
+    outs = []
+    for start in range(0, length, chunk):
+        end = min(start + chunk, length)
+        outs.append(dot_product_attention(q[:, start:end], k[:, :end], v[:, :end],
+                                          mask[:, :, start:end, :end]))
+    return jnp.concatenate(outs, axis=1) if len(outs) > 1 else outs[0]
+
+
 class Projection(nn.Module):
     """A multi-axis linear map (kernel [*in_shape, *out_shape]) contracting x's trailing in-axes.
 
     Unlike `nn.DenseGeneral`, the kernel is created in its final shape, so its logical
     partitioning applies to every axis (DenseGeneral initialises a flattened 2-D kernel).
+    The product itself is one 2-D matmul, [tokens, prod(in_shape)] x [prod(in_shape),
+    prod(out_shape)]: x's leading axes merge into one (batch is the major one, so its sharding
+    carries over), and so do the kernel's. XLA:CPU computes the weight gradient of a 2-D dot
+    much faster than that of a dot contracting over both batch and length (pythia-70m's LM head
+    fwd+bwd on one core: 10.3 s vs 12.2 s); on TPU and GPU the reshapes are free.
     """
 
     config: ModelConfig
@@ -127,14 +148,14 @@ class Projection(nn.Module):
         dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         kernel = self.param("kernel", _dense_init(cfg, self.in_names + self.out_names),
                             self.in_shape + self.out_shape, pdtype)
-        n_in = len(self.in_shape)
-        y = jax.lax.dot_general(
-            x.astype(dtype), kernel.astype(dtype),
-            ((tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in))), ((), ())))
+        lead = x.shape[:x.ndim - len(self.in_shape)]
+        n_in, n_out = math.prod(self.in_shape), math.prod(self.out_shape)
+        y = jnp.dot(x.reshape(math.prod(lead), n_in).astype(dtype),
+                    kernel.reshape(n_in, n_out).astype(dtype))
         if self.use_bias:
             bias = self.param("bias", _zeros(self.out_names), self.out_shape, pdtype)
-            y = y + bias.astype(dtype)
-        return y
+            y = y + bias.reshape(n_out).astype(dtype)
+        return y.reshape(lead + self.out_shape)
 
 
 class Attention(nn.Module):
@@ -164,7 +185,10 @@ class Attention(nn.Module):
             kv_slots = jnp.broadcast_to(jnp.arange(k.shape[1]), (k.shape[0], k.shape[1]))
             new_cache = (k, v)
         mask = attention_mask(q_slots, segment_ids, kv_slots, kv_segments)
-        out = dot_product_attention(q, k.astype(dtype), v.astype(dtype), mask)
+        if k_cache is None and 0 < cfg.attention_chunk < q.shape[1]:
+            out = causal_blocked_attention(q, k, v, mask, cfg.attention_chunk)
+        else:
+            out = dot_product_attention(q, k.astype(dtype), v.astype(dtype), mask)
         out = Projection(cfg, in_shape=(cfg.num_heads, cfg.head_dim),
                          out_shape=(cfg.hidden_size,), in_names=("heads", "kv"),
                          out_names=("embed",), use_bias=cfg.attention_bias, name="dense")(out)
@@ -177,15 +201,12 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         cfg = self.config
-        dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
-        h = nn.Dense(cfg.intermediate_size, dtype=dtype, param_dtype=pdtype,
-                     kernel_init=_dense_init(cfg, ("embed", "mlp")), bias_init=_zeros(("mlp",)),
-                     name="dense_h_to_4h")(x)
+        h = Projection(cfg, in_shape=(cfg.hidden_size,), out_shape=(cfg.intermediate_size,),
+                       in_names=("embed",), out_names=("mlp",), name="dense_h_to_4h")(x)
         h = nn.with_logical_constraint(h, ("batch", "length", "act_mlp"))
         h = jax.nn.gelu(h, approximate=False)
-        return nn.Dense(cfg.hidden_size, dtype=dtype, param_dtype=pdtype,
-                        kernel_init=_dense_init(cfg, ("mlp", "embed")), bias_init=_zeros(("embed",)),
-                        name="dense_4h_to_h")(h)
+        return Projection(cfg, in_shape=(cfg.intermediate_size,), out_shape=(cfg.hidden_size,),
+                          in_names=("mlp",), out_names=("embed",), name="dense_4h_to_h")(h)
 
 
 def _layer_norm(cfg: ModelConfig, name: str) -> nn.LayerNorm:
@@ -276,9 +297,9 @@ class GPTNeoX(nn.Module):
                            cache_index)
 
         x = _layer_norm(cfg, "final_layer_norm")(x)
-        logits = nn.Dense(cfg.vocab_size, use_bias=False, dtype=jnp.dtype(cfg.dtype),
-                          param_dtype=jnp.dtype(cfg.param_dtype),
-                          kernel_init=_dense_init(cfg, ("embed", "vocab")), name="embed_out")(x)
+        logits = Projection(cfg, in_shape=(cfg.hidden_size,), out_shape=(cfg.vocab_size,),
+                            in_names=("embed",), out_names=("vocab",), use_bias=False,
+                            name="embed_out")(x)
         logits = nn.with_logical_constraint(logits, ("batch", "length", "act_vocab"))
         if cache is None:
             return logits
