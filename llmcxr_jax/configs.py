@@ -68,6 +68,10 @@ class ModelConfig:
     # checkpoints and shardings do not change): longer compiles, no per-layer loop overheads.
     scan_layers: bool = True
     remat_policy: str = "none"  # none | full | dots | dots_with_no_batch_dims
+    # Causal attention without a KV cache runs in blocks of this many query rows, each against
+    # the keys up to its last row only, skipping the masked upper triangle (T=512, 128: 5/8 of
+    # the dense products); 0 = one dense masked product. Same result either way.
+    attention_chunk: int = 128
 
     @property
     def head_dim(self) -> int:
@@ -81,6 +85,8 @@ class ModelConfig:
         if self.hidden_size % self.num_heads:
             raise ValueError(
                 f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        if self.attention_chunk < 0:
+            raise ValueError(f"attention_chunk must be >= 0, got {self.attention_chunk}")
         if self.remat_policy not in REMAT_POLICIES:
             raise ValueError(f"remat_policy {self.remat_policy!r} not in {REMAT_POLICIES}")
 
@@ -95,15 +101,19 @@ def extended_vocab_rows(n_text: int = DOLLY_TEXT_IDS, n_image: int = IMAGE_CODES
 
 _PYTHIA = dict(max_position_embeddings=2048, rotary_pct=0.25, use_parallel_residual=True)
 _EXT = extended_vocab_rows()  # 51,328 rows for the dolly-v2 tokenizer + 1,024 image ids
+# The small presets unroll their few layers: compiles stay short, and the layer scan's per-layer
+# slicing and stacking cost XLA:CPU ~9 % of pythia-70m's train step (bench/train_step.py).
+_UNROLLED = dict(scan_layers=False)
 
 MODEL_PRESETS: dict[str, ModelConfig] = {
     # Tests and the phantom world: vocabulary of a small trained BPE (2,048 text ids) + 1,024 codes.
     "tiny": ModelConfig(vocab_size=extended_vocab_rows(2048), hidden_size=128, num_layers=2,
-                        num_heads=4, intermediate_size=512, max_position_embeddings=1024),
+                        num_heads=4, intermediate_size=512, max_position_embeddings=1024,
+                        **_UNROLLED),
     "pythia-70m": ModelConfig(vocab_size=_EXT, hidden_size=512, num_layers=6, num_heads=8,
-                              intermediate_size=2048, **_PYTHIA),
+                              intermediate_size=2048, **_PYTHIA, **_UNROLLED),
     "pythia-160m": ModelConfig(vocab_size=_EXT, hidden_size=768, num_layers=12, num_heads=12,
-                               intermediate_size=3072, **_PYTHIA),
+                               intermediate_size=3072, **_PYTHIA, **_UNROLLED),
     "pythia-410m": ModelConfig(vocab_size=_EXT, hidden_size=1024, num_layers=24, num_heads=16,
                                intermediate_size=4096, **_PYTHIA),
     "pythia-1b": ModelConfig(vocab_size=_EXT, hidden_size=2048, num_layers=16, num_heads=8,
