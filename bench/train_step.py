@@ -3,13 +3,14 @@ with `--mesh`, the full sharded train step on a device mesh (tokens/s, step time
 
 pythia-70m shape with the extended vocabulary (51,328 rows), B=8, T=512, fp32 on CPU, next-token
 cross-entropy on every position, global-norm clipping at 1.0, weight decay 0 on both sides. Ours
-is the project's train step (`llmcxr_jax.train.step.make_train_step`) on the CPU devices the
-launch scripts use by default, one XLA device per core (`parallel/cpu_devices.py`; the batch is
-split over them, params FSDP-sharded; `--devices 1` for a single XLA device); the reference is
-`GPTNeoXForCausalLM(labels=...)` + `torch.optim.AdamW` + `clip_grad_norm_` with `--threads`
-torch threads (default: the same number of cores). The first step
+is the project's train step (`llmcxr_jax.train.step.make_train_step`), timed on one XLA CPU
+device (one process, all cores, like the reference: this gives `ratio_vs_reference`) and on all
+the CPU devices the launch scripts split the host into, one per core (`parallel/cpu_devices.py`;
+batch split over them, params FSDP-sharded: `ratio_vs_reference_<n>_devices`); `--devices`
+picks the counts. The reference is `GPTNeoXForCausalLM(labels=...)` + `torch.optim.AdamW` +
+`clip_grad_norm_` with `--threads` torch threads (default: one per core). The first step
 (compilation for us) is timed separately; the table shows the median of `--steps` timed steps,
-ours and the reference interleaved so both see the same machine load.
+ours and the reference interleaved so all see the same machine load.
 
     python bench/train_step.py            # B=8, T=512
     python bench/train_step.py --quick    # B=2, T=128 smoke run
@@ -89,8 +90,10 @@ def _timed(fn) -> tuple[float, float]:
     return time.perf_counter() - start, loss
 
 
-def run(batch: int, length: int, steps: int, threads: int, devices: int = 0,
+def run(batch: int, length: int, steps: int, threads: int, device_counts: tuple[int, ...],
         seed: int = 0) -> dict:
+    """Ours on each of `device_counts` XLA devices (batch split, params FSDP) and the reference,
+    all from the same weights, timed interleaved; keys of the first count are unsuffixed."""
     torch.set_num_threads(threads)
     config = model_preset("pythia-70m")
     model = hf_model(config, seed).train()
@@ -99,20 +102,22 @@ def run(batch: int, length: int, steps: int, threads: int, devices: int = 0,
 
     train_cfg = TrainConfig(learning_rate=LEARNING_RATE, warmup_steps=0, weight_decay=0.0,
                             grad_clip_norm=1.0, global_batch=batch, seq_len=length)
-    n = devices or jax.local_device_count()
-    if batch % n:
-        raise SystemExit(f"--batch {batch} is not divisible by the {n} devices")
-    mesh = make_mesh({"fsdp": n}, jax.devices()[:n])
-    step = make_train_step(config, train_cfg, mesh, num_tasks=1)
-    state = state_from_params(params, config, train_cfg, mesh)
+    ours = {}
+    for n in device_counts:
+        if batch % n:
+            raise SystemExit(f"--batch {batch} is not divisible by the {n} devices")
+        mesh = make_mesh({"fsdp": n}, jax.devices()[:n])
+        own_params = jax.tree_util.tree_map(jnp.copy, params)  # each state's buffers donated
+        ours[n] = [make_train_step(config, train_cfg, mesh, num_tasks=1),
+                   state_from_params(own_params, config, train_cfg, mesh)]
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE, weight_decay=0.0,
                                   betas=(train_cfg.b1, train_cfg.b2), eps=train_cfg.eps)
     batches = [make_batch(batch, length, seed + i) for i in range(steps + 1)]
 
-    def ours(b: dict) -> float:
-        nonlocal state
-        state, metrics = step(state, b)
+    def ours_step(n: int, b: dict) -> float:
+        step, state = ours[n]
+        ours[n][1], metrics = step(state, b)
         return float(jax.block_until_ready(metrics["loss"]))
 
     def reference(b: dict) -> float:
@@ -124,24 +129,30 @@ def run(batch: int, length: int, steps: int, threads: int, devices: int = 0,
         optimizer.step()
         return float(out.loss.detach())
 
-    first_ours, loss_ours = _timed(lambda: ours(batches[0]))
+    first = {n: _timed(lambda: ours_step(n, batches[0])) for n in device_counts}
     first_ref, loss_ref = _timed(lambda: reference(batches[0]))
-    times_ours, times_ref = [], []
+    times = {n: [] for n in device_counts}
+    times_ref = []
     for b in batches[1:]:
-        times_ours.append(_timed(lambda: ours(b))[0])
+        for n in device_counts:
+            times[n].append(_timed(lambda: ours_step(n, b))[0])
         times_ref.append(_timed(lambda: reference(b))[0])
-    ours_s, ref_s = statistics.median(times_ours), statistics.median(times_ref)
+    ref_s = statistics.median(times_ref)
     tokens = batch * length
-    return {
-        "ours_step_s": ours_s, "reference_step_s": ref_s,
-        "ours_tokens_per_s": tokens / ours_s, "reference_tokens_per_s": tokens / ref_s,
-        "ratio_vs_reference": ref_s / ours_s,
-        "ours_first_step_s": first_ours, "reference_first_step_s": first_ref,
-        "ours_compile_s": max(first_ours - ours_s, 0.0),
-        "first_loss_ours": loss_ours, "first_loss_reference": loss_ref,
-        "ours_all_s": times_ours, "reference_all_s": times_ref,
-        "ours_devices": n, "ours_platform": jax.devices()[0].platform,
-    }
+    result = {"reference_step_s": ref_s, "reference_tokens_per_s": tokens / ref_s,
+              "reference_first_step_s": first_ref, "first_loss_reference": loss_ref,
+              "reference_all_s": times_ref, "ours_platform": jax.devices()[0].platform,
+              "ours_devices": list(device_counts)}
+    for i, n in enumerate(device_counts):
+        ours_s = statistics.median(times[n])
+        suffix = "" if i == 0 else f"_{n}_devices"
+        result.update({
+            f"ours_step_s{suffix}": ours_s, f"ours_tokens_per_s{suffix}": tokens / ours_s,
+            f"ratio_vs_reference{suffix}": ref_s / ours_s,
+            f"ours_first_step_s{suffix}": first[n][0],
+            f"ours_compile_s{suffix}": max(first[n][0] - ours_s, 0.0),
+            f"first_loss_ours{suffix}": first[n][1], f"ours_all_s{suffix}": times[n]})
+    return result
 
 
 def _timed_step(step, state, batch: dict) -> tuple[Any, float, float]:
@@ -270,8 +281,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="timed steps after the first")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
                         help="torch.set_num_threads (default: torch's, one per core)")
-    parser.add_argument("--devices", type=int, default=0,
-                        help="default mode: XLA devices for ours (0 = all local devices)")
+    parser.add_argument("--devices", default=f"1,{jax.local_device_count()}",
+                        help="default mode: comma-separated XLA device counts for ours; the "
+                             "first gives ratio_vs_reference (default: 1, then all local "
+                             "devices = the launch scripts' CPU split)")
     parser.add_argument("--mesh", default=None,
                         help="sharded mode on this mesh (2x4, data:2,fsdp:4, -1, ...); default: "
                              "one device against transformers")
@@ -312,23 +325,35 @@ def main() -> None:
     if args.quick:
         args.batch, args.seq_len, args.steps = 2, 128, 2
 
-    r = run(args.batch, args.seq_len, args.steps, args.threads, args.devices)
-    if abs(r["first_loss_ours"] - r["first_loss_reference"]) > 1e-3 * r["first_loss_reference"]:
-        raise RuntimeError(f"first-step losses differ: ours {r['first_loss_ours']:.6f}, "
-                           f"reference {r['first_loss_reference']:.6f}")
+    counts = tuple(dict.fromkeys(int(x) for x in args.devices.split(",")))
+    if not counts or min(counts) < 1 or max(counts) > jax.local_device_count():
+        parser.error(f"--devices {args.devices}: counts between 1 and the "
+                     f"{jax.local_device_count()} local devices")
+    r = run(args.batch, args.seq_len, args.steps, args.threads, counts)
+    for i, n in enumerate(counts):
+        suffix = "" if i == 0 else f"_{n}_devices"
+        loss = r[f"first_loss_ours{suffix}"]
+        if abs(loss - r["first_loss_reference"]) > 1e-3 * r["first_loss_reference"]:
+            raise RuntimeError(f"first-step losses differ: ours on {n} device(s) {loss:.6f}, "
+                               f"reference {r['first_loss_reference']:.6f}")
     print(f"train step: pythia-70m shape, vocab 51,328, B={args.batch}, T={args.seq_len}, fp32, "
-          f"AdamW, median of {args.steps}; ours on {r['ours_devices']} {r['ours_platform']} "
-          f"device(s), reference with {args.threads} torch thread(s)")
-    print(f"{'':>10} {'step s':>8} {'tokens/s':>10} {'first step s':>13} {'first loss':>11}")
-    print(f"{'ours':>10} {r['ours_step_s']:>8.3f} {r['ours_tokens_per_s']:>10.1f} "
-          f"{r['ours_first_step_s']:>13.2f} {r['first_loss_ours']:>11.5f}")
-    print(f"{'reference':>10} {r['reference_step_s']:>8.3f} {r['reference_tokens_per_s']:>10.1f} "
+          f"AdamW, median of {args.steps}; ours on {r['ours_platform']} XLA devices, "
+          f"reference with {args.threads} torch thread(s)")
+    print(f"{'':>18} {'step s':>8} {'tokens/s':>10} {'first step s':>13} {'first loss':>11} "
+          f"{'ratio':>6}")
+    for i, n in enumerate(counts):
+        suffix = "" if i == 0 else f"_{n}_devices"
+        print(f"{f'ours, {n} device(s)':>18} {r[f'ours_step_s{suffix}']:>8.3f} "
+              f"{r[f'ours_tokens_per_s{suffix}']:>10.1f} {r[f'ours_first_step_s{suffix}']:>13.2f} "
+              f"{r[f'first_loss_ours{suffix}']:>11.5f} {r[f'ratio_vs_reference{suffix}']:>5.2f}x")
+    print(f"{'reference':>18} {r['reference_step_s']:>8.3f} {r['reference_tokens_per_s']:>10.1f} "
           f"{r['reference_first_step_s']:>13.2f} {r['first_loss_reference']:>11.5f}")
-    print(f"ratio (ours / reference tokens/s): {r['ratio_vs_reference']:.2f}")
+    print(f"ratio (ours on {counts[0]} device(s) / reference tokens/s): "
+          f"{r['ratio_vs_reference']:.2f}")
     summary = {"bench": "train_step", "model": "pythia-70m", "vocab_rows": 51_328,
                "batch": args.batch, "seq_len": args.seq_len, "steps": args.steps,
                "torch_threads": args.threads, "quick": args.quick,
-               **{k: v for k, v in r.items() if not k.endswith("_all_s")}}
+               **{k: v for k, v in r.items() if "_all_s" not in k}}
     print(json.dumps(summary))
 
 
