@@ -90,6 +90,11 @@ def _timed(fn) -> tuple[float, float]:
     return time.perf_counter() - start, loss
 
 
+def _suffix(i: int, n: int) -> str:
+    """Result-key suffix of the i-th device count: none for the first (the headline)."""
+    return "" if i == 0 else f"_{n}_devices"
+
+
 def run(batch: int, length: int, steps: int, threads: int, device_counts: tuple[int, ...],
         seed: int = 0) -> dict:
     """Ours on each of `device_counts` XLA devices (batch split, params FSDP) and the reference,
@@ -145,7 +150,7 @@ def run(batch: int, length: int, steps: int, threads: int, device_counts: tuple[
               "ours_devices": list(device_counts)}
     for i, n in enumerate(device_counts):
         ours_s = statistics.median(times[n])
-        suffix = "" if i == 0 else f"_{n}_devices"
+        suffix = _suffix(i, n)
         result.update({
             f"ours_step_s{suffix}": ours_s, f"ours_tokens_per_s{suffix}": tokens / ours_s,
             f"ratio_vs_reference{suffix}": ref_s / ours_s,
@@ -331,7 +336,7 @@ def main() -> None:
                      f"{jax.local_device_count()} local devices")
     r = run(args.batch, args.seq_len, args.steps, args.threads, counts)
     for i, n in enumerate(counts):
-        suffix = "" if i == 0 else f"_{n}_devices"
+        suffix = _suffix(i, n)
         loss = r[f"first_loss_ours{suffix}"]
         if abs(loss - r["first_loss_reference"]) > 1e-3 * r["first_loss_reference"]:
             raise RuntimeError(f"first-step losses differ: ours on {n} device(s) {loss:.6f}, "
@@ -342,7 +347,7 @@ def main() -> None:
     print(f"{'':>18} {'step s':>8} {'tokens/s':>10} {'first step s':>13} {'first loss':>11} "
           f"{'ratio':>6}")
     for i, n in enumerate(counts):
-        suffix = "" if i == 0 else f"_{n}_devices"
+        suffix = _suffix(i, n)
         print(f"{f'ours, {n} device(s)':>18} {r[f'ours_step_s{suffix}']:>8.3f} "
               f"{r[f'ours_tokens_per_s{suffix}']:>10.1f} {r[f'ours_first_step_s{suffix}']:>13.2f} "
               f"{r[f'first_loss_ours{suffix}']:>11.5f} {r[f'ratio_vs_reference{suffix}']:>5.2f}x")

@@ -120,7 +120,7 @@ def causal_blocked_attention(q: Array, k: Array, v: Array, mask: Array, chunk: i
         end = min(start + chunk, length)
         outs.append(dot_product_attention(q[:, start:end], k[:, :end], v[:, :end],
                                           mask[:, :, start:end, :end]))
-    return jnp.concatenate(outs, axis=1) if len(outs) > 1 else outs[0]
+    return jnp.concatenate(outs, axis=1)
 
 
 class Projection(nn.Module):
