@@ -35,9 +35,8 @@ from llmcxr_jax.data import mimic  # noqa: E402
 from llmcxr_jax.data import pipeline as P  # noqa: E402
 from llmcxr_jax.data.skips import SkipCounter  # noqa: E402
 from llmcxr_jax.text import prompts  # noqa: E402
-from llmcxr_jax.text.vocab import Vocab, load_vocab  # noqa: E402
+from llmcxr_jax.text.vocab import Vocab, gpt_neox_20b_dir, load_vocab  # noqa: E402
 
-NEOX = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "gpt-neox-20b"
 PRESETS = {"tiny": dict(seq_len=1024, vocab="bpe"), "pythia-70m": dict(seq_len=2048, vocab="neox")}
 
 
@@ -62,7 +61,7 @@ def world_texts(world: pathlib.Path) -> list[str]:
 
 def get_vocab(kind: str, world: pathlib.Path) -> Vocab:
     if kind == "neox":
-        return load_vocab(NEOX)
+        return load_vocab(gpt_neox_20b_dir())
     from llmcxr_jax.text.bpe import train_bpe
 
     return train_bpe(world_texts(world), vocab_size=2048)

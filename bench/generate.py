@@ -42,10 +42,8 @@ from llmcxr_jax.configs import IMAGE_CODES, model_preset  # noqa: E402
 from llmcxr_jax.llm import hf_mapping, inference  # noqa: E402
 from llmcxr_jax.llm.generate import GenerationConfig  # noqa: E402
 from llmcxr_jax.text import prompts  # noqa: E402
-from llmcxr_jax.text.vocab import load_vocab  # noqa: E402
+from llmcxr_jax.text.vocab import gpt_neox_20b_dir, load_vocab  # noqa: E402
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-TOKENIZER = REPO.parent / "shared" / "data" / "gpt-neox-20b"
 REPORTS = ("Moderate left pleural effusion.", "Mild cardiomegaly. No acute intrathoracic process.",
            "Large right pneumothorax.", "Extensive opacity in the lingula.",
            "Right internal jugular line in standard position. No acute intrathoracic abnormality.",
@@ -75,7 +73,7 @@ class ImageThenEnd(transformers.LogitsProcessor):
 def run(batch_sizes: list[int], n_tokens: int, repeats: int, threads: int, greedy_tokens: int,
         seed: int = 0) -> dict:
     torch.set_num_threads(threads)
-    vocab = load_vocab(TOKENIZER, n_image=IMAGE_CODES)
+    vocab = load_vocab(gpt_neox_20b_dir(), n_image=IMAGE_CODES)
     config = model_preset("pythia-70m")
     if vocab.embed_rows != config.vocab_size:
         raise RuntimeError(f"vocabulary rows {vocab.embed_rows} != model {config.vocab_size}")

@@ -8,15 +8,10 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import pytest  # noqa: E402
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
-NEOX_TOKENIZER_DIR = SHARED_DATA / "gpt-neox-20b"
-
 
 @pytest.fixture(scope="session")
 def neox_tokenizer_dir() -> pathlib.Path:
-    """The real GPT-NeoX-20B tokenizer shipped in ../shared/data (no network needed)."""
-    path = NEOX_TOKENIZER_DIR / "tokenizer.json"
-    if not path.exists():
-        raise FileNotFoundError(f"{path} is missing: the tests need ../shared/data beside the repo")
-    return NEOX_TOKENIZER_DIR
+    """The real GPT-NeoX-20B tokenizer, shipped in the package (no network needed)."""
+    from llmcxr_jax.text.vocab import gpt_neox_20b_dir
+
+    return gpt_neox_20b_dir()

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib.resources
 import json
 import os
 import pathlib
@@ -313,6 +314,12 @@ def resolve_tokenizer_file(path: str | os.PathLike) -> pathlib.Path:
     elif not p.exists():
         raise FileNotFoundError(f"tokenizer file {p} not found (hub names are not resolved)")
     return p
+
+
+def gpt_neox_20b_dir() -> pathlib.Path:
+    """The directory of the GPT-NeoX-20B tokenizer shipped as package data (`tokenizer.json`;
+    provenance and licence in its README.md), for tests and benchmarks without network access."""
+    return pathlib.Path(str(importlib.resources.files("llmcxr_jax.text") / "gpt_neox_20b"))
 
 
 def add_dolly_specials(tokenizer: Tokenizer) -> Tokenizer:
