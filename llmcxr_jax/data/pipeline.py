@@ -85,7 +85,8 @@ def pair_records(pairs: Sequence[mimic.MimicRecord], direction: str) -> dict[str
     out: dict[str, list[dict]] = {"report2image": [], "image2report": []}
     for p in pairs:
         for task in prompts.direction_for_pair(p.pair_index, direction):
-            out[task].append({"report": p.report, "codes": p.codes, "id": p.dicom_id})
+            out[task].append({"report": p.report, "codes": p.codes, "id": p.dicom_id,
+                              "study": f"{p.subject_id}/{p.study_id}"})
     return out
 
 

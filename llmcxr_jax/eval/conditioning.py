@@ -1,0 +1,230 @@
+"""The conditioning gap: how much a pair's true input lowers the response loss.
+
+For one direction (report -> image or image -> report) and a set of image-report pairs:
+
+    gap = NLL(response | another study's input) - NLL(response | its own input)
+
+in nats per response token, pooled over the pairs (sum of NLL over every response token, divided
+by the number of response tokens; the response, and so the token count, is the same in both
+terms). Each pair gets its input from another study by a seeded derangement: no pair keeps its
+own input, nor one from a record of its own study (those share the report). The gap is zero when
+the model ignores its input, and positive when the true input helps.
+
+Examples are built by the training prompt builders (`text.prompts`), with one fixed phrasing per
+pair, the same for the true and the mismatched example, and scored on the response tokens only
+(the training loss mask). They are batched, padded to a bucketed length (one compiled program per
+length) and, with a mesh, sharded over its batch axes.
+
+    from llmcxr_jax.eval.conditioning import conditioning_gap
+    result = conditioning_gap(params, model_cfg, vocab, records, "report2image")
+    result.gap, result.nll_true, result.nll_mismatched, result.n_pairs
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from llmcxr_jax.configs import ModelConfig
+from llmcxr_jax.llm.model import GPTNeoX
+from llmcxr_jax.parallel.rules import LOGICAL_AXIS_RULES
+from llmcxr_jax.text import prompts
+from llmcxr_jax.text.vocab import Vocab
+from llmcxr_jax.train.loss import token_nll_and_correct
+
+DIRECTIONS = ("report2image", "image2report")
+Pair = Any  # a data.mimic.MimicRecord, or a dict with `report`, `codes` (and `study`, `id`)
+
+
+@dataclasses.dataclass(frozen=True)
+class GapResult:
+    """The gap of one direction on `n_pairs` pairs; NLLs in nats per response token.
+
+    `pair_*` hold each pair's response NLL sums (true and mismatched input) and response token
+    counts, so that intervals over pairs can be drawn from them."""
+
+    direction: str
+    n_pairs: int
+    nll_true: float
+    nll_mismatched: float
+    gap: float
+    pair_nll_true: tuple[float, ...]
+    pair_nll_mismatched: tuple[float, ...]
+    pair_tokens: tuple[float, ...]
+
+    def as_dict(self) -> dict[str, Any]:
+        """The summary numbers (no per-pair arrays), for JSON."""
+        return {"n_pairs": self.n_pairs, "gap": self.gap, "nll_true": self.nll_true,
+                "nll_mismatched": self.nll_mismatched}
+
+
+def _field(pair: Pair, name: str) -> Any:
+    return pair[name] if isinstance(pair, Mapping) else getattr(pair, name)
+
+
+def study_key(pair: Pair) -> str:
+    """The study a pair belongs to: `subject_id/study_id` of a MimicRecord, a dict's `study`
+    (else its `id`, else its report text: pairs with one report are one study)."""
+    if isinstance(pair, Mapping):
+        return str(pair.get("study") or pair.get("id") or pair["report"])
+    return f"{pair.subject_id}/{pair.study_id}"
+
+
+def derangement(groups: Sequence[Any], seed: int) -> np.ndarray:
+    """`donor[i]`: a permutation of range(n) in which every i gets a donor of another group.
+
+    Groups are laid out contiguously in a seeded random order (members shuffled too), and each
+    position takes the one `m` places further round the cycle, m = the largest group's size: a
+    block of s <= m members never reaches itself in m steps forward, nor in n - m >= m steps.
+    Raises ValueError when no such permutation exists (n < 2, or a group holds over half)."""
+    n = len(groups)
+    by_group: dict[Any, list[int]] = {}
+    for i, g in enumerate(groups):
+        by_group.setdefault(g, []).append(i)
+    largest = max((len(v) for v in by_group.values()), default=0)
+    if n < 2 or 2 * largest > n:
+        raise ValueError(f"no derangement across groups: {n} pairs, the largest study holds "
+                         f"{largest} (need n >= 2 and no study with more than half)")
+    rng = np.random.default_rng(seed)
+    members = list(by_group.values())
+    order = np.concatenate([rng.permutation(members[k]) for k in rng.permutation(len(members))])
+    donor = np.empty(n, np.int64)
+    donor[order] = np.roll(order, -largest)
+    return donor
+
+
+def phrasings(n: int, seed: int) -> np.ndarray:
+    """One instruction phrasing index per pair (both directions have ten phrasings)."""
+    count = len(prompts.REPORT_TO_IMAGE_INSTRUCTIONS)
+    assert count == len(prompts.IMAGE_TO_REPORT_INSTRUCTIONS)
+    return np.random.default_rng([seed, 1]).integers(count, size=n)
+
+
+def example(vocab: Vocab, direction: str, input_pair: Pair, target_pair: Pair,
+            phrasing: int) -> prompts.Example:
+    """The training example of `direction` with `input_pair`'s input and `target_pair`'s
+    response (the same pair for the true example)."""
+    if direction == "report2image":
+        return prompts.report_to_image_example(vocab, _field(input_pair, "report"),
+                                               _field(target_pair, "codes"), int(phrasing))
+    if direction == "image2report":
+        return prompts.image_to_report_example(vocab, _field(input_pair, "codes"),
+                                               _field(target_pair, "report"), int(phrasing))
+    raise ValueError(f"direction {direction!r} not in {DIRECTIONS}")
+
+
+def gap_examples(vocab: Vocab, pairs: Sequence[Pair], direction: str, seed: int = 0
+                 ) -> tuple[list[prompts.Example], list[prompts.Example]]:
+    """(true examples, mismatched examples), pair i's at index i in both."""
+    donor = derangement([study_key(p) for p in pairs], seed)
+    phrase = phrasings(len(pairs), seed)
+    true = [example(vocab, direction, p, p, phrase[i]) for i, p in enumerate(pairs)]
+    mismatched = [example(vocab, direction, pairs[donor[i]], p, phrase[i])
+                  for i, p in enumerate(pairs)]
+    return true, mismatched
+
+
+@functools.lru_cache(maxsize=16)
+def _row_nll_fn(model_cfg: ModelConfig, mesh: Mesh | None, rules: Any) -> Any:
+    """jitted (params, inputs, targets, segment_ids, weights) -> per-row weighted NLL sums."""
+    model = GPTNeoX(model_cfg)
+
+    def row_nll(params, inputs, targets, segment_ids, weights):
+        positions = jnp.broadcast_to(jnp.arange(inputs.shape[1], dtype=jnp.int32), inputs.shape)
+        with nn.logical_axis_rules(rules):
+            logits = model.apply({"params": params}, inputs, positions, segment_ids)
+        nll, _ = token_nll_and_correct(logits, targets)
+        return jnp.sum(nll * weights, axis=1)
+
+    if mesh is None:
+        return jax.jit(row_nll)
+    from llmcxr_jax.data.pipeline import batch_sharding
+
+    rows = batch_sharding(mesh)
+    jitted = jax.jit(row_nll, in_shardings=(None, rows, rows, rows, rows))
+
+    def run(*args):
+        with jax.set_mesh(mesh):
+            return jitted(*args)
+    return run
+
+
+def _batch_rows(mesh: Mesh | None, batch_size: int) -> int:
+    """`batch_size` rounded up to a multiple of the mesh's batch-axis devices."""
+    if mesh is None:
+        return batch_size
+    from llmcxr_jax.data.pipeline import batch_axes
+
+    n = int(np.prod([mesh.shape[a] for a in batch_axes(mesh)] or [1]))
+    return -(-batch_size // n) * n
+
+
+def response_nll_sums(params: Any, model_cfg: ModelConfig, examples: Sequence[prompts.Example],
+                      *, batch_size: int = 8, bucket: int = 64, mesh: Mesh | None = None,
+                      rules: Any = LOGICAL_AXIS_RULES) -> tuple[np.ndarray, np.ndarray]:
+    """(NLL sum over response tokens, response token count) per example, in input order.
+
+    Token t is scored by the logits at t - 1 with the loss mask's weight at t, as in training.
+    Examples are length-sorted into batches of `batch_size` rows padded to a multiple of
+    `bucket` tokens (padding rows and positions weigh nothing)."""
+    fn = _row_nll_fn(model_cfg, mesh, rules)
+    rows = _batch_rows(mesh, batch_size)
+    nll = np.zeros(len(examples))
+    tokens = np.array([float(ex.loss_mask[1:].sum()) for ex in examples])
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i]))
+    for start in range(0, len(order), rows):
+        idx = order[start:start + rows]
+        length = -(-max(len(examples[i]) - 1 for i in idx) // bucket) * bucket
+        if length > model_cfg.max_position_embeddings:
+            raise ValueError(f"an example of {length} tokens (bucketed) exceeds the model's "
+                             f"{model_cfg.max_position_embeddings} positions")
+        inputs = np.zeros((rows, length), np.int32)
+        targets = np.zeros((rows, length), np.int32)
+        segments = np.zeros((rows, length), np.int32)
+        weights = np.zeros((rows, length), np.float32)
+        for row, i in enumerate(idx):
+            ids, mask = examples[i].ids, examples[i].loss_mask
+            n = len(ids) - 1
+            inputs[row, :n], targets[row, :n] = ids[:-1], ids[1:]
+            segments[row, :n] = 1
+            weights[row, :n] = mask[1:]
+        sums = np.asarray(jax.device_get(fn(params, inputs, targets, segments, weights)))
+        nll[idx] = sums[:len(idx)]
+    return nll, tokens
+
+
+def conditioning_gap(params: Any, model_cfg: ModelConfig, vocab: Vocab, records: Sequence[Pair],
+                     direction: str, *, batch_size: int = 8, seed: int = 0, bucket: int = 64,
+                     mesh: Mesh | None = None, rules: Any = LOGICAL_AXIS_RULES) -> GapResult:
+    """The conditioning gap of `direction` on `records` (MimicRecords or pipeline pair dicts).
+
+    `seed` fixes the derangement and the phrasings; `mesh` shards the batches over its batch
+    axes (params stay as they are placed)."""
+    if direction not in DIRECTIONS:
+        raise ValueError(f"direction {direction!r} not in {DIRECTIONS}")
+    true, mismatched = gap_examples(vocab, records, direction, seed)
+    params = nn.meta.unbox(params)
+    score = functools.partial(response_nll_sums, params, model_cfg, batch_size=batch_size,
+                              bucket=bucket, mesh=mesh, rules=rules)
+    nll_true, tokens = score(true)
+    nll_mismatched, tokens_mismatched = score(mismatched)
+    if not np.array_equal(tokens, tokens_mismatched):
+        raise AssertionError("true and mismatched examples score different response tokens")
+    total = float(tokens.sum())
+    mean_true, mean_mismatched = float(nll_true.sum()) / total, float(nll_mismatched.sum()) / total
+    return GapResult(direction=direction, n_pairs=len(records), nll_true=mean_true,
+                     nll_mismatched=mean_mismatched, gap=mean_mismatched - mean_true,
+                     pair_nll_true=tuple(nll_true.tolist()),
+                     pair_nll_mismatched=tuple(nll_mismatched.tolist()),
+                     pair_tokens=tuple(tokens.tolist()))
+
+
+__all__ = ["DIRECTIONS", "GapResult", "conditioning_gap", "derangement", "gap_examples",
+           "response_nll_sums", "study_key", "phrasings", "example"]
