@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     maybe_initialize_distributed()
     from llmcxr_jax.train import run_config as rc
-    from llmcxr_jax.train.run import run
+    from llmcxr_jax.train.run import SetupError, run
 
     stages = (1, 2) if args.stage == "both" else (int(args.stage),)
     try:
@@ -73,7 +73,11 @@ def main(argv: list[str] | None = None) -> int:
         message = err.args[0] if isinstance(err, KeyError) and err.args else err
         print(f"error: {message}", file=sys.stderr)
         return 2
-    return run(cfg, args.workdir or f"workdir/{args.config}", stages=stages)
+    try:
+        return run(cfg, args.workdir or f"workdir/{args.config}", stages=stages)
+    except SetupError as err:  # e.g. a tokenizer that is not the init_from model's own
+        print(f"error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

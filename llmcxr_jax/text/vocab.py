@@ -316,6 +316,24 @@ def resolve_tokenizer_file(path: str | os.PathLike) -> pathlib.Path:
     return p
 
 
+def tokenizer_difference(a: Tokenizer, b: Tokenizer) -> str | None:
+    """None when two tokenizers are the same in content (token -> id map, merges, added tokens and
+    their flags, normalizer, pre-tokenizer, decoder; truncation and padding settings aside), else
+    the first difference found, in words. Equal sizes are not enough: a BPE trained to 50,280 ids
+    has the size of dolly-v2's vocabulary and none of its id -> text mapping."""
+    ids_a, ids_b = a.get_vocab(with_added_tokens=True), b.get_vocab(with_added_tokens=True)
+    if ids_a != ids_b:
+        first = min(set(ids_a.items()) ^ set(ids_b.items()), key=lambda item: (item[1], item[0]))
+        token = first[0]
+        return (f"{len(ids_a)} vs {len(ids_b)} tokens; token {token!r} is id "
+                f"{ids_a.get(token, 'absent')} vs {ids_b.get(token, 'absent')}")
+    json_a, json_b = json.loads(a.to_str()), json.loads(b.to_str())
+    for part in sorted((json_a.keys() | json_b.keys()) - {"truncation", "padding"}):
+        if json_a.get(part) != json_b.get(part):
+            return f"same token ids but different {part!r} (merges, flags or text rules)"
+    return None
+
+
 def gpt_neox_20b_dir() -> pathlib.Path:
     """The directory of the GPT-NeoX-20B tokenizer shipped as package data (`tokenizer.json`;
     provenance and licence in its README.md), for tests and benchmarks without network access."""

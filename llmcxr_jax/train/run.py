@@ -35,11 +35,12 @@ from llmcxr_jax.data import pipeline as pipeline_lib
 from llmcxr_jax.data.phantom_world import write_world
 from llmcxr_jax.data.skips import SkipCounter
 from llmcxr_jax.llm import inference
-from llmcxr_jax.llm.checkpoint import load_llm, save_llm
+from llmcxr_jax.llm.checkpoint import (TOKENIZER_DIR, CheckpointError, load_llm, read_llm_config,
+                                       save_llm)
 from llmcxr_jax.parallel.mesh import check_global_batch, is_main_process, mesh_from_flag
 from llmcxr_jax.parallel.rules import rules_for
 from llmcxr_jax.text.bpe import train_bpe
-from llmcxr_jax.text.vocab import Vocab, load_vocab
+from llmcxr_jax.text.vocab import TOKENIZER_FILE, Vocab, load_vocab, tokenizer_difference
 from llmcxr_jax.train import run_config as rc
 from llmcxr_jax.train.loop import DONE_FILE, StageResult, run_stage
 from llmcxr_jax.train.preemption import PreemptionWatcher
@@ -133,12 +134,28 @@ def world_texts(root: pathlib.Path) -> list[str]:
     return texts
 
 
+class SetupError(ValueError):
+    """A run whose flags or files contradict each other (a user's error, not a bug): the launcher
+    prints it as one line and exits 2."""
+
+
 def vocabulary(cfg: rc.RunConfig, paths: Paths, world: pathlib.Path, say: Say) -> Vocab:
-    """The saved vocabulary, or a new one: the given tokenizer, else a BPE trained on the world."""
-    if (paths.tokenizer / "tokenizer.json").exists():
-        return Vocab.load(paths.tokenizer)
+    """The run's vocabulary, made once and saved in WORKDIR/tokenizer/: with `init_from`, the
+    imported LLM's own (its weights learned that id -> text mapping); else the given tokenizer +
+    specials; else a byte-level BPE trained on the world's text."""
     n_image = vqgan_config(cfg).n_embed
-    if cfg.tokenizer:
+    imported = imported_vocab(cfg, n_image) if cfg.init_from else None
+    if (paths.tokenizer / TOKENIZER_FILE).exists():
+        vocab = Vocab.load(paths.tokenizer)
+        if imported is not None:
+            check_same_vocab(vocab, f"this workdir's {paths.tokenizer}", cfg.init_from,
+                             imported, "use a new --workdir")
+        return vocab
+    if imported is not None:
+        say(f"tokenizer: the imported LLM's own ({imported.n_text} text + {imported.n_image} "
+            f"image ids, from {pathlib.Path(cfg.init_from) / TOKENIZER_DIR})")
+        vocab = imported
+    elif cfg.tokenizer:
         vocab = load_vocab(cfg.tokenizer, n_image=n_image)
     else:
         say(f"tokenizer: training a {cfg.vocab_text_ids}-id byte-level BPE on {world}")
@@ -146,6 +163,38 @@ def vocabulary(cfg: rc.RunConfig, paths: Paths, world: pathlib.Path, say: Say) -
     if is_main_process():
         vocab.save(paths.tokenizer)
     return vocab
+
+
+def imported_vocab(cfg: rc.RunConfig, n_image: int) -> Vocab:
+    """The `init_from` LLM workdir's vocabulary, checked against the VQ-GAN's codebook size and
+    against a given `tokenizer`, which must be the same in content, not only in size."""
+    try:
+        _, vocab = read_llm_config(cfg.init_from)
+    except (CheckpointError, FileNotFoundError) as err:
+        raise SetupError(f"init_from: {err}") from None
+    if vocab.n_image != n_image:
+        raise SetupError(f"init_from {cfg.init_from} has {vocab.n_image} image ids but the VQ-GAN "
+                         f"has {n_image} codes: import the LLM again with launch/import_hf.py "
+                         f"--n-image {n_image}")
+    if cfg.tokenizer:
+        try:
+            given = load_vocab(cfg.tokenizer, n_image=n_image)
+        except (FileNotFoundError, ValueError) as err:
+            raise SetupError(f"tokenizer: {err}") from None
+        check_same_vocab(given, f"tokenizer {cfg.tokenizer}", cfg.init_from, vocab,
+                         "leave tokenizer unset to use the imported one")
+    return vocab
+
+
+def check_same_vocab(vocab: Vocab, name: str, init_from: str, imported: Vocab,
+                     remedy: str) -> None:
+    """A one-line SetupError naming both sides unless `vocab` is the `init_from` LLM's own."""
+    difference = tokenizer_difference(vocab.tokenizer, imported.tokenizer)
+    if difference is None and vocab.n_image != imported.n_image:
+        difference = f"{vocab.n_image} vs {imported.n_image} image ids"
+    if difference is not None:
+        raise SetupError(f"{name} differs from the tokenizer of init_from {init_from} "
+                         f"({difference}): the imported weights only know their own ids; {remedy}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -212,20 +261,31 @@ def data_for(cfg: rc.RunConfig, stage: int, world: pathlib.Path, codes: pathlib.
     return dataclasses.replace(data, world=str(world), codes=str(codes), splits=splits, **extra)
 
 
+# ModelConfig fields that give imported weights their meaning; the others (dtype, remat, layer
+# scan, attention blocks) are how a run computes with them and may differ from the import's.
+ARCHITECTURE_FIELDS = ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size",
+                       "rotary_pct", "rotary_emb_base", "max_position_embeddings",
+                       "layer_norm_eps", "use_parallel_residual", "attention_bias")
+
+
 def initial_params(cfg: rc.RunConfig, mesh: Any, vocab: Vocab) -> Any:
-    """Stage 1's starting params: an imported LLM workdir's (`init_from`), or None (random)."""
+    """Stage 1's starting params: an imported LLM workdir's (`init_from`), or None (random). The
+    run's model must have the imported architecture and the run's vocabulary must be the
+    imported one, id for id; either mismatch is a SetupError before anything is restored."""
     if not cfg.init_from:
         return None
+    try:
+        imported_cfg, imported = read_llm_config(cfg.init_from)
+    except (CheckpointError, FileNotFoundError) as err:
+        raise SetupError(f"init_from: {err}") from None
+    wrong = [f"model.{name}={getattr(imported_cfg, name)}" for name in ARCHITECTURE_FIELDS
+             if getattr(cfg.model, name) != getattr(imported_cfg, name)]
+    if wrong:
+        raise SetupError(f"the run's model differs from init_from {cfg.init_from}'s architecture: "
+                         f"set {' '.join('--set ' + w for w in wrong)}")
+    check_same_vocab(vocab, "the run's vocabulary", cfg.init_from, imported, "use a new --workdir")
     shardings = param_shardings(cfg.model, mesh, rules_for(cfg.param_sharding))
-    model_cfg, params, init_vocab = load_llm(cfg.init_from, shardings)
-    if model_cfg.vocab_size != cfg.model.vocab_size or model_cfg.hidden_size != cfg.model.hidden_size:
-        raise ValueError(f"init_from {cfg.init_from} has vocab_size {model_cfg.vocab_size} and "
-                         f"hidden_size {model_cfg.hidden_size}; the run's model has "
-                         f"{cfg.model.vocab_size} and {cfg.model.hidden_size}")
-    if init_vocab.n_text != vocab.n_text:
-        raise ValueError(f"init_from {cfg.init_from} has {init_vocab.n_text} text ids but the "
-                         f"run's vocabulary has {vocab.n_text}")
-    return params
+    return load_llm(cfg.init_from, shardings)[1]
 
 
 def base_model(cfg: rc.RunConfig, paths: Paths, world: pathlib.Path, codes: pathlib.Path,

@@ -32,7 +32,9 @@ class RunConfig:
     stage2_weights: tuple[float, ...] = (0.4, 0.4, 0.2, 0.0)
     mesh: str = "-1"  # all devices on fsdp unless a preset or --mesh says otherwise
     param_sharding: str = "fsdp"  # "data+fsdp": ZeRO-3, state split over data x fsdp too
-    tokenizer: str = ""  # "" = train a byte-level BPE on the world's text (vocab_text_ids ids)
+    # "" = with init_from, the imported LLM's own tokenizer (a given one must equal it); else a
+    # byte-level BPE trained on the world's text (vocab_text_ids ids)
+    tokenizer: str = ""
     vocab_text_ids: int = 2048
     vqgan_dir: str = ""  # "" = train the VQ-GAN here; else a save_vqgan / import_taming dir
     init_from: str = ""  # "" = random init; else an LLM workdir (launch/import_hf.py output)
@@ -85,8 +87,11 @@ RUN_PRESETS: dict[str, RunConfig] = {
 }
 RUN_PRESETS["dolly-v2-3b"] = dataclasses.replace(
     # The paper's recipe on real MIMIC-CXR-JPG: import dolly-v2-3b (launch/import_hf.py) and the
-    # LLM-CXR VQ-GAN (launch/import_taming.py), then point data.world / data.codes /
-    # data.instructions at the data (`--set`). bf16 compute, fp32 master weights, full remat.
+    # LLM-CXR VQ-GAN (launch/import_taming.py), encode the images (launch/encode_images.py), then
+    # point data.world / data.codes / data.instructions at the data (`--set`); README, "The
+    # paper's recipe". The vocabulary is the imported model's own. init_from is not the run's
+    # default workdir (workdir/dolly-v2-3b), which would overwrite the import. bf16 compute, fp32
+    # master weights, full remat.
     RUN_PRESETS["phantom"],
     model=configs.model_preset("dolly-v2-3b", dtype="bfloat16", remat_policy="full"),
     train=TrainConfig(learning_rate=5e-6, warmup_steps=50, schedule="constant",
@@ -97,7 +102,7 @@ RUN_PRESETS["dolly-v2-3b"] = dataclasses.replace(
     stage2=LoopConfig(steps=2_000, log_every=10, eval_every=250, eval_batches=8,
                       checkpoint_every=250, keep_checkpoints=3),
     world=None, mesh="4x4", param_sharding="data+fsdp", tokenizer="", vocab_text_ids=50_280,
-    init_from="workdir/dolly-v2-3b", vqgan_dir="workdir/llmcxr-vqgan", base_steps=0)
+    init_from="workdir/dolly-v2-3b-import", vqgan_dir="workdir/llmcxr-vqgan", base_steps=0)
 
 
 def run_preset(name: str) -> RunConfig:
