@@ -57,6 +57,7 @@ class Case:
     resize: str = "mean_cov"
     mesh: str = "-1"
     theta: float = 10_000.0
+    max_positions: int = 64
 
 
 CASES = [
@@ -79,7 +80,7 @@ def _hf_config(case: Case) -> "transformers.GPTNeoXConfig":
         num_attention_heads=case.heads, intermediate_size=2 * case.hidden,
         rope_parameters={"rope_type": "default", "rope_theta": case.theta,
                          "partial_rotary_factor": case.rotary},
-        use_parallel_residual=case.parallel, max_position_embeddings=64,
+        use_parallel_residual=case.parallel, max_position_embeddings=case.max_positions,
         architectures=["GPTNeoXForCausalLM"])
 
 

@@ -79,8 +79,13 @@ def _images(seed: int, n: int) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
+    return write_reference(tmp_path_factory.mktemp("taming"))
+
+
+def write_reference(tmp: pathlib.Path):
     """A random taming VQModel whose codebook is drawn from its own encoder outputs, saved as a
-    Lightning-style checkpoint (with loss.* tensors and a class-keyed callbacks dict) + yaml."""
+    Lightning-style checkpoint (with loss.* tensors and a class-keyed callbacks dict) + yaml in
+    `tmp`: (model, ckpt path, yaml path)."""
     torch.manual_seed(0)
     model = TorchVQModel(CONFIG).eval()
     with torch.no_grad():
@@ -93,7 +98,6 @@ def reference(tmp_path_factory):
     state_dict = dict(model.state_dict())
     state_dict["loss.discriminator.main.0.weight"] = torch.randn(64, 3, 4, 4)
     state_dict["loss.perceptual_loss.lin0.model.1.weight"] = torch.randn(1, 64, 1, 1)
-    tmp = tmp_path_factory.mktemp("taming")
     ckpt = tmp / "last.ckpt"
     torch.save({"epoch": 3, "global_step": 1234, "pytorch-lightning_version": "1.0.8",
                 "state_dict": state_dict,
