@@ -120,15 +120,18 @@ def example(vocab: Vocab, direction: str, input_pair: Pair, target_pair: Pair,
     raise ValueError(f"direction {direction!r} not in {DIRECTIONS}")
 
 
-def gap_examples(vocab: Vocab, pairs: Sequence[Pair], direction: str, seed: int = 0
+def gap_examples(vocab: Vocab, pairs: Sequence[Pair], direction: str, seed: int = 0,
+                 max_len: int | None = None
                  ) -> tuple[list[prompts.Example], list[prompts.Example]]:
-    """(true examples, mismatched examples), pair i's at index i in both."""
-    donor = derangement([study_key(p) for p in pairs], seed)
+    """(true examples, mismatched examples), pair k's at index k in both. Pairs whose true
+    example is longer than `max_len` are left out first (training drops them too)."""
     phrase = phrasings(len(pairs), seed)
     true = [example(vocab, direction, p, p, phrase[i]) for i, p in enumerate(pairs)]
-    mismatched = [example(vocab, direction, pairs[donor[i]], p, phrase[i])
-                  for i, p in enumerate(pairs)]
-    return true, mismatched
+    kept = [i for i, ex in enumerate(true) if max_len is None or len(ex) <= max_len]
+    donor = derangement([study_key(pairs[i]) for i in kept], seed)
+    mismatched = [example(vocab, direction, pairs[kept[donor[k]]], pairs[i], phrase[i])
+                  for k, i in enumerate(kept)]
+    return [true[i] for i in kept], mismatched
 
 
 @functools.lru_cache(maxsize=16)
@@ -181,10 +184,11 @@ def response_nll_sums(params: Any, model_cfg: ModelConfig, examples: Sequence[pr
     order = sorted(range(len(examples)), key=lambda i: len(examples[i]))
     for start in range(0, len(order), rows):
         idx = order[start:start + rows]
-        length = -(-max(len(examples[i]) - 1 for i in idx) // bucket) * bucket
-        if length > model_cfg.max_position_embeddings:
-            raise ValueError(f"an example of {length} tokens (bucketed) exceeds the model's "
+        longest = max(len(examples[i]) for i in idx)
+        if longest > model_cfg.max_position_embeddings:
+            raise ValueError(f"an example of {longest} tokens exceeds the model's "
                              f"{model_cfg.max_position_embeddings} positions")
+        length = -(-(longest - 1) // bucket) * bucket
         inputs = np.zeros((rows, length), np.int32)
         targets = np.zeros((rows, length), np.int32)
         segments = np.zeros((rows, length), np.int32)
@@ -202,14 +206,17 @@ def response_nll_sums(params: Any, model_cfg: ModelConfig, examples: Sequence[pr
 
 def conditioning_gap(params: Any, model_cfg: ModelConfig, vocab: Vocab, records: Sequence[Pair],
                      direction: str, *, batch_size: int = 8, seed: int = 0, bucket: int = 64,
-                     mesh: Mesh | None = None, rules: Any = LOGICAL_AXIS_RULES) -> GapResult:
+                     max_len: int | None = None, mesh: Mesh | None = None,
+                     rules: Any = LOGICAL_AXIS_RULES) -> GapResult:
     """The conditioning gap of `direction` on `records` (MimicRecords or pipeline pair dicts).
 
-    `seed` fixes the derangement and the phrasings; `mesh` shards the batches over its batch
-    axes (params stay as they are placed)."""
+    `seed` fixes the derangement and the phrasings; pairs whose true example is longer than
+    `max_len` are left out (`n_pairs` counts those scored); `mesh` shards the batches over its
+    batch axes (params stay as they are placed). Raises ValueError when no derangement across
+    studies exists (fewer than 2 pairs, or one study holds over half)."""
     if direction not in DIRECTIONS:
         raise ValueError(f"direction {direction!r} not in {DIRECTIONS}")
-    true, mismatched = gap_examples(vocab, records, direction, seed)
+    true, mismatched = gap_examples(vocab, records, direction, seed, max_len)
     params = nn.meta.unbox(params)
     score = functools.partial(response_nll_sums, params, model_cfg, batch_size=batch_size,
                               bucket=bucket, mesh=mesh, rules=rules)
@@ -219,7 +226,7 @@ def conditioning_gap(params: Any, model_cfg: ModelConfig, vocab: Vocab, records:
         raise AssertionError("true and mismatched examples score different response tokens")
     total = float(tokens.sum())
     mean_true, mean_mismatched = float(nll_true.sum()) / total, float(nll_mismatched.sum()) / total
-    return GapResult(direction=direction, n_pairs=len(records), nll_true=mean_true,
+    return GapResult(direction=direction, n_pairs=len(true), nll_true=mean_true,
                      nll_mismatched=mean_mismatched, gap=mean_mismatched - mean_true,
                      pair_nll_true=tuple(nll_true.tolist()),
                      pair_nll_mismatched=tuple(nll_mismatched.tolist()),

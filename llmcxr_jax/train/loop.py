@@ -13,19 +13,23 @@ Host syncs happen only at logging steps; everything else stays on the device que
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import math
 import pathlib
 import sys
+import time
 from typing import Any, Callable, TextIO
 
 import flax.linen as nn
 import jax
+import numpy as np
 from jax.sharding import Mesh
 
 from llmcxr_jax.configs import DataConfig, ModelConfig, TrainConfig
 from llmcxr_jax.data import pipeline as pipeline_lib
+from llmcxr_jax.eval import conditioning
 from llmcxr_jax.parallel.mesh import check_global_batch, is_main_process
 from llmcxr_jax.parallel.rules import LOGICAL_AXIS_RULES
 from llmcxr_jax.text.vocab import Vocab
@@ -50,6 +54,9 @@ class LoopConfig:
     log_every: int = 10
     eval_every: int = 0  # 0: evaluate only at the end of the stage
     eval_batches: int = 2
+    # Pairs per direction (of the train split and of the held-out one) whose conditioning gap
+    # is measured at every evaluation; 0 = off.
+    gap_pairs: int = 64
     checkpoint_every: int = 50
     keep_checkpoints: int = 2
 
@@ -81,6 +88,40 @@ def eval_batches(sources: pipeline_lib.Sources, vocab: Vocab, data_cfg: DataConf
     return [next(it) for _ in range(n)]
 
 
+def gap_pair_sets(train_sources: pipeline_lib.Sources,
+                  eval_sources: pipeline_lib.Sources | None, n: int, seed: int = 0
+                  ) -> dict[str, tuple[str, list[dict]]]:
+    """`gap/<direction>/<train|heldout>` -> (direction, up to `n` pairs in a seeded order) for
+    every direction the sources hold pairs of: fixed per run."""
+    sets: dict[str, tuple[str, list[dict]]] = {}
+    if n <= 0:
+        return sets
+    for split, sources in (("train", train_sources), ("heldout", eval_sources)):
+        for direction in conditioning.DIRECTIONS:
+            pairs = sources.records.get(direction, []) if sources is not None else []
+            if len(pairs) >= 2:
+                order = np.random.default_rng(seed).permutation(len(pairs))[:n]
+                sets[f"gap/{direction}/{split}"] = (direction, [pairs[i] for i in order])
+    return sets
+
+
+def conditioning_gaps(params: Any, sets: dict[str, tuple[str, list[dict]]], *,
+                      model_cfg: ModelConfig, vocab: Vocab, data_cfg: DataConfig, mesh: Mesh,
+                      rules: Rules) -> dict[str, float]:
+    """The conditioning gap (nats per response token) of each set, and `gap_time_s`."""
+    start, out = time.perf_counter(), {}
+    for name, (direction, pairs) in sets.items():
+        try:
+            out[name] = conditioning.conditioning_gap(
+                params, model_cfg, vocab, pairs, direction, batch_size=data_cfg.global_batch,
+                max_len=data_cfg.seq_len, mesh=mesh, rules=rules).gap
+        except ValueError as err:  # e.g. a tiny world whose pairs are mostly one study's
+            log.warning("%s: not measured (%s)", name, err)
+    if out:
+        out["gap_time_s"] = time.perf_counter() - start
+    return out
+
+
 def run_stage(stage: int, *, model_cfg: ModelConfig, train_cfg: TrainConfig,
               data_cfg: DataConfig, loop_cfg: LoopConfig, mesh: Mesh, vocab: Vocab,
               train_sources: pipeline_lib.Sources, eval_sources: pipeline_lib.Sources | None,
@@ -109,6 +150,9 @@ def run_stage(stage: int, *, model_cfg: ModelConfig, train_cfg: TrainConfig,
     data_iter = pipeline_lib.build_pipeline(train_sources, vocab, data_cfg).global_iterator(mesh)
     held_out = eval_batches(eval_sources, vocab, dataclasses.replace(data_cfg, seed=1234), mesh,
                             loop_cfg.eval_batches) if eval_sources else []
+    gap_sets = gap_pair_sets(train_sources, eval_sources, loop_cfg.gap_pairs)
+    gaps = functools.partial(conditioning_gaps, sets=gap_sets, model_cfg=model_cfg, vocab=vocab,
+                             data_cfg=data_cfg, mesh=mesh, rules=rules)
     step_fn = make_train_step(model_cfg, train_cfg, mesh, len(pipeline_lib.TASKS), rules)
     eval_fn = make_eval_step(model_cfg, mesh, len(pipeline_lib.TASKS), rules)
 
@@ -137,9 +181,11 @@ def run_stage(stage: int, *, model_cfg: ModelConfig, train_cfg: TrainConfig,
             state, metrics = step_fn(state, next(data_iter))
             step += 1
             eval_now = bool(loop_cfg.eval_every) and step % loop_cfg.eval_every == 0
-            eval_now = eval_now and bool(held_out) and step != loop_cfg.steps
-            record = logger.add(step, metrics,
-                                evaluate(eval_fn, state.params, held_out) if eval_now else None)
+            eval_now = eval_now and bool(held_out or gap_sets) and step != loop_cfg.steps
+            record = logger.add(
+                step, metrics,
+                evaluate(eval_fn, state.params, held_out) if eval_now and held_out else None,
+                extra=gaps(state.params) if eval_now and gap_sets else None)
             if step == 1:
                 logger.start()  # the first step's compile time is not throughput
             summary = record or summary
@@ -151,7 +197,8 @@ def run_stage(stage: int, *, model_cfg: ModelConfig, train_cfg: TrainConfig,
                 break
         if status == "done":
             final = logger.flush(step, evaluate(eval_fn, state.params, held_out)
-                                 if held_out else None)
+                                 if held_out else None,
+                                 extra=gaps(state.params) if gap_sets else None)
             summary = {**summary, **(final or {}), "stage": stage, "step": step,
                        "skipped_steps": int(jax.device_get(state.skipped_steps))}
             ckpt.save(step, state, data_iter, {"stage": stage}, force=True)

@@ -212,6 +212,9 @@ def progress_line(stage: Any, step: int, total_steps: int, record: Mapping[str, 
         parts.append(f"loss {loss:.4g}" if math.isfinite(loss) else "loss nan")
     if record.get("eval_loss") is not None:
         parts.append(f"eval {record['eval_loss']:.4g}")
+    for short, direction in (("r2i", "report2image"), ("i2r", "image2report")):
+        if record.get(f"gap/{direction}/train") is not None:
+            parts.append(f"gap {short} {record[f'gap/{direction}/train']:.3g}")
     if record.get("tokens_per_s") is not None:
         parts.append(f"tok/s {record['tokens_per_s']:.0f}")
     if record.get("mfu") is not None:
@@ -234,8 +237,9 @@ class TrainLogger:
     """Collects step metrics, and every `log_every` steps (and on `flush`) writes one record:
 
     step, stage, loss, accuracy, tokens_per_s, step_time, flops_per_s, mfu (None on CPU),
-    learning_rate, grad_norm, skipped, loss_tokens, loss/<task>, accuracy/<task>, and eval_* when
-    an eval summary is given at that step.
+    learning_rate, grad_norm, skipped, loss_tokens, loss/<task>, accuracy/<task>, eval_* when
+    an eval summary is given at that step, and extra evaluation scalars as they are (the loop's
+    conditioning gaps `gap/<direction>/<train|heldout>` and `gap_time_s`).
 
     Throughput counts every position of every row (`global_batch * seq_len` per step, padding
     included): the work the step does. The first window after `start` includes compilation, so
@@ -268,23 +272,29 @@ class TrainLogger:
         self._t0 = time.perf_counter()
 
     def add(self, step: int, metrics: Mapping[str, Any],
-            eval_summary: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
+            eval_summary: Mapping[str, Any] | None = None,
+            extra: Mapping[str, float] | None = None) -> dict[str, Any] | None:
         """Add step `step`'s metrics (the step number after the update); at a logging step, or
-        when an eval summary is given, write and print a record and return it."""
+        when an eval summary or extra evaluation scalars (e.g. `gap/report2image/train`) are
+        given, write and print a record and return it."""
         self._window.append(metrics)
-        if step % self.log_every == 0 or step == self.total_steps or eval_summary is not None:
-            return self.flush(step, eval_summary)
+        if (step % self.log_every == 0 or step == self.total_steps or eval_summary is not None
+                or extra):
+            return self.flush(step, eval_summary, extra)
         return None
 
-    def flush(self, step: int, eval_summary: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
-        """Write the window collected so far (if any) as the record of `step`."""
-        if not self._window and eval_summary is None:
+    def flush(self, step: int, eval_summary: Mapping[str, Any] | None = None,
+              extra: Mapping[str, float] | None = None) -> dict[str, Any] | None:
+        """Write the window collected so far (if any), the eval summary and the extra scalars
+        as the record of `step`."""
+        if not self._window and eval_summary is None and not extra:
             return None
         record: dict[str, Any] = {"stage": self.stage}
         if self._window:
             record.update(self._train_record())
         if eval_summary is not None:
             record.update(self.eval_record(eval_summary))
+        record.update({k: float(v) for k, v in (extra or {}).items()})
         self.writer.write(step, record)
         eta = None
         if self._step_time is not None:

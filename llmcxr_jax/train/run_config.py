@@ -215,9 +215,10 @@ def stage_data(cfg: RunConfig, stage: int) -> DataConfig:
 
 
 def stage_loop(cfg: RunConfig, stage: int) -> LoopConfig:
-    """Stage 0 (the base model) runs `base_steps` steps with stage 1's loop settings."""
+    """Stage 0 (the base model) runs `base_steps` steps with stage 1's loop settings (no
+    conditioning gap: it sees no image-report pairs)."""
     if stage == 0:
-        return dataclasses.replace(cfg.stage1, steps=cfg.base_steps, eval_every=0)
+        return dataclasses.replace(cfg.stage1, steps=cfg.base_steps, eval_every=0, gap_pairs=0)
     return cfg.stage1 if stage == 1 else cfg.stage2
 
 
