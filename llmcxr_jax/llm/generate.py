@@ -10,6 +10,12 @@ emits `pad_id`. Padding rows of the vocabulary (`valid_mask`) and an optional pe
 hook (`constraints.py`) are applied before the sampling warpers, like transformers' logits
 processors.
 
+Classifier-free guidance (`guidance` S != 1): each prompt's unconditional twin (the same prompt
+with `prompts.NULL_REPORT` as its input) is decoded in the same loop, the batch doubled to
+[prompts; twins]. Every step mixes each pair's logits as `uncond + S * (cond - uncond)`, applies
+the valid mask, the hook and the sampler once per pair, and appends the chosen token to both
+rows. S = 1 takes the plain path: the twins are ignored and nothing of guidance is compiled.
+
 Shapes are bucketed to limit recompiles: prompts are left-padded to a multiple of
 `length_multiple` and the cache holds `round_up(prompt + max_new_tokens, length_multiple)` slots.
 """
@@ -70,7 +76,8 @@ class GenerationOutput:
 
 def generate(params: Any, config: ModelConfig, prompt_ids: Any, prompt_mask: Any, rng: Array,
              gen: GenerationConfig, *, stop_ids: Any = None, valid_mask: Any = None,
-             logits_mask_fn: LogitsMaskFn | None = None) -> GenerationOutput:
+             logits_mask_fn: LogitsMaskFn | None = None, guidance: float = 1.0,
+             uncond_ids: Any = None, uncond_mask: Any = None) -> GenerationOutput:
     """Generate up to `gen.max_new_tokens` tokens after each left-padded prompt.
 
     Args:
@@ -85,20 +92,34 @@ def generate(params: Any, config: ModelConfig, prompt_ids: Any, prompt_mask: Any
       valid_mask: [vocab] bool, False for ids never to be sampled (padding rows of the embedding,
         e.g. `Vocab.valid_token_mask()` or `constraints.valid_vocab_mask`); default all rows.
       logits_mask_fn: an optional per-step hook (see `constraints.py`).
+      guidance: the classifier-free guidance scale S (module docstring); 1 = plain decoding.
+      uncond_ids, uncond_mask: with S != 1, each prompt's unconditional twin, [batch, length']
+        left-padded (any length').
     """
-    prompt_ids = np.asarray(prompt_ids)
-    prompt_mask = np.asarray(prompt_mask)
-    if prompt_ids.ndim != 2 or prompt_ids.shape != prompt_mask.shape:
-        raise ValueError(f"prompt_ids {prompt_ids.shape} and prompt_mask {prompt_mask.shape} must "
-                         "be the same [batch, length] shape")
-    mask = prompt_mask.astype(bool)
-    if not mask.any(axis=1).all():
-        raise ValueError("every prompt needs at least one token (a row of prompt_mask is all 0)")
-    if (mask[:, 1:] < mask[:, :-1]).any():
-        raise ValueError("prompts must be left-padded: prompt_mask has a 0 after a 1")
-    batch, length = prompt_ids.shape
+    prompt_ids, mask = _checked_prompts(prompt_ids, prompt_mask, "prompt")
+    batch = prompt_ids.shape[0]
+    scale = None
+    if not np.isfinite(guidance):
+        raise ValueError(f"guidance must be a finite number, got {guidance}")
+    if guidance != 1.0:
+        if uncond_ids is None or uncond_mask is None:
+            raise ValueError(f"guidance {guidance} needs uncond_ids and uncond_mask (the prompts' "
+                             "unconditional twins)")
+        twin_ids, twin_mask = _checked_prompts(uncond_ids, uncond_mask, "uncond")
+        if twin_ids.shape[0] != batch:
+            raise ValueError(f"{twin_ids.shape[0]} unconditional twins for {batch} prompts")
+        width = max(prompt_ids.shape[1], twin_ids.shape[1])
+
+        def left_pad(x: np.ndarray, value: Any) -> np.ndarray:
+            return np.pad(x, ((0, 0), (width - x.shape[1], 0)), constant_values=value)
+
+        prompt_ids = np.concatenate([left_pad(prompt_ids, gen.pad_id),
+                                     left_pad(twin_ids, gen.pad_id)])  # rows [prompts; twins]
+        mask = np.concatenate([left_pad(mask, False), left_pad(twin_mask, False)])
+        scale = jnp.float32(guidance)
+    length = prompt_ids.shape[1]
     padded = round_up(length, gen.length_multiple)
-    ids = np.pad(prompt_ids.astype(np.int32), ((0, 0), (padded - length, 0)),
+    ids = np.pad(prompt_ids, ((0, 0), (padded - length, 0)),
                  constant_values=gen.pad_id)
     mask = np.pad(mask.astype(np.int32), ((0, 0), (padded - length, 0)))
     stops = _stop_array(gen.stop_ids if stop_ids is None else stop_ids, batch)
@@ -108,11 +129,26 @@ def generate(params: Any, config: ModelConfig, prompt_ids: Any, prompt_mask: Any
     if valid_mask.shape != (config.vocab_size,):
         raise ValueError(f"valid_mask has shape {valid_mask.shape}, expected ({config.vocab_size},)")
     max_len = round_up(padded + gen.max_new_tokens, gen.length_multiple)
-    # Stop ids travel as an array: configs differing only in them share one compiled loop.
+    # Stop ids travel as an array: configs differing only in them share one compiled loop; so
+    # does the guidance scale (None, the plain path, compiles a loop without guidance).
     return _generate(params, jnp.asarray(ids), jnp.asarray(mask), rng, jnp.asarray(stops),
-                     jnp.asarray(valid_mask), config=config,
+                     jnp.asarray(valid_mask), scale, config=config,
                      gen=dataclasses.replace(gen, stop_ids=()), max_len=max_len,
                      logits_mask_fn=logits_mask_fn)
+
+
+def _checked_prompts(ids: Any, mask: Any, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """Left-padded [batch, length] prompts as (int32 ids, bool mask), or a ValueError."""
+    ids, mask = np.asarray(ids), np.asarray(mask)
+    if ids.ndim != 2 or ids.shape != mask.shape:
+        raise ValueError(f"{name}_ids {ids.shape} and {name}_mask {mask.shape} must be the same "
+                         "[batch, length] shape")
+    mask = mask.astype(bool)
+    if not mask.any(axis=1).all():
+        raise ValueError(f"every prompt needs at least one token (a row of {name}_mask is all 0)")
+    if (mask[:, 1:] < mask[:, :-1]).any():
+        raise ValueError(f"prompts must be left-padded: {name}_mask has a 0 after a 1")
+    return ids.astype(np.int32), mask
 
 
 def _stop_array(stop_ids: Any, batch: int) -> np.ndarray:
@@ -244,19 +280,35 @@ def forward_cached(params: Any, layers: list[Any], config: ModelConfig, ids: Arr
 
 @functools.partial(jax.jit, static_argnames=("config", "gen", "max_len", "logits_mask_fn"))
 def _generate(params: Any, prompt_ids: Array, prompt_mask: Array, rng: Array, stops: Array,
-              valid_mask: Array, *, config: ModelConfig, gen: GenerationConfig, max_len: int,
+              valid_mask: Array, guidance: Array | None, *, config: ModelConfig,
+              gen: GenerationConfig, max_len: int,
               logits_mask_fn: LogitsMaskFn | None) -> GenerationOutput:
-    batch, length = prompt_ids.shape
+    """The decode loop. With a `guidance` scale the rows are [prompts; twins] and everything
+    per sequence (keys, stops, tokens, hook state) has one row per pair."""
+    rows, length = prompt_ids.shape
+    batch = rows if guidance is None else rows // 2
     n_new = gen.max_new_tokens
     layers = unstack_layers(params, config.num_layers)
     positions = jnp.maximum(jnp.cumsum(prompt_mask, axis=1) - 1, 0).astype(jnp.int32)
     logits, cache = forward_cached(params, layers, config, prompt_ids, positions, prompt_mask,
-                                   DecodeCache.init(config, batch, max_len), jnp.int32(0))
+                                   DecodeCache.init(config, rows, max_len), jnp.int32(0))
+
+    def pair_logits(logits: Array) -> Array:
+        """[rows, vocab] -> [batch, vocab] fp32: guided `uncond + S * (cond - uncond)`."""
+        logits = logits.astype(jnp.float32)
+        if guidance is None:
+            return logits
+        cond, uncond = logits[:batch], logits[batch:]
+        return uncond + guidance * (cond - uncond)
+
+    def to_rows(token: Array) -> Array:
+        """A token per sequence -> the next input of every row (both rows of a pair)."""
+        return token if guidance is None else jnp.concatenate([token, token])
 
     def choose(step: Array, logits: Array, tokens: Array, lengths: Array,
                finished: Array) -> tuple[Array, Array, Array, Array]:
-        """Pick token `step` for every row and update the per-row bookkeeping."""
-        logits = jnp.where(valid_mask, logits.astype(jnp.float32), -jnp.inf)
+        """Pick token `step` for every sequence and update the per-sequence bookkeeping."""
+        logits = jnp.where(valid_mask, pair_logits(logits), -jnp.inf)
         if logits_mask_fn is not None:
             state = DecodeState(step=step, tokens=tokens, lengths=lengths, finished=finished,
                                 vocab_size=config.vocab_size)
@@ -283,8 +335,9 @@ def _generate(params: Any, prompt_ids: Array, prompt_mask: Array, rng: Array, st
 
     def body(carry):
         step, cache, position, token, tokens, lengths, finished = carry
-        logits, cache = forward_cached(params, layers, config, token[:, None], position[:, None],
-                                       jnp.ones((batch, 1), jnp.int32), cache, length + step - 1)
+        logits, cache = forward_cached(params, layers, config, to_rows(token)[:, None],
+                                       position[:, None], jnp.ones((rows, 1), jnp.int32), cache,
+                                       length + step - 1)
         token, tokens, lengths, finished = choose(step, logits, tokens, lengths, finished)
         return step + 1, cache, position + 1, token, tokens, lengths, finished
 
