@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 from transformers import PreTrainedTokenizerFast
 
+from llmcxr_jax.data.labeler import label_report
 from llmcxr_jax.text import prompts as P
 from llmcxr_jax.text import vocab as V
 from llmcxr_jax.text.bpe import train_bpe
@@ -146,3 +147,16 @@ def test_examples_with_a_trained_bpe():
     r = _check_mask(small, ex)
     assert small.decode(ex.ids[r + 1:]) == REPORT + "\n\n### End"
     assert small.decode(ex.ids[:r], skip_image=False).endswith("Input:\n<image>\n\n")
+
+
+def test_null_report_is_a_well_formed_unconditional_input(vocab):
+    """The guidance null text: a valid report field that round-trips through GPT-NeoX's and a
+    small trained BPE's tokenisation and names no finding to the labeler."""
+    small = train_bpe([REPORT] * 20)
+    for v in (vocab, small):
+        assert v.decode(v.encode(P.NULL_REPORT)) == P.NULL_REPORT
+        ex = P.report_to_image_example(v, P.NULL_REPORT, CODES, phrasing=2, n_codes=256)
+        r = _check_mask(v, ex)
+        assert v.decode(ex.ids[:r]).endswith(f"Input:\n{P.NULL_REPORT}\n\n")
+    labels = label_report(P.NULL_REPORT)
+    assert all(v is None for k, v in labels.items() if k != "No Finding"), labels

@@ -34,7 +34,7 @@ __all__ = [
     "format_prompt", "response_loss_mask", "report_to_image_example", "image_to_report_example",
     "instruction_example", "vqa_example", "build_example", "report_to_image_prompt_ids",
     "image_to_report_prompt_ids", "instruction_prompt_ids", "vqa_prompt_ids", "prompt_ids",
-    "direction_for_pair", "pick_instruction", "fits", "keep_if_fits",
+    "direction_for_pair", "pick_instruction", "fits", "keep_if_fits", "NULL_REPORT",
 ]
 
 INTRO_BLURB = ("Below is an instruction that describes a task. "
@@ -77,6 +77,12 @@ IMAGE_TO_REPORT_INSTRUCTIONS: tuple[str, ...] = (
     "Create free-text radiology reports that are consistent with the entered chest X-ray images.",
     "Utilize the entered chest X-ray images to generate comprehensive free-text radiology reports.",
 )
+
+# The empty condition of classifier-free guidance: the report of a report -> image example
+# trained without one (`DataConfig.null_report_rate`) and of the unconditional twin a guided
+# generation decodes beside each real prompt. Bracketed ASCII that no radiology report reads
+# like, a valid report field (`_check_fields`), tokenised by any byte-level vocabulary.
+NULL_REPORT = "[no report]"
 
 TASKS = ("report2image", "image2report", "instruct", "vqa")
 DIRECTION_MODES = ("alternate", "both")
