@@ -4,8 +4,10 @@
 
 On the held-out test split of the run's world: report -> image (CXR-classifier AUROC / F1 of the
 generated images, beside the VQ-GAN reconstructions of the real ones and chance; FID in the
-classifier's feature space), image -> report (labeler F1 / AUROC / Jaccard, BLEU-1/4, ROUGE-L) and
-language retention (held-out instruction perplexity and exact match, base vs fine-tuned). Writes
+classifier's feature space), image -> report (labeler F1 / AUROC / Jaccard, BLEU-1/4, ROUGE-L),
+language retention (held-out instruction perplexity and exact match, base vs fine-tuned), the
+conditioning gap of both directions on train and test pairs, 95 % bootstrap intervals of the
+headline numbers and the learning curve of the run's stages. Writes
 OUT/eval.json, OUT/report.md (tables and image grids), OUT/reports.jsonl and
 OUT/predictions.npz; OUT defaults to WORKDIR/eval. Without --classifier it uses
 WORKDIR/classifier, training one on the world's train split first if there is none.
@@ -70,6 +72,11 @@ def main(argv=None) -> int:
     print(json.dumps({
         "n_test": result["n_test"],
         "report2image_auroc_macro": r2i["auroc"]["macro"],
+        "report2image_auroc_macro_ci95": r2i["ci95"]["auroc_macro"],
+        "report2image_gap_train": r2i["conditioning_gap"]["train"]["gap"],
+        "report2image_gap_test": r2i["conditioning_gap"]["test"]["gap"],
+        "image2report_gap_train": i2r["conditioning_gap"]["train"]["gap"],
+        "image2report_gap_test": i2r["conditioning_gap"]["test"]["gap"],
         "report2image_f1_micro": r2i["f1"]["micro"],
         "report2image_fid": r2i["fid"],
         "image2report_f1_micro": i2r["f1"]["micro"],

@@ -17,12 +17,13 @@ import pytest
 
 import eval_workdir
 from llmcxr_jax.data import labeler, mimic, procedural_instructions
-from llmcxr_jax.eval import alignment
+from llmcxr_jax.eval import alignment, bootstrap, conditioning
 from llmcxr_jax.eval import classification_metrics as metrics
 from llmcxr_jax.eval import classifier as clf
 from llmcxr_jax.eval import language, protocol
 from llmcxr_jax.eval.perplexity import perplexity
 from llmcxr_jax.llm import serving
+from llmcxr_jax.parallel.mesh import mesh_from_flag
 from llmcxr_jax.text import prompts
 from llmcxr_jax.vqgan.checkpoint import load_vqgan
 from llmcxr_jax.vqgan.encode import load_codes
@@ -192,6 +193,40 @@ def test_language_heldout_set_and_perplexity(run):
         (r["instruction"], r["context"]) for r in again}
 
 
+def test_conditioning_gap_and_bootstrap_intervals(run):
+    root, result, _ = run
+    saved = json.loads((root / "eval" / "eval.json").read_text())
+    n = saved["n_test"]
+    assert saved["bootstrap"]["resamples"] == bootstrap.RESAMPLES
+    for direction in conditioning.DIRECTIONS:
+        blocks = saved[direction]["conditioning_gap"]
+        assert blocks["test"]["n_pairs"] == n and 2 <= blocks["train"]["n_pairs"] <= n
+        for g in blocks.values():
+            assert g["gap"] == pytest.approx(g["nll_mismatched"] - g["nll_true"])
+            assert g["ci95"][0] <= g["ci95"][1]
+    # The test-pair gap is the library's on the test items (reports.jsonl) with the eval's seed.
+    items = [json.loads(l) for l in (root / "eval" / "reports.jsonl").read_text().splitlines()]
+    codes = {k: np.asarray(v).reshape(-1) for k, v in load_codes(root / "codes").items()}
+    pairs = [{"report": it["reference"], "codes": codes[it["dicom_id"]], "study": it["study_id"]}
+             for it in items]
+    bundle = serving.load_bundle(root, mesh_from_flag("1", jax.devices()[:1]), load_vqgan=False)
+    direct = conditioning.conditioning_gap(bundle.params, bundle.model_config, bundle.vocab, pairs,
+                                           "image2report", batch_size=4, seed=0)
+    assert saved["image2report"]["conditioning_gap"]["test"]["gap"] == pytest.approx(
+        direct.gap, abs=1e-6)
+    # Headline intervals: the bootstrap of the saved predictions on the scored findings.
+    pred = np.load(root / "eval" / "predictions.npz")
+    y = metrics.binarize_chexpert(pred["label_values"], "ones", "zeros")[0]
+    keep = [j for j in range(y.shape[1]) if 0 < y[:, j].sum() < len(y)]
+    want = bootstrap.multilabel_intervals(y[:, keep], pred["probs_generated"][:, keep], 0.5)
+    assert set(saved["report2image"]["ci95"]) == set(want)
+    for key, interval in want.items():
+        assert saved["report2image"]["ci95"][key] == pytest.approx(interval), key
+    assert set(saved["image2report"]["ci95"]) == {"auroc_macro", "auroc_micro", "f1_macro",
+                                                 "f1_micro", "bleu4", "rouge_l"}
+    assert saved["learning_curve"] is None  # this workdir has no stage metrics
+
+
 def test_report_md_references_pngs_that_exist(run):
     root, _, _ = run
     out = root / "eval"
@@ -202,6 +237,7 @@ def test_report_md_references_pngs_that_exist(run):
         assert (out / p).is_file(), p
     assert "## Report -> image" in text and "## Image -> report" in text
     assert "## Language retention" in text and "random-init" in text
+    assert "## Conditioning gap" in text and "95 % bootstrap intervals" in text
 
 
 def test_bad_workdirs_give_clear_errors(run, tmp_path, capsys):

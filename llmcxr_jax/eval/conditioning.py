@@ -64,6 +64,16 @@ class GapResult:
         return {"n_pairs": self.n_pairs, "gap": self.gap, "nll_true": self.nll_true,
                 "nll_mismatched": self.nll_mismatched}
 
+    def gap_ci95(self, **kwargs: Any) -> list[float] | None:
+        """95 % percentile bootstrap interval of the pooled gap over the pairs."""
+        from llmcxr_jax.eval import bootstrap
+
+        true, mismatched, tokens = (np.asarray(x) for x in (
+            self.pair_nll_true, self.pair_nll_mismatched, self.pair_tokens))
+        return bootstrap.ci95(
+            lambda idx: float((mismatched[idx].sum() - true[idx].sum()) / tokens[idx].sum()),
+            self.n_pairs, **kwargs)
+
 
 def _field(pair: Pair, name: str) -> Any:
     return pair[name] if isinstance(pair, Mapping) else getattr(pair, name)

@@ -20,8 +20,8 @@ IMAGES_DIR = "images"
 MIN_SHOWN_SIDE = 128  # small images are enlarged (nearest neighbour) for viewing
 
 
-def _fmt(v: Any) -> str:
-    return "n/a" if v is None else f"{v:.3f}"
+def _fmt(v: Any, digits: int = 3) -> str:
+    return "n/a" if v is None else f"{v:.{digits}f}"
 
 
 def _enlarge(image: np.ndarray) -> np.ndarray:
@@ -65,6 +65,43 @@ def per_finding_table(block: Mapping[str, Any], reference: Mapping[str, Any] | N
     return lines
 
 
+def _interval(ci: Any, digits: int = 3) -> str:
+    return "n/a" if not ci else f"[{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]"
+
+
+def intervals_line(block: Mapping[str, Any], names: Mapping[str, str]) -> list[str]:
+    """One line: each headline number with its 95 % bootstrap interval over the test items."""
+    ci = block.get("ci95") or {}
+    parts = [f"{label} {_fmt(_headline(block, key))} {_interval(ci.get(key))}"
+             for key, label in names.items()]
+    return [f"95 % bootstrap intervals over the test items: {'; '.join(parts)}.", ""]
+
+
+def _headline(block: Mapping[str, Any], key: str) -> Any:
+    """`auroc_macro` -> block["auroc"]["macro"]; `bleu4` -> block["bleu4"]."""
+    metric, _, average = key.partition("_")
+    return block[metric][average] if average and metric in ("auroc", "f1") else block[key]
+
+
+def gap_section(result: Mapping[str, Any]) -> list[str]:
+    """The conditioning-gap table (both directions, train and test pairs) and the learning
+    curve."""
+    lines = ["## Conditioning gap", "",
+             "Response NLL with another study's input (a derangement of the pairs) minus with "
+             "the true input, nats per response token: 0 when the model ignores its input.", "",
+             "| direction | pairs | n | NLL true input | NLL mismatched | gap | gap 95 % CI |",
+             "|---|---|---:|---:|---:|---:|---|"]
+    for direction in ("report2image", "image2report"):
+        for split, g in (result[direction].get("conditioning_gap") or {}).items():
+            lines.append(f"| {direction} | {split} | {g['n_pairs']} | {_fmt(g.get('nll_true'))} "
+                         f"| {_fmt(g.get('nll_mismatched'))} | {_fmt(g.get('gap'), 4)} | "
+                         f"{_interval(g.get('ci95'), 4)} |")
+    if result.get("learning_curve"):
+        lines += ["", "Loss and conditioning gap over the training steps (stage 2 after the "
+                      f"dashed line): ![learning curve]({result['learning_curve']})"]
+    return lines + [""]
+
+
 def _chance(block: Mapping[str, Any]) -> dict[str, Any]:
     c = block["chance"]
     return {"auroc": {a: c["auroc"] for a in ("micro", "macro", "weighted")}, "f1": c["f1"]}
@@ -93,7 +130,9 @@ def write(out: pathlib.Path, result: Mapping[str, Any], *, items: Sequence[tuple
     ]
     lines += metrics_table(r2i, ("auroc", "f1"), {"reconstruction": r2i["reconstruction"],
                                                   "chance": _chance(r2i)})
-    lines += ["", *per_finding_table(r2i, r2i["reconstruction"], "reconstruction"), "",
+    lines += ["", *intervals_line(r2i, {"auroc_macro": "macro AUROC", "auroc_micro": "micro AUROC",
+                                        "f1_macro": "macro F1", "f1_micro": "micro F1"})]
+    lines += [*per_finding_table(r2i, r2i["reconstruction"], "reconstruction"), "",
               f"FID (CXR-classifier features) generated vs real test images: {r2i['fid']:.3f}; "
               f"reconstructions vs real: {r2i['fid_reconstruction']:.3f}. "
               f"Inception FID: {r2i['inception_fid']}.", ""]
@@ -124,7 +163,11 @@ def write(out: pathlib.Path, result: Mapping[str, Any], *, items: Sequence[tuple
               ""]
     lines += metrics_table(i2r, ("auroc", "f1", "jaccard"), {"chance": {
         **_chance(i2r), "jaccard": {a: None for a in ("micro", "macro", "weighted")}}})
-    lines += ["", *per_finding_table(i2r), "",
+    lines += ["", *intervals_line(i2r, {"f1_micro": "micro F1", "f1_macro": "macro F1",
+                                        "auroc_macro": "macro AUROC",
+                                        "auroc_micro": "micro AUROC", "bleu4": "BLEU-4",
+                                        "rouge_l": "ROUGE-L"})]
+    lines += [*per_finding_table(i2r), "",
               f"BLEU-1 {i2r['bleu1']:.4f}, BLEU-4 {i2r['bleu4']:.4f}, ROUGE-L {i2r['rouge_l']:.4f} "
               f"(sacrebleu / rouge-score, n = {i2r['n']}).", "",
               "### Images and the reports generated from them", "",
@@ -134,7 +177,8 @@ def write(out: pathlib.Path, result: Mapping[str, Any], *, items: Sequence[tuple
         lines.append(f"| ![image {i}]({IMAGES_DIR}/real_{i}.png) | {_cell(items[i][1])} | "
                      f"{_cell(generated_reports[i])} |")
 
-    lines += ["", "## Language retention", "",
+    lines += ["", *gap_section(result)]
+    lines += ["## Language retention", "",
               f"{lang['n']} held-out procedural instructions (seed {lang['heldout_seed']}, "
               f"deduplicated against the training instructions). Perplexity of the reference "
               f"response; exact-match accuracy of a greedy answer.", "",

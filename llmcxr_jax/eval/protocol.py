@@ -13,6 +13,14 @@ On the held-out TEST split of the world the model was trained on:
    (`alignment.report_agreement`); BLEU-1 / BLEU-4 / ROUGE-L (`text_metrics.report_metrics`).
 3. language retention: perplexity and exact-match accuracy on held-out procedural instructions,
    for the base and the fine-tuned model (`language.retention`).
+4. the conditioning gap of each direction (`conditioning.conditioning_gap`: response NLL with
+   another study's input minus with the true input, nats per response token) on the test items
+   and on as many train pairs (a seeded sample of the pairs trained in that direction), and the
+   learning curve (loss and gap over the stages' steps, from their metrics.jsonl) as a PNG.
+
+Every headline number carries a 95 % percentile bootstrap interval over the test items
+(`bootstrap`, 1,000 resamples, seeded): `ci95` beside the numbers of each direction (macro /
+micro AUROC and F1, BLEU-4, ROUGE-L) and in each conditioning-gap block (over its pairs).
 
 Test items: by default every frontal (PA/AP) test image with codes and a report section (the
 classifier judges frontal views, which the generated images imitate), with the report section
@@ -39,9 +47,11 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from llmcxr_jax.data import images as images_lib
-from llmcxr_jax.data import mimic
+from llmcxr_jax.data import labeler, mimic
+from llmcxr_jax.data import pipeline as pipeline_lib
 from llmcxr_jax.data.skips import SkipCounter
-from llmcxr_jax.eval import alignment, classification_metrics, eval_report, language
+from llmcxr_jax.eval import (alignment, bootstrap, classification_metrics, conditioning,
+                             eval_report, language, learning_curve)
 from llmcxr_jax.eval import classifier as clf
 from llmcxr_jax.eval import fid as fid_lib
 from llmcxr_jax.eval import text_metrics
@@ -56,6 +66,7 @@ from llmcxr_jax.vqgan import encode as encode_lib
 Say = Callable[[str], None]
 SUBSETS = ("frontal", "stage2", "all")
 EVAL_FILE = "eval.json"
+CURVE_FILE = "learning_curve.png"
 RANDOM_INIT = "random-init"
 
 
@@ -476,11 +487,29 @@ def evaluate(workdir: str | pathlib.Path, options: EvalOptions = EvalOptions(),
                                            str(bundle.llm_dir), say)
     timing["language_s"] = time.perf_counter() - t
 
+    # 4. conditioning gap, learning curve, intervals -----------------------------------------------
+    t = time.perf_counter()
+    gaps = conditioning_gaps(inputs, bundle, records, codes, vq_cfg, options, mesh)
+    r2i["conditioning_gap"], i2r["conditioning_gap"] = gaps["report2image"], gaps["image2report"]
+    say("conditioning gap (nats/token, mismatched - true input): " + "; ".join(
+        f"{d} train {_f(g['train']['gap'])} test {_f(g['test']['gap'])} "
+        f"(n {g['train']['n_pairs']} / {g['test']['n_pairs']})" for d, g in gaps.items()))
+    timing["conditioning_gap_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    r2i["ci95"], i2r["ci95"] = headline_intervals(label_values, probs_gen, thresholds,
+                                                  gen_reports, references,
+                                                  options.labeler_section, options.seed)
+    timing["bootstrap_s"] = time.perf_counter() - t
+    curve = learning_curve.plot(inputs.root, out / eval_report.IMAGES_DIR / CURVE_FILE)
+
     result = {
         "workdir": str(inputs.root), "seed": options.seed, "n_test": len(items),
         "subset": options.subset, "report_stage": inputs.report_stage,
         "model": {"llm": str(bundle.llm_dir), "step": bundle.step, "vqgan": str(bundle.vqgan_dir)},
         "report2image": r2i, "image2report": i2r, "language": lang,
+        "bootstrap": {"method": "percentile", "level": 0.95, "resamples": bootstrap.RESAMPLES,
+                      "seed": options.seed, "over": "test items (conditioning gap: its pairs)"},
+        "learning_curve": f"{eval_report.IMAGES_DIR}/{CURVE_FILE}" if curve else None,
         "options": dataclasses.asdict(options),
     }
     out.mkdir(parents=True, exist_ok=True)
@@ -501,6 +530,54 @@ def evaluate(workdir: str | pathlib.Path, options: EvalOptions = EvalOptions(),
 
 def _f(x: Any) -> str:
     return "n/a" if x is None else f"{x:.3f}"
+
+
+def conditioning_gaps(inputs: RunInputs, bundle: Any, test_records: Sequence[mimic.MimicRecord],
+                      codes: dict[str, np.ndarray], vq_cfg: Any, options: EvalOptions, mesh: Any
+                      ) -> dict[str, dict[str, Any]]:
+    """direction -> {"train": block, "test": block}, each block `GapResult.as_dict()` with its
+    `ci95`: on the test items, and on a seeded sample of as many of the train pairs the final
+    stage trained in that direction (its report section and direction rule); pairs longer than
+    the run's seq_len are left out, as training drops them."""
+    cfg = _run_config(inputs.root)
+    data = cfg.get("data") or {}
+    seq_len = (cfg.get("train") or {}).get("seq_len") or data.get("seq_len")
+    train = mimic.load_mimic(inputs.world, codes, stage=inputs.report_stage, splits=("train",),
+                             tokens_per_image=vq_cfg.tokens_per_image,
+                             codebook_size=vq_cfg.n_embed)
+    trained = pipeline_lib.pair_records(train.records, data.get("direction", "alternate"))
+    out: dict[str, dict[str, Any]] = {}
+    for direction in conditioning.DIRECTIONS:
+        pool = trained[direction]
+        sample = np.random.default_rng(options.seed).permutation(len(pool))[:len(test_records)]
+        out[direction] = {}
+        for split, pairs in (("train", [pool[i] for i in sample]), ("test", test_records)):
+            try:
+                r = conditioning.conditioning_gap(
+                    bundle.params, bundle.model_config, bundle.vocab, pairs, direction,
+                    batch_size=options.batch_size, seed=options.seed, max_len=seq_len, mesh=mesh)
+                out[direction][split] = {**r.as_dict(), "ci95": r.gap_ci95(seed=options.seed)}
+            except ValueError as err:  # too few pairs, or too few studies, to mismatch
+                out[direction][split] = {"n_pairs": 0, "gap": None, "not_measured": str(err)}
+    return out
+
+
+def headline_intervals(label_values: np.ndarray, probs_gen: np.ndarray, thresholds: Any,
+                       gen_reports: Sequence[str], references: Sequence[str],
+                       section: str, seed: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(report -> image, image -> report) 95 % bootstrap intervals over the test items, on the
+    same scored findings, thresholds and label scores as `alignment`."""
+    y = alignment.binarize(label_values)
+    keep = alignment.informative(y)
+    th = np.asarray(thresholds, np.float64)
+    r2i = bootstrap.multilabel_intervals(y[:, keep], np.asarray(probs_gen)[:, keep],
+                                         th if th.ndim == 0 else th[keep], seed=seed)
+    ref = alignment.binarize(alignment.report_labels(references, section, labeler.LABELS))
+    gen = alignment.label_scores(alignment.report_labels(gen_reports, section, labeler.LABELS))
+    keep = alignment.informative(ref)
+    i2r = {**bootstrap.multilabel_intervals(ref[:, keep], gen[:, keep], 0.5, seed=seed),
+           **bootstrap.text_intervals(gen_reports, references, seed=seed)}
+    return r2i, i2r
 
 
 def _write_items(out: pathlib.Path, items: Sequence[TestItem], gen_reports: Sequence[str],
