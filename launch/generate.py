@@ -10,6 +10,7 @@
     python launch/generate.py --workdir W --task instruct --input i.jsonl  # {"instruction", ...}
         [--out DIR] [--batch-size 8] [--seed 0] [--greedy] [--max-new-tokens 128]
         [--phrasing 0|random] [--top-p P] [--top-k K] [--temperature T] [--mesh -1] [--vqgan DIR]
+        [--guidance S]      # report2image: classifier-free guidance scale (1 = plain sampling)
 
 W is a training run's workdir, an LLM workdir or a serving folder (`launch/export.py --format
 serving`). Writes OUT/outputs.jsonl (prompt, phrasing, output, seed per item), and for
@@ -67,6 +68,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--temperature", type=float, default=None)
     parser.add_argument("--top-k", type=int, default=None)
     parser.add_argument("--top-p", type=float, default=None)
+    parser.add_argument("--guidance", type=float, default=None,
+                        help="report2image: classifier-free guidance scale S, mixing "
+                             "uncond + S * (cond - uncond) each step; 1 = plain sampling "
+                             "(default: the run's `guidance` config value, else 1)")
     parser.add_argument("--mesh", default="-1", help="mesh for the LLM params (default all fsdp)")
     parser.add_argument("--vqgan", default=None, help="VQ-GAN directory (default: W's own)")
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default latest)")
@@ -79,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
         job = generate_job.JobConfig(task=args.task, batch_size=args.batch_size, seed=args.seed,
                                      greedy=args.greedy, max_new_tokens=args.max_new_tokens,
                                      temperature=args.temperature, top_k=args.top_k,
-                                     top_p=args.top_p, phrasing=args.phrasing)
+                                     top_p=args.top_p, phrasing=args.phrasing,
+                                     guidance=args.guidance)
         items = generate_job.read_items(
             args.task, reports=args.report, images=args.image, questions=args.question,
             instructions=args.instruction, contexts=args.context, input_path=args.input)

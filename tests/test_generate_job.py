@@ -125,6 +125,40 @@ def test_same_seed_same_outputs_and_items_reproduce_alone(workdir, report2image,
     assert alone[1]["codes"] != records[1]["codes"]
 
 
+def test_guided_report2image_keeps_the_constraint_and_reproduces_alone(workdir, report2image,
+                                                                       tmp_path):
+    """`--guidance 3`: exactly the image codes then `### End`, other codes than plain sampling
+    from the same seeds, each item the same alone; `--guidance 1` is plain sampling; a serving
+    export made with guidance 3 uses it by default."""
+    _, plain = report2image
+    reports = [a for r in REPORTS for a in ("--report", r)]
+    common = ("--task", "report2image", "--batch-size", "2", "--seed", "5")
+    guided = _run(workdir, tmp_path / "g", *common, *reports, "--guidance", "3")
+    for r in guided:
+        assert r["finished"] and r["n_tokens"] == N_CODES + 1 and r["guidance"] == 3.0
+        assert len(r["codes"]) == N_CODES and 0 <= min(r["codes"]) <= max(r["codes"]) < VQ.n_embed
+    assert json.loads((tmp_path / "g" / "job.json").read_text())["guidance"] == 3.0
+    assert all(g["codes"] != p["codes"] for g, p in zip(guided, plain))
+    alone = _run(workdir, tmp_path / "a", *common[:-1], "6", "--report", REPORTS[1],
+                 "--guidance", "3")
+    assert alone[0]["codes"] == guided[1]["codes"]
+    one = _run(workdir, tmp_path / "one", *common, *reports, "--guidance", "1")
+    assert [r["codes"] for r in one] == [r["codes"] for r in plain]
+    exported = tmp_path / "serving"
+    bundle = serving.load_bundle(workdir, load_vqgan=False)
+    assert bundle.guidance == 1.0  # the run's config.json names none
+    run = tmp_path / "run"  # a run whose config.json (launch/train.py's RunConfig) names 2.5
+    run.mkdir()
+    for part in ("llm", "vqgan_run"):
+        (run / part).symlink_to(workdir / part)
+    (run / "config.json").write_text(json.dumps({"guidance": 2.5}))
+    assert serving.load_bundle(run, load_vqgan=False).guidance == 2.5
+    serving.export_serving(exported, bundle.model_config, bundle.params, bundle.vocab,
+                           vqgan_dir=bundle.vqgan_dir, guidance=3.0)
+    by_default = _run(exported, tmp_path / "d", *common, *reports)
+    assert [r["codes"] for r in by_default] == [r["codes"] for r in guided]
+
+
 @pytest.fixture(scope="module")
 def image_inputs(workdir, report2image, tmp_path_factory):
     """A folder with two PNGs (32 px) and one .npy of codes."""
@@ -213,6 +247,10 @@ def test_bad_input_errors_name_the_flag_or_file(workdir, image_inputs, tmp_path)
         ["--workdir", no_llm, "--task", "report2image", "--report", "x"])
     assert "--phrasing" in _error([*w, "--task", "report2image", "--report", "x",
                                    "--phrasing", "12"])
+    assert "--guidance must be a finite number >= 0" in _error(
+        [*w, "--task", "report2image", "--report", "x", "--guidance", "-1"])
+    assert "--guidance applies to --task report2image only" in _error(
+        [*w, "--task", "instruct", "--instruction", "x", "--guidance", "2"])
 
 
 def test_items_from_flags_and_seeds():

@@ -14,6 +14,9 @@ Tasks and prompts are the ones the model was trained on (`llmcxr_jax.text.prompt
 report2image forces exactly `tokens_per_image` image ids and then `### End` with the logits-mask
 hook (never retries); image2report samples up to 128 tokens with top_p 0.92 / top_k 0 /
 temperature 1 as the original (`--greedy` for argmax); vqa and instruct use the Dolly format.
+report2image samples with classifier-free guidance at `--guidance S` (default: the model's
+`Bundle.guidance`, a run's `guidance` config value): each prompt's unconditional twin
+(`inference.unconditional_prompt_ids`) is decoded in the same jitted loop (`generate.py`).
 
 Reproducibility: item i of a run with `--seed S` uses seed S + i, and its own PRNG key, so it is
 drawn identically whatever else is in its batch; rerun it alone with `--seed S+i` (bit for bit
@@ -42,7 +45,7 @@ from llmcxr_jax.data import images as image_lib
 from llmcxr_jax.llm import generate as generate_lib
 from llmcxr_jax.llm.constraints import image_then_end_mask
 from llmcxr_jax.llm.generate import GenerationConfig, GenerationOutput
-from llmcxr_jax.llm.inference import REPORT_SAMPLING, left_pad
+from llmcxr_jax.llm.inference import REPORT_SAMPLING, left_pad, unconditional_prompt_ids
 from llmcxr_jax.llm.serving import Bundle
 from llmcxr_jax.text import prompts
 from llmcxr_jax.text.vocab import IMAGE_PLACEHOLDER, Vocab
@@ -234,6 +237,7 @@ class JobConfig:
     top_k: int | None = None
     top_p: float | None = None  # text tasks: 0.92; report2image: 1.0
     phrasing: int | str = 0  # instruction phrasing index (0-9), or "random" (drawn per item)
+    guidance: float | None = None  # report2image guidance scale; None = the model's default
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -245,6 +249,12 @@ class JobConfig:
         if self.phrasing != "random" and not (isinstance(self.phrasing, int)
                                                and 0 <= self.phrasing < 10):
             raise InputError(f"--phrasing must be 0..9 or 'random', got {self.phrasing!r}")
+        if self.guidance is not None:
+            if not 0.0 <= self.guidance < float("inf"):
+                raise InputError(f"--guidance must be a finite number >= 0, got {self.guidance}")
+            if self.task != "report2image" and self.guidance != 1.0:
+                raise InputError(f"--guidance applies to --task report2image only, not "
+                                 f"{self.task}")
 
 
 def generation_config(job: JobConfig, tokens_per_image: int) -> GenerationConfig:
@@ -285,18 +295,21 @@ def phrasing_for(job: JobConfig, seed: int) -> int | None:
 
 def generate_per_row(params: Any, config: ModelConfig, vocab: Vocab, rows: Sequence[Sequence[int]],
                      seeds: Sequence[int], gen: GenerationConfig,
-                     logits_mask_fn: Any = None) -> GenerationOutput:
+                     logits_mask_fn: Any = None, *, guidance: float = 1.0,
+                     uncond_rows: Sequence[Sequence[int]] | None = None) -> GenerationOutput:
     """Generate after each prompt in `rows` (token id lists), row i sampling from
     `jax.random.key(seeds[i])`: a row's tokens do not depend on the other rows. Stops at `### End`;
-    host arrays out."""
+    host arrays out. With `guidance` != 1, `uncond_rows` are the prompts' unconditional twins."""
     if len(rows) != len(seeds):
         raise ValueError(f"{len(rows)} rows but {len(seeds)} seeds")
     gen = dataclasses.replace(gen, stop_ids=(vocab.end_id,), pad_id=vocab.pad_id)
     ids, mask = left_pad(rows, vocab.pad_id)
+    uncond_ids, uncond_mask = left_pad(uncond_rows, vocab.pad_id) if uncond_rows else (None, None)
     keys = jax.vmap(jax.random.key)(jnp.asarray(np.asarray(seeds, np.uint32)))
     out = generate_lib.generate(params, config, ids, mask, keys, gen,
                                 valid_mask=vocab.valid_token_mask()[:config.vocab_size],
-                                logits_mask_fn=logits_mask_fn)
+                                logits_mask_fn=logits_mask_fn, guidance=guidance,
+                                uncond_ids=uncond_ids, uncond_mask=uncond_mask)
     return jax.tree.map(np.asarray, jax.device_get(out))
 
 
@@ -452,6 +465,9 @@ def run_job(bundle: Bundle, items: Sequence[Item], job: JobConfig, out: str | pa
     gen = generation_config(job, n_codes or 0)
     hook = (image_then_end_mask(vocab.image_offset, vocab.n_image, vocab.end_id, n_codes)
             if job.task == "report2image" else None)
+    guidance = 1.0
+    if job.task == "report2image":
+        guidance = bundle.guidance if job.guidance is None else job.guidance
     codec = ImageCodec(bundle, job.batch_size)
     out.mkdir(parents=True, exist_ok=True)
     if job.task == "report2image":
@@ -462,10 +478,12 @@ def run_job(bundle: Bundle, items: Sequence[Item], job: JobConfig, out: str | pa
     start = time.perf_counter()
     finished = 0
     say(f"generate: {len(items)} {job.task} item(s) in {n_batches} batch(es) of "
-        f"{job.batch_size} from {bundle.path} ({bundle.kind}, step {bundle.step})")
+        f"{job.batch_size} from {bundle.path} ({bundle.kind}, step {bundle.step})"
+        + (f", guidance {guidance:g}" if job.task == "report2image" else ""))
     with open(tmp, "w") as f:
         for b, batch in enumerate(_batches(items, job.batch_size), start=1):
-            records = _run_batch(bundle, batch, job, gen, hook, codec, n_codes, out, grid)
+            records = _run_batch(bundle, batch, job, gen, hook, guidance, codec, n_codes, out,
+                                 grid)
             for record in records:
                 f.write(json.dumps(record) + "\n")
                 finished += record["finished"]
@@ -480,7 +498,7 @@ def run_job(bundle: Bundle, items: Sequence[Item], job: JobConfig, out: str | pa
                "seconds": round(time.perf_counter() - start, 2), "out": str(out)}
     job_record = {"model": str(bundle.path), "kind": bundle.kind, "step": bundle.step,
                   "job": dataclasses.asdict(job), "generation": dataclasses.asdict(gen),
-                  "tokens_per_image": n_codes, **summary}
+                  "tokens_per_image": n_codes, "guidance": guidance, **summary}
     (out / JOB_FILE).write_text(json.dumps(job_record, indent=2) + "\n")
     say(f"generate: wrote {out / OUTPUTS_FILE}"
         + (f", {len(items)} PNGs in {out / IMAGES_DIR} and {out / GRID_FILE}" if grid else ""))
@@ -488,8 +506,8 @@ def run_job(bundle: Bundle, items: Sequence[Item], job: JobConfig, out: str | pa
 
 
 def _run_batch(bundle: Bundle, batch: list[Item], job: JobConfig, gen: GenerationConfig,
-               hook: Any, codec: ImageCodec, n_codes: int | None, out: pathlib.Path,
-               grid: list[np.ndarray]) -> list[dict[str, Any]]:
+               hook: Any, guidance: float, codec: ImageCodec, n_codes: int | None,
+               out: pathlib.Path, grid: list[np.ndarray]) -> list[dict[str, Any]]:
     vocab, config = bundle.vocab, bundle.model_config
     codes: list[np.ndarray | None] = [None] * len(batch)
     if job.task in ("image2report", "vqa"):
@@ -506,8 +524,13 @@ def _run_batch(bundle: Bundle, batch: list[Item], job: JobConfig, gen: Generatio
         texts.append(text)
         rows.append(ids)
     fill = job.batch_size - len(batch)  # pad to a full batch: one compiled loop per task
+    twins = None
+    if guidance != 1.0:
+        twins = [unconditional_prompt_ids(vocab, p) for p in phrasings]
+        twins += [twins[0]] * fill
     result = generate_per_row(bundle.params, config, vocab, rows + [rows[0]] * fill,
-                              seeds + [seeds[0]] * fill, gen, hook)
+                              seeds + [seeds[0]] * fill, gen, hook, guidance=guidance,
+                              uncond_rows=twins)
     images = None
     if job.task == "report2image":
         drawn = np.stack([vocab.codes_from_ids(t[:n_codes], expected=n_codes)
@@ -526,7 +549,7 @@ def _run_batch(bundle: Bundle, batch: list[Item], job: JobConfig, gen: Generatio
             image_lib.save_png(out / png, images[i])
             if len(grid) < GRID_SIZE:
                 grid.append(images[i])
-            record.update(output=png, codes=drawn[i].tolist())
+            record.update(output=png, codes=drawn[i].tolist(), guidance=guidance)
         else:
             record["output"] = _text_of(vocab, result.tokens[i], length)
         record.update(n_tokens=length, finished=bool(result.finished[i]), seed=seed,

@@ -3,6 +3,8 @@ VQA and plain instructions, in batches, with the prompt formats the model was tr
 
 Report -> image never retries: the logits-mask hook forces exactly `tokens_per_image` image ids
 after `### Response:\\n` and then `### End` (the original samples until it happens to get 256).
+With `guidance` S != 1 it decodes each report's unconditional twin (`unconditional_prompt_ids`)
+beside it and samples from `uncond + S * (cond - uncond)` (`generate.py`).
 """
 
 from __future__ import annotations
@@ -35,12 +37,22 @@ def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np
     return ids, mask
 
 
+def unconditional_prompt_ids(vocab: Vocab, phrasing: int | None = 0) -> list[int]:
+    """The unconditional twin of a report -> image prompt: `prompts.NULL_REPORT` as the report,
+    in the same phrasing (what the model saw at `DataConfig.null_report_rate`)."""
+    return prompts.report_to_image_prompt_ids(vocab, prompts.NULL_REPORT, phrasing)
+
+
 def _generate_rows(params: Any, config: ModelConfig, vocab: Vocab, rows: list[list[int]],
-                   rng: jax.Array, gen: GenerationConfig, logits_mask_fn: Any = None) -> np.ndarray:
+                   rng: jax.Array, gen: GenerationConfig, logits_mask_fn: Any = None, *,
+                   guidance: float = 1.0, uncond_rows: list[list[int]] | None = None
+                   ) -> np.ndarray:
     ids, mask = left_pad(rows, vocab.pad_id)
+    uncond_ids, uncond_mask = left_pad(uncond_rows, vocab.pad_id) if uncond_rows else (None, None)
     gen = dataclasses.replace(gen, stop_ids=(vocab.end_id,), pad_id=vocab.pad_id)
     out = generate(params, config, ids, mask, rng, gen, valid_mask=vocab.valid_token_mask(),
-                   logits_mask_fn=logits_mask_fn)
+                   logits_mask_fn=logits_mask_fn, guidance=guidance, uncond_ids=uncond_ids,
+                   uncond_mask=uncond_mask)
     return np.asarray(jax.device_get(out.tokens))
 
 
@@ -65,12 +77,15 @@ def reports_from_images(params: Any, config: ModelConfig, vocab: Vocab,
 def images_from_reports(params: Any, config: ModelConfig, vocab: Vocab, reports: Sequence[str],
                         rng: jax.Array, tokens_per_image: int = 256,
                         gen: GenerationConfig = GenerationConfig(do_sample=True, top_p=1.0),
-                        phrasing: int | None = 0) -> np.ndarray:
-    """report -> image codes [batch, tokens_per_image]: exactly that many, by construction."""
+                        phrasing: int | None = 0, guidance: float = 1.0) -> np.ndarray:
+    """report -> image codes [batch, tokens_per_image]: exactly that many, by construction;
+    `guidance` is the classifier-free guidance scale (1 = none)."""
     rows = [prompts.report_to_image_prompt_ids(vocab, r, phrasing) for r in reports]
+    twins = [unconditional_prompt_ids(vocab, phrasing)] * len(rows) if guidance != 1.0 else None
     hook = image_then_end_mask(vocab.image_offset, vocab.n_image, vocab.end_id, tokens_per_image)
     gen = dataclasses.replace(gen, max_new_tokens=tokens_per_image + 1)
-    tokens = _generate_rows(params, config, vocab, rows, rng, gen, hook)
+    tokens = _generate_rows(params, config, vocab, rows, rng, gen, hook, guidance=guidance,
+                            uncond_rows=twins)
     return np.stack([vocab.codes_from_ids(t[:tokens_per_image], expected=tokens_per_image)
                      for t in tokens])
 

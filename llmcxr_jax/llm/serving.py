@@ -2,7 +2,8 @@
 
 A serving folder is an LLM workdir (`llmcxr_jax.llm.checkpoint`) plus the VQ-GAN:
 
-    OUT/config.json                {"model", "vocab", "serving": {format, param_dtype, source, ...}}
+    OUT/config.json                {"model", "vocab", "serving": {format, param_dtype, source,
+                                   guidance, ...}}
     OUT/tokenizer/                 tokenizer.json + llmcxr_vocab.json
     OUT/checkpoints/<step>/state/  orbax sharded checkpoint of {"params": params} (no optimizer)
     OUT/vqgan/                     config.json + params.safetensors (a copy of the save_vqgan dir)
@@ -74,6 +75,9 @@ class Bundle:
     vqgan_dir: pathlib.Path | None = None
     vqgan_config: VQGANConfig | None = None
     vqgan_params: Any = None
+    # The report -> image guidance scale the model is used with by default: a run's `guidance`
+    # (WORKDIR/config.json), carried into its serving exports; 1 (none) for other folders.
+    guidance: float = 1.0
 
     @property
     def has_vqgan(self) -> bool:
@@ -121,6 +125,22 @@ def _run_vqgan_dir(root: pathlib.Path) -> pathlib.Path | None:
         return resolve_vqgan_dir(given)
     path = root.joinpath(*RUN_VQGAN_DIR)
     return path if _has_vqgan(path) else None
+
+
+def _default_guidance(kind: str, root: pathlib.Path, llm_dir: pathlib.Path) -> float:
+    """`Bundle.guidance`: a run's `guidance` (its RunConfig), a serving folder's
+    `serving.guidance`, else 1."""
+    if kind == "llm":
+        return 1.0
+    path = root / "config.json" if kind == "run" else llm_dir / llm_checkpoint.CONFIG_FILE
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return 1.0
+    if kind == "serving":
+        data = data.get(SERVING_KEY)
+    value = data.get("guidance", 1.0) if isinstance(data, dict) else 1.0
+    return float(value) if isinstance(value, (int, float)) else 1.0
 
 
 def locate(path: str | pathlib.Path) -> tuple[str, pathlib.Path, pathlib.Path | None]:
@@ -205,7 +225,8 @@ def load_bundle(path: str | pathlib.Path, mesh: Mesh | None = None, *,
         vq_config = vqgan_checkpoint.load_config(vqgan_dir)
     return Bundle(kind=kind, path=pathlib.Path(path), llm_dir=llm_dir, model_config=config,
                   params=params, vocab=vocab, step=step, vqgan_dir=vqgan_dir,
-                  vqgan_config=vq_config, vqgan_params=vq_params)
+                  vqgan_config=vq_config, vqgan_params=vq_params,
+                  guidance=_default_guidance(kind, pathlib.Path(path), llm_dir))
 
 
 def _resolve_step(llm_dir: pathlib.Path, step: int | None) -> int:
@@ -239,9 +260,11 @@ def cast_params(params: Any, dtype: str) -> Any:
 
 def export_serving(out: str | pathlib.Path, config: ModelConfig, params: Any, vocab: Vocab, *,
                    vqgan_dir: str | pathlib.Path | None = None, param_dtype: str | None = None,
-                   step: int = 0, source: str = "", overwrite: bool = False) -> pathlib.Path:
+                   step: int = 0, source: str = "", overwrite: bool = False,
+                   guidance: float = 1.0) -> pathlib.Path:
     """Write a serving folder (module docstring): params only, optionally cast to `param_dtype`,
-    plus a copy of the VQ-GAN at `vqgan_dir` (None: an LLM-only folder) and the tokenizer.
+    plus a copy of the VQ-GAN at `vqgan_dir` (None: an LLM-only folder) and the tokenizer;
+    `guidance` is the model's default report -> image guidance scale (`Bundle.guidance`).
 
     Every process must call it (orbax writes each process's shards); process 0 writes the rest.
     """
@@ -270,7 +293,8 @@ def export_serving(out: str | pathlib.Path, config: ModelConfig, params: Any, vo
     llm_checkpoint.save_llm(tmp, config, params, vocab, step=step)
     if main:
         meta = {"format": SERVING_FORMAT, "param_dtype": param_dtype, "source": str(source),
-                "step": step, "vqgan": VQGAN_DIR if vqgan_dir is not None else None}
+                "step": step, "vqgan": VQGAN_DIR if vqgan_dir is not None else None,
+                "guidance": guidance}
         if vqgan_dir is not None:
             (tmp / VQGAN_DIR).mkdir()
             for name in (vqgan_checkpoint.PARAMS_FILE, vqgan_checkpoint.CONFIG_FILE):
@@ -287,7 +311,7 @@ def export_bundle(bundle: Bundle, out: str | pathlib.Path, *, param_dtype: str |
     """`export_serving` of an opened bundle (its VQ-GAN included when it has one)."""
     return export_serving(out, bundle.model_config, bundle.params, bundle.vocab,
                           vqgan_dir=bundle.vqgan_dir, param_dtype=param_dtype, step=bundle.step,
-                          source=str(bundle.path), overwrite=overwrite)
+                          source=str(bundle.path), overwrite=overwrite, guidance=bundle.guidance)
 
 
 def _sync(name: str) -> None:

@@ -43,6 +43,14 @@ class RunConfig:
     # of the language-retention evaluation. 0 = stage 1 starts from random weights.
     base_steps: int = 0
     samples: int = 4  # reports and images generated at the end as a quick look
+    # Classifier-free guidance scale S of report -> image generation with this run's model, the
+    # default of launch/generate.py and launch/evaluate.py (`--guidance`); 1 = plain sampling.
+    # S > 1 contrasts with the unconditional branch trained at data.null_report_rate > 0.
+    guidance: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.guidance < float("inf"):
+            raise ValueError(f"guidance must be a finite number >= 0, got {self.guidance}")
 
 
 _SECTIONS = {"model": ModelConfig, "train": TrainConfig, "data": DataConfig, "stage1": LoopConfig,
