@@ -313,6 +313,10 @@ class DataConfig:
     packing_bins: int = 0  # first-fit bins per packing round; 0 = 4 x the per-host batch
     tokens_per_image: int = 256
     codebook_size: int = 1024
+    # Classifier-free guidance: the fraction of report -> image examples whose report is replaced
+    # by `prompts.NULL_REPORT`, so the model also learns the unconditional image distribution
+    # that guided generation (`--guidance`) contrasts with. 0 = every example conditioned.
+    null_report_rate: float = 0.0
     seed: int = 0
     read_threads: int = 0  # grain ReadOptions.num_threads (0 measured fastest for this pipeline)
     prefetch_buffer: int = 64  # grain ReadOptions.prefetch_buffer_size (used with threads > 0)
@@ -325,6 +329,8 @@ class DataConfig:
                              f"({', '.join(DATA_TASKS)}) with a positive sum")
         if self.direction not in ("alternate", "both"):
             raise ValueError(f"direction {self.direction!r} not in ('alternate', 'both')")
+        if not 0.0 <= self.null_report_rate < 1.0:
+            raise ValueError(f"null_report_rate must be in [0, 1), got {self.null_report_rate}")
         if self.seq_len < 2 or self.global_batch < 1:
             raise ValueError(f"seq_len {self.seq_len} must be >= 2 and global_batch "
                              f"{self.global_batch} >= 1")

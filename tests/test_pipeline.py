@@ -192,6 +192,44 @@ def test_tokenise_counts_drops_exactly(vocab):
     assert (out[0]["task"] == P.TASK_INDEX["instruct"]).all()
 
 
+def test_null_report_rate_replaces_report2image_reports_only(vocab):
+    """At rate r about r of the report -> image examples carry `prompts.NULL_REPORT` in place of
+    their report (same phrasing draw, same image response); other tasks and rate 0 unchanged."""
+    records = _sources(n=400, seed=1).records
+    drops = P.DropCounter({t: 400 for t in records})
+    plain = P.tokenise_fn(vocab, "report2image", 256, N_CODES, drops)
+    nulled = P.tokenise_fn(vocab, "report2image", 256, N_CODES, drops, null_report_rate=0.3)
+    n_null = 0
+    for i, rec in enumerate(records["report2image"]):
+        out = nulled(rec, np.random.default_rng(i))
+        draws = np.random.default_rng(i)  # the same element rng: first the null draw, then
+        is_null = draws.random() < 0.3  # the phrasing
+        expected = prompts.build_example(vocab, "report2image", {
+            **rec, "report": prompts.NULL_REPORT if is_null else rec["report"]},
+            phrasing=draws, n_codes=N_CODES)
+        np.testing.assert_array_equal(out["tokens"], expected.ids)
+        assert (prompts.NULL_REPORT in vocab.decode(out["tokens"])) == is_null
+        n_null += is_null
+        # Rate 0 draws nothing extra: the phrasing comes straight from the element's rng.
+        np.testing.assert_array_equal(plain(rec, np.random.default_rng(i))["tokens"],
+                                      prompts.build_example(vocab, "report2image", rec,
+                                                            np.random.default_rng(i),
+                                                            N_CODES).ids)
+    assert abs(n_null / 400 - 0.3) < 4 * math.sqrt(0.3 * 0.7 / 400), n_null
+    other = P.tokenise_fn(vocab, "image2report", 256, N_CODES, drops, null_report_rate=0.9)
+    for i, rec in enumerate(records["image2report"][:20]):
+        tokens = other(rec, np.random.default_rng(i))["tokens"]
+        assert prompts.NULL_REPORT not in vocab.decode(tokens)
+    # build_pipeline passes the config's rate on.
+    pipe = P.build_pipeline(P.Sources({"report2image": records["report2image"]}, SkipCounter()),
+                            vocab, _cfg(weights=(1, 0, 0, 0), null_report_rate=0.5),
+                            shard_index=0, shard_count=1)
+    texts = [vocab.decode(row) for row in next(iter(pipe))["inputs"]]
+    assert sum(t.count(prompts.NULL_REPORT) for t in texts) > 0
+    with pytest.raises(ValueError, match="null_report_rate"):
+        DataConfig(null_report_rate=1.0)
+
+
 def test_a_task_with_no_example_that_fits_stops_with_a_clear_error(vocab):
     sources = P.Sources({"instruct": _sources().records["instruct"][:5]}, SkipCounter())
     pipe = P.build_pipeline(sources, vocab, _cfg(seq_len=8, weights=(0, 0, 1, 0)),

@@ -2,7 +2,8 @@
 
     per task (report2image, image2report, instruct, vqa):
         EpochShuffled(records[host shard])     seeded permutation per epoch, repeated forever
-        .random_map(tokenise: prompts.build_example, phrasing drawn per element; too long -> None)
+        .random_map(tokenise: prompts.build_example, phrasing drawn per element; too long -> None;
+                    report2image: prompts.NULL_REPORT for the report at null_report_rate)
         .to_iter_dataset(ReadOptions)          (None = dropped and counted)
     IterDataset.mix(sources, weights)          stratified: exact proportions, deterministic
     FirstFitPackIterDataset                    several examples per row (or one per row)
@@ -198,12 +199,18 @@ class DropCounter:
             return dict(sorted(self.counts.items()))
 
 
-def tokenise_fn(vocab: Vocab, task: str, max_len: int, n_codes: int,
-                drops: DropCounter) -> Callable[[dict, np.random.Generator], dict | None]:
-    """record, rng -> {tokens, loss_mask, task} (numpy, one example), or None if dropped."""
+def tokenise_fn(vocab: Vocab, task: str, max_len: int, n_codes: int, drops: DropCounter,
+                null_report_rate: float = 0.0
+                ) -> Callable[[dict, np.random.Generator], dict | None]:
+    """record, rng -> {tokens, loss_mask, task} (numpy, one example), or None if dropped.
+    A report2image record's report becomes `prompts.NULL_REPORT` with probability
+    `null_report_rate` (drawn from the element's rng, which is not touched at rate 0)."""
     task_id = TASK_INDEX[task]
+    null_rate = null_report_rate if task == "report2image" else 0.0
 
     def tokenise(record: dict, rng: np.random.Generator) -> dict | None:
+        if null_rate > 0.0 and rng.random() < null_rate:
+            record = {**record, "report": prompts.NULL_REPORT}
         try:
             ex = prompts.build_example(vocab, task, record, phrasing=rng, n_codes=n_codes)
         except (prompts.PromptError, ValueError):
@@ -334,7 +341,8 @@ def build_pipeline(sources: Sources, vocab: Vocab, cfg: DataConfig, *,
     for task, recs in shards.items():
         k = TASK_INDEX[task]
         ds = (EpochShuffled(recs, seed=_seed(cfg.seed, k, 0))
-              .random_map(tokenise_fn(vocab, task, cfg.seq_len, cfg.tokens_per_image, drops),
+              .random_map(tokenise_fn(vocab, task, cfg.seq_len, cfg.tokens_per_image, drops,
+                                      null_report_rate=cfg.null_report_rate),
                           seed=_seed(cfg.seed, k, 1)))
         streams.append(ds.to_iter_dataset(read))  # Nones (dropped examples) are skipped here
     ds = grain.IterDataset.mix(streams, list(weights.values())) if len(streams) > 1 else streams[0]
