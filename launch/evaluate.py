@@ -1,6 +1,8 @@
 """The paper's evaluation protocol on a training run's workdir.
 
     python launch/evaluate.py --workdir workdir/phantom
+    python launch/evaluate.py --workdir workdir/phantom --guidance 3,2,5   # report -> image at
+                                          # guidance 3 (headline), 1, 2 and 5 (same keys)
 
 On the held-out test split of the run's world: report -> image (CXR-classifier AUROC / F1 of the
 generated images, beside the VQ-GAN reconstructions of the real ones and chance; FID in the
@@ -25,6 +27,15 @@ from llmcxr_jax.parallel.cpu_devices import split_cpu_into_devices  # noqa: E402
 split_cpu_into_devices()  # before JAX is imported: one XLA CPU device per core
 
 from llmcxr_jax.eval.protocol import SUBSETS, EvalInputError, EvalOptions, evaluate  # noqa: E402
+
+
+def _scales(value: str) -> tuple[float, ...]:
+    """`--guidance 3` or `--guidance 3,1.5,5`."""
+    try:
+        return tuple(float(v) for v in value.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers separated by commas, got {value!r}"
+                                         ) from None
 
 
 def main(argv=None) -> int:
@@ -56,6 +67,11 @@ def main(argv=None) -> int:
                                                   "devices on fsdp)")
     p.add_argument("--classifier-steps", type=int, default=d.classifier_steps,
                    help="training steps when a classifier has to be trained")
+    p.add_argument("--guidance", type=_scales, default=d.guidance,
+                   help="report -> image classifier-free guidance scale(s) S, e.g. 3 or 3,2,5: "
+                        "the first is the headline (default: the run's `guidance` config "
+                        "value); S = 1 is always measured too (eval.json "
+                        "report2image.by_guidance)")
     args = p.parse_args(argv)
     try:
         options = EvalOptions(
@@ -63,7 +79,7 @@ def main(argv=None) -> int:
             seed=args.seed, base=args.base, out=args.out, n_language=args.n_language,
             report_tokens=args.report_tokens, n_show=args.n_show, subset=args.subset,
             report_stage=args.report_stage, mesh=args.mesh,
-            classifier_steps=args.classifier_steps)
+            classifier_steps=args.classifier_steps, guidance=args.guidance)
         result = evaluate(args.workdir, options)
     except EvalInputError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -71,6 +87,7 @@ def main(argv=None) -> int:
     r2i, i2r, lang = result["report2image"], result["image2report"], result["language"]
     print(json.dumps({
         "n_test": result["n_test"],
+        "report2image_guidance": r2i["guidance"],
         "report2image_auroc_macro": r2i["auroc"]["macro"],
         "report2image_auroc_macro_ci95": r2i["ci95"]["auroc_macro"],
         "report2image_gap_train": r2i["conditioning_gap"]["train"]["gap"],
@@ -79,6 +96,9 @@ def main(argv=None) -> int:
         "image2report_gap_test": i2r["conditioning_gap"]["test"]["gap"],
         "report2image_f1_micro": r2i["f1"]["micro"],
         "report2image_fid": r2i["fid"],
+        "report2image_by_guidance": {s: {"auroc_macro": v["auroc"]["macro"],
+                                         "f1_micro": v["f1"]["micro"], "fid": v["fid"]}
+                                     for s, v in r2i["by_guidance"].items()},
         "image2report_f1_micro": i2r["f1"]["micro"],
         "image2report_f1_micro_chance": i2r["chance"]["f1"]["micro"],
         "image2report_bleu4": i2r["bleu4"], "image2report_rouge_l": i2r["rouge_l"],

@@ -28,7 +28,8 @@ from llmcxr_jax.text import prompts
 from llmcxr_jax.vqgan.checkpoint import load_vqgan
 from llmcxr_jax.vqgan.encode import load_codes
 
-OPTIONS = dict(batch_size=4, n_language=4, report_tokens=12, n_show=2, mesh="1")
+# Report -> image at guidance 2 (the headline) and 1.
+OPTIONS = dict(batch_size=4, n_language=4, report_tokens=12, n_show=2, mesh="1", guidance=(2.0,))
 
 
 @pytest.fixture(scope="module")
@@ -121,6 +122,32 @@ def test_report2image_metrics_recompute_from_the_classifier(run):
         want = [np.nan if truth[int(it["study_id"])][n] is None else truth[int(it["study_id"])][n]
                 for n in names]
         np.testing.assert_array_equal(row, np.asarray(want, float))
+
+
+def test_report2image_at_each_guidance_scale_recomputes_from_the_predictions(run):
+    """The headline block is at S = 2; `by_guidance` holds S = 1 and 2, each recomputed from
+    its saved probabilities, the codes at S = 1 differ from those at S = 2."""
+    root, result, lines = run
+    block = result["report2image"]
+    assert block["guidance"] == 2.0 and block["null_report_rate"] == 0.0
+    assert list(block["by_guidance"]) == ["1", "2"]
+    pred = np.load(root / "eval" / "predictions.npz")
+    np.testing.assert_array_equal(pred["guidance_scales"], [1.0, 2.0])
+    np.testing.assert_array_equal(pred["generated_codes_by_guidance"][1], pred["generated_codes"])
+    np.testing.assert_array_equal(pred["probs_generated_by_guidance"][1], pred["probs_generated"])
+    assert (pred["generated_codes_by_guidance"][0] != pred["generated_codes"]).any()
+    y = metrics.binarize_chexpert(pred["label_values"], "ones", "zeros")[0]
+    names = [str(s) for s in pred["label_names"]]
+    keep = [names.index(n) for n in block["findings"]]
+    for i, key in enumerate(("1", "2")):
+        direct = metrics.evaluate(y[:, keep], pred["probs_generated_by_guidance"][i][:, keep],
+                                  names=block["findings"], threshold=0.5)
+        for metric in ("auroc", "f1"):
+            assert block["by_guidance"][key][metric]["macro"] == pytest.approx(
+                direct[metric]["macro"])
+    assert block["by_guidance"]["2"]["fid"] == block["fid"]
+    assert block["by_guidance"]["1"]["fid"] != block["fid"]
+    assert any(re.match(r"report->image \(guidance 2\): \d+/\d+ \(", l) for l in lines)
 
 
 def test_image2report_metrics_recompute_from_the_labeler(run):

@@ -8,6 +8,9 @@ On the held-out TEST split of the world the model was trained on:
    Beside them: the same metrics on the VQ-GAN reconstructions of the real test images (the upper
    bound the generator can reach through this VQ-GAN) and the chance levels; FID between generated
    and real test images in the classifier's feature space (and of the reconstructions, the floor).
+   Generation uses classifier-free guidance at the headline scale (`EvalOptions.guidance`,
+   default the run's `guidance`); AUROC / F1 / FID are also measured at S = 1 and every other
+   requested scale, from the same keys (`report2image.by_guidance`).
 2. image -> report: reports are generated from the test images' codes with the original's
    sampling (top_p 0.92); the labeler reads generated and reference reports
    (`alignment.report_agreement`); BLEU-1 / BLEU-4 / ROUGE-L (`text_metrics.report_metrics`).
@@ -90,6 +93,10 @@ class EvalOptions:
     mesh: str = "-1"  # the LLM's mesh (all devices on fsdp)
     classifier_steps: int = train_clf.TrainClassifierConfig.steps  # when one must be trained
     labeler_section: str = "findings+impression"
+    # Report -> image classifier-free guidance scales. The first is the headline (the
+    # `report2image` block); () = the run's `guidance` (WORKDIR/config.json). S = 1 (plain
+    # sampling) is always evaluated too; `report2image.by_guidance` holds AUROC / F1 / FID per S.
+    guidance: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         if self.subset not in SUBSETS:
@@ -105,6 +112,9 @@ class EvalOptions:
                                  f"{self.n_show} and {self.report_tokens}")
         if self.n_language < 1:
             raise EvalInputError(f"--n-language must be >= 1, got {self.n_language}")
+        if not all(0.0 <= s < float("inf") for s in self.guidance):
+            raise EvalInputError(f"--guidance scales must be finite numbers >= 0, got "
+                                 f"{list(self.guidance)}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -421,13 +431,22 @@ def evaluate(workdir: str | pathlib.Path, options: EvalOptions = EvalOptions(),
     t = time.perf_counter()
     bucket = prompt_bucket([len(prompts.report_to_image_prompt_ids(bundle.vocab, r.report, 0))
                             for r in records])
-    gen_codes = np.asarray(in_batches(
-        [r.report for r in records], options.batch_size,
-        lambda chunk, start: inference.images_from_reports(
-            bundle.params, bundle.model_config, bundle.vocab, chunk,
-            jax.random.fold_in(key_r2i, start), vq_cfg.tokens_per_image,
-            GenerationConfig(do_sample=True, top_p=1.0, length_multiple=bucket)),
-        "report->image", say))
+    # The headline guidance scale first, then S = 1 and the other scales (each once).
+    scales = list(dict.fromkeys([options.guidance[0] if options.guidance else bundle.guidance,
+                                 1.0, *options.guidance]))
+
+    def images_at(scale: float) -> np.ndarray:
+        """Codes of every test report at guidance `scale` (the same keys at every scale)."""
+        return np.asarray(in_batches(
+            [r.report for r in records], options.batch_size,
+            lambda chunk, start: inference.images_from_reports(
+                bundle.params, bundle.model_config, bundle.vocab, chunk,
+                jax.random.fold_in(key_r2i, start), vq_cfg.tokens_per_image,
+                GenerationConfig(do_sample=True, top_p=1.0, length_multiple=bucket),
+                guidance=scale),
+            "report->image" + ("" if scale == 1.0 else f" (guidance {scale:g})"), say))
+
+    gen_codes = images_at(scales[0])
     generated = decoder(gen_codes)
     reconstructed = decoder(np.stack([r.codes for r in records]))
     real = np.stack([images_lib.load_image(it.image_path, vq_cfg.resolution) for it in items])
@@ -447,10 +466,24 @@ def evaluate(workdir: str | pathlib.Path, options: EvalOptions = EvalOptions(),
         "fid_features": f"cxr_classifier ({cls_dir}, {cls_cfg.feature_dim}-d pooled features)",
         "inception_fid": "not computed: no Inception-v3 weights were given (none ship with the "
                          "project); the FID above is in the CXR classifier's feature space",
-        "classifier": str(cls_dir), "tokens_per_image": vq_cfg.tokens_per_image})
+        "classifier": str(cls_dir), "tokens_per_image": vq_cfg.tokens_per_image,
+        "guidance": scales[0],
+        "null_report_rate": (_run_config(inputs.root).get("data") or {}).get("null_report_rate")})
+    by_guidance = {scales[0]: (r2i, gen_codes, probs_gen)}
+    for scale in scales[1:]:
+        scale_codes = images_at(scale)
+        scale_probs, scale_feats = score(as_cls(decoder(scale_codes)))
+        scored = alignment.image_alignment(label_values, scale_probs, cls_cfg.labels, thresholds)
+        scored["fid"] = fid_lib.fid_from_features(scale_feats, feats["real"])
+        by_guidance[scale] = (scored, scale_codes, scale_probs)
+    r2i["by_guidance"] = {f"{s:g}": {"guidance": s, "auroc": by_guidance[s][0]["auroc"],
+                                     "f1": by_guidance[s][0]["f1"], "fid": by_guidance[s][0]["fid"]}
+                          for s in sorted(by_guidance)}
     timing["report2image_s"] = time.perf_counter() - t
     say(f"report->image: macro AUROC {_f(r2i['auroc']['macro'])} (reconstructions "
-        f"{_f(rec['auroc']['macro'])}, chance 0.5), FID {r2i['fid']:.2f}")
+        f"{_f(rec['auroc']['macro'])}, chance 0.5), FID {r2i['fid']:.2f}"
+        + "".join(f"; guidance {k}: macro AUROC {_f(v['auroc']['macro'])}, FID {v['fid']:.2f}"
+                  for k, v in r2i["by_guidance"].items()))
 
     # 2. image -> report ---------------------------------------------------------------------------
     t = time.perf_counter()
@@ -513,7 +546,12 @@ def evaluate(workdir: str | pathlib.Path, options: EvalOptions = EvalOptions(),
         "options": dataclasses.asdict(options),
     }
     out.mkdir(parents=True, exist_ok=True)
-    _write_items(out, items, gen_reports, gen_codes, probs_gen, probs_rec, cls_cfg.labels)
+    _write_items(out, items, gen_reports, gen_codes, probs_gen, probs_rec, cls_cfg.labels,
+                 guidance_scales=np.asarray(sorted(by_guidance), np.float64),
+                 probs_generated_by_guidance=np.stack([by_guidance[s][2]
+                                                       for s in sorted(by_guidance)]),
+                 generated_codes_by_guidance=np.stack([by_guidance[s][1]
+                                                       for s in sorted(by_guidance)]))
     eval_report.write(out, result, items=[(r.dicom_id, r.report) for r in records],
                       generated_reports=gen_reports, generated=generated,
                       reconstructed=reconstructed, n_show=options.n_show)
@@ -582,8 +620,9 @@ def headline_intervals(label_values: np.ndarray, probs_gen: np.ndarray, threshol
 
 def _write_items(out: pathlib.Path, items: Sequence[TestItem], gen_reports: Sequence[str],
                  gen_codes: np.ndarray, probs_gen: np.ndarray, probs_rec: np.ndarray,
-                 names: Sequence[str]) -> None:
-    """reports.jsonl (one line per item) and predictions.npz (arrays behind the metrics)."""
+                 names: Sequence[str], **more_arrays: np.ndarray) -> None:
+    """reports.jsonl (one line per item) and predictions.npz (arrays behind the metrics, with
+    `more_arrays`)."""
     with open(out / "reports.jsonl", "w") as f:
         for it, g in zip(items, gen_reports):
             f.write(json.dumps({"dicom_id": it.record.dicom_id, "study_id": it.record.study_id,
@@ -591,4 +630,4 @@ def _write_items(out: pathlib.Path, items: Sequence[TestItem], gen_reports: Sequ
     np.savez(out / "predictions.npz", dicom_ids=np.array([it.record.dicom_id for it in items]),
              label_names=np.array(list(names)), label_values=np.stack([it.labels for it in items]),
              probs_generated=probs_gen, probs_reconstructed=probs_rec,
-             generated_codes=np.asarray(gen_codes, np.int32))
+             generated_codes=np.asarray(gen_codes, np.int32), **more_arrays)
