@@ -11,7 +11,9 @@ both generate identical lengths. Latency at batch 1, throughput at batch 16 (ima
 The first call (compilation for us, warm-up for PyTorch) is timed separately; the table shows
 the median of `--repeats` timed calls, ours and the reference interleaved. A greedy cross-check
 (batch 1, a few tokens) reports whether both sides pick the same image tokens from the same
-weights.
+weights. The cost of classifier-free guidance (`--guidance`, default 3: each prompt's
+unconditional twin decoded in the same loop) is timed against our plain sampling at every batch
+size, interleaved in the same run (`guided_over_plain`: guided seconds / plain seconds).
 
     python bench/generate.py            # full run: 256 image tokens, batches 1 and 16
     python bench/generate.py --quick    # smoke run: 32 image tokens, batches 1 and 4
@@ -71,7 +73,7 @@ class ImageThenEnd(transformers.LogitsProcessor):
 
 
 def run(batch_sizes: list[int], n_tokens: int, repeats: int, threads: int, greedy_tokens: int,
-        seed: int = 0) -> dict:
+        guidance: float, seed: int = 0) -> dict:
     torch.set_num_threads(threads)
     vocab = load_vocab(gpt_neox_20b_dir(), n_image=IMAGE_CODES)
     config = model_preset("pythia-70m")
@@ -100,10 +102,11 @@ def run(batch_sizes: list[int], n_tokens: int, repeats: int, threads: int, greed
             raise RuntimeError(f"transformers did not produce {tokens} image ids then end")
         return new[:, :tokens] - vocab.image_offset
 
-    def ours(reports: list[str], tokens: int, key: int, sample: bool = True) -> np.ndarray:
+    def ours(reports: list[str], tokens: int, key: int, sample: bool = True,
+             scale: float = 1.0) -> np.ndarray:
         gen = GenerationConfig(do_sample=sample, top_p=1.0)
         codes = inference.images_from_reports(params, config, vocab, reports, jax.random.key(key),
-                                              tokens, gen)
+                                              tokens, gen, guidance=scale)
         if codes.shape != (len(reports), tokens):
             raise RuntimeError(f"ours produced codes of shape {codes.shape}")
         return codes
@@ -119,11 +122,14 @@ def run(batch_sizes: list[int], n_tokens: int, repeats: int, threads: int, greed
         reports = [REPORTS[i % len(REPORTS)] for i in range(batch)]
         first_ours = _timed(lambda: ours(reports, n_tokens, 0))
         first_ref = _timed(lambda: hf_generate(reports, n_tokens, True))
-        times_ours, times_ref = [], []
+        first_guided = _timed(lambda: ours(reports, n_tokens, 0, scale=guidance))
+        times_ours, times_ref, times_guided = [], [], []
         for r in range(repeats):
             times_ours.append(_timed(lambda: ours(reports, n_tokens, r + 1)))
             times_ref.append(_timed(lambda: hf_generate(reports, n_tokens, True)))
+            times_guided.append(_timed(lambda: ours(reports, n_tokens, r + 1, scale=guidance)))
         ours_s, ref_s = statistics.median(times_ours), statistics.median(times_ref)
+        guided_s = statistics.median(times_guided)
         results[batch] = {
             "ours_s": ours_s, "reference_s": ref_s, "speedup": ref_s / ours_s,
             "ours_images_per_s": batch / ours_s, "reference_images_per_s": batch / ref_s,
@@ -131,6 +137,9 @@ def run(batch_sizes: list[int], n_tokens: int, repeats: int, threads: int, greed
             "reference_tokens_per_s": batch * (n_tokens + 1) / ref_s,
             "ours_first_call_s": first_ours, "reference_first_call_s": first_ref,
             "ours_compile_s": max(first_ours - ours_s, 0.0),
+            "guided_s": guided_s, "guided_over_plain": guided_s / ours_s,
+            "guided_images_per_s": batch / guided_s,
+            "guided_compile_s": max(first_guided - guided_s, 0.0),
         }
     return {"results": results, "greedy_agreement": greedy_agreement,
             "greedy_tokens": greedy_tokens}
@@ -146,20 +155,26 @@ def main() -> None:
     parser.add_argument("--greedy-tokens", type=int, default=16,
                         help="tokens of the greedy cross-check (batch 1)")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    parser.add_argument("--guidance", type=float, default=3.0,
+                        help="classifier-free guidance scale timed against plain sampling")
     args = parser.parse_args()
     if args.quick:
         args.image_tokens, args.repeats, args.batch_sizes = 32, 1, "1,4"
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
-    out = run(batch_sizes, args.image_tokens, args.repeats, args.threads, args.greedy_tokens)
+    if args.guidance == 1.0:
+        parser.error("--guidance 1 is plain sampling; give another scale to time guidance")
+    out = run(batch_sizes, args.image_tokens, args.repeats, args.threads, args.greedy_tokens,
+              args.guidance)
     results = out["results"]
     print(f"report -> image: pythia-70m shape, vocab 51,328 (1,024 image ids), random weights, "
           f"{args.image_tokens} image tokens + end, median of {args.repeats}")
     print(f"{'batch':>5} {'ours s':>8} {'ref s':>8} {'speedup':>8} {'ours img/s':>11} "
-          f"{'ref img/s':>10} {'compile s':>10}")
+          f"{'ref img/s':>10} {'compile s':>10} {'guided s':>9} {'guided/plain':>13}")
     for batch, r in results.items():
         print(f"{batch:>5} {r['ours_s']:>8.3f} {r['reference_s']:>8.3f} {r['speedup']:>7.2f}x "
               f"{r['ours_images_per_s']:>11.3f} {r['reference_images_per_s']:>10.3f} "
-              f"{r['ours_compile_s']:>10.2f}")
+              f"{r['ours_compile_s']:>10.2f} {r['guided_s']:>9.3f} "
+              f"{r['guided_over_plain']:>12.2f}x")
     print(f"greedy cross-check ({out['greedy_tokens']} image tokens, batch 1): "
           f"{out['greedy_agreement']:.0%} of tokens identical")
     summary = {
@@ -167,6 +182,7 @@ def main() -> None:
         "image_tokens": args.image_tokens, "repeats": args.repeats, "quick": args.quick,
         "torch_threads": args.threads, "jax_device": str(jax.devices()[0].device_kind),
         "machine": platform.machine(), "greedy_agreement": out["greedy_agreement"],
+        "guidance": args.guidance,
         "results": {str(b): r for b, r in results.items()},
     }
     first, last = batch_sizes[0], batch_sizes[-1]
@@ -176,6 +192,8 @@ def main() -> None:
     summary[f"batch{last}_ours_images_per_s"] = results[last]["ours_images_per_s"]
     summary[f"batch{last}_reference_images_per_s"] = results[last]["reference_images_per_s"]
     summary[f"ratio_vs_reference_batch{last}"] = results[last]["speedup"]
+    summary[f"guided_over_plain_batch{first}"] = results[first]["guided_over_plain"]
+    summary[f"guided_over_plain_batch{last}"] = results[last]["guided_over_plain"]
     print(json.dumps(summary))
 
 
