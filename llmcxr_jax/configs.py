@@ -216,6 +216,10 @@ VQGAN_PRESETS: dict[str, VQGANConfig] = {
     # 32/64/64 and no attention: ~0.55x the CPU time per step of (1, 2, 4) with attention at 16.
     "phantom-f4": VQGANConfig(resolution=64, ch=32, ch_mult=(1, 2, 2), num_res_blocks=1,
                               attn_resolutions=(), z_channels=64, embed_dim=64),
+    # A coarser phantom grid: 64 px, f8, 8x8 = 64 tokens of 1,024 codes (a quarter of the LLM
+    # tokens per image of phantom-f4).
+    "phantom-f8-64": VQGANConfig(resolution=64, ch=32, ch_mult=(1, 2, 2, 4), num_res_blocks=1,
+                                 attn_resolutions=(), z_channels=64, embed_dim=64),
     # Unit tests: 32 px, f4, 8x8 = 64 tokens, 128 codes.
     "test-tiny": VQGANConfig(resolution=32, ch=32, ch_mult=(1, 1, 2), num_res_blocks=1,
                              attn_resolutions=(8,), z_channels=32, embed_dim=32, n_embed=128),
@@ -262,7 +266,7 @@ class VQGANTrainConfig:
     dead_code_window: int = 200  # a code unused for this many steps counts as dead
     dead_code_restart: bool = False  # re-seed dead codes from this batch's encoder outputs
     dead_code_restart_every: int = 200
-    mesh_data: int = 1  # devices on the data axis; -1 = all devices
+    mesh_data: int = 1  # devices on the data axis; -1 = the most that divide batch_size
     seed: int = 0
     log_every: int = 50
     checkpoint_every: int = 1000
@@ -313,6 +317,10 @@ class DataConfig:
     packing_bins: int = 0  # first-fit bins per packing round; 0 = 4 x the per-host batch
     tokens_per_image: int = 256
     codebook_size: int = 1024
+    # Loss weight of an image-code response token relative to a text token. A report -> image
+    # response is tokens_per_image codes against a few dozen report tokens the other way, so at
+    # 1.0 the codes' unconditional statistics dominate the gradient.
+    image_loss_weight: float = 1.0
     # Classifier-free guidance: the fraction of report -> image examples whose report is replaced
     # by `prompts.NULL_REPORT`, so the model also learns the unconditional image distribution
     # that guided generation (`--guidance`) contrasts with. 0 = every example conditioned.
@@ -329,6 +337,8 @@ class DataConfig:
                              f"({', '.join(DATA_TASKS)}) with a positive sum")
         if self.direction not in ("alternate", "both"):
             raise ValueError(f"direction {self.direction!r} not in ('alternate', 'both')")
+        if self.image_loss_weight <= 0:
+            raise ValueError(f"image_loss_weight must be > 0, got {self.image_loss_weight}")
         if not 0.0 <= self.null_report_rate < 1.0:
             raise ValueError(f"null_report_rate must be in [0, 1), got {self.null_report_rate}")
         if self.seq_len < 2 or self.global_batch < 1:

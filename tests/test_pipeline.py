@@ -410,3 +410,23 @@ def test_prefetch_threads_give_the_same_batches(vocab):
     for a, b in zip(*out):
         for k in P.BATCH_KEYS:
             np.testing.assert_array_equal(a[k], b[k])
+
+
+def test_image_loss_weight_scales_image_targets_only(vocab):
+    """The loss weight of an image-code target is `image_loss_weight`, of a text target 1, and
+    prompt tokens stay 0: checked per token against the vocabulary's image id range."""
+    sources = _sources(n=40, seed=4, vqa=False)
+    plain = next(iter(P.build_pipeline(sources, vocab, _cfg(weights=(1, 1, 1, 0)),
+                                       shard_index=0, shard_count=1)))
+    weighted = next(iter(P.build_pipeline(sources, vocab,
+                                          _cfg(weights=(1, 1, 1, 0), image_loss_weight=0.25),
+                                          shard_index=0, shard_count=1)))
+    np.testing.assert_array_equal(plain["targets"], weighted["targets"])
+    is_image = (weighted["targets"] >= vocab.image_offset) & (weighted["targets"] < vocab.n_valid)
+    on = plain["loss_mask"] > 0
+    assert (on & is_image).sum() > 0 and (on & ~is_image).sum() > 0
+    np.testing.assert_array_equal(weighted["loss_mask"][on & is_image], 0.25)
+    np.testing.assert_array_equal(weighted["loss_mask"][on & ~is_image], 1.0)
+    np.testing.assert_array_equal(weighted["loss_mask"][~on], 0.0)
+    with pytest.raises(ValueError, match="image_loss_weight"):
+        DataConfig(image_loss_weight=0.0)

@@ -15,8 +15,9 @@ Batch convention (numpy per host, then global `jax.Array`s of shape [global_batc
     inputs       int32    the packed token ids; `pad_id` on padding
     targets      int32    targets[b, t] = inputs[b, t + 1] when t + 1 is in the same segment;
                           `pad_id` at the last token of each segment and on padding
-    loss_mask    float32  1 where targets[b, t] is a response token of the same example (the
-                          prompt's loss weight of token t + 1), else 0; 0 on padding
+    loss_mask    float32  the loss weight of targets[b, t]: 1 where it is a response token of the
+                          same example (`image_loss_weight` for an image code), else 0; 0 on
+                          padding (the prompt's loss weight of token t + 1)
     segment_ids  int32    1..n for the n examples of a row, 0 on padding; attention must only
                           connect equal non-zero ids (and be causal)
     positions    int32    0, 1, ... restarting at each segment; 0 on padding
@@ -200,11 +201,12 @@ class DropCounter:
 
 
 def tokenise_fn(vocab: Vocab, task: str, max_len: int, n_codes: int, drops: DropCounter,
-                null_report_rate: float = 0.0
+                image_loss_weight: float = 1.0, null_report_rate: float = 0.0
                 ) -> Callable[[dict, np.random.Generator], dict | None]:
     """record, rng -> {tokens, loss_mask, task} (numpy, one example), or None if dropped.
-    A report2image record's report becomes `prompts.NULL_REPORT` with probability
-    `null_report_rate` (drawn from the element's rng, which is not touched at rate 0)."""
+    Image-code tokens weigh `image_loss_weight` in the loss mask, text tokens 1. A report2image
+    record's report becomes `prompts.NULL_REPORT` with probability `null_report_rate` (drawn
+    from the element's rng, which is not touched at rate 0)."""
     task_id = TASK_INDEX[task]
     null_rate = null_report_rate if task == "report2image" else 0.0
 
@@ -220,7 +222,11 @@ def tokenise_fn(vocab: Vocab, task: str, max_len: int, n_codes: int, drops: Drop
             drops.drop(task, "too_long", max_len)
             return None
         drops.keep(task)
-        return {"tokens": ex.ids.astype(np.int32), "loss_mask": ex.loss_mask.astype(np.float32),
+        loss_mask = ex.loss_mask.astype(np.float32)
+        if image_loss_weight != 1.0:
+            loss_mask = np.where(vocab.is_image_id(ex.ids), loss_mask * image_loss_weight,
+                                 loss_mask).astype(np.float32)
+        return {"tokens": ex.ids.astype(np.int32), "loss_mask": loss_mask,
                 "task": np.full(len(ex), task_id, np.int32)}
 
     return tokenise
@@ -342,7 +348,7 @@ def build_pipeline(sources: Sources, vocab: Vocab, cfg: DataConfig, *,
         k = TASK_INDEX[task]
         ds = (EpochShuffled(recs, seed=_seed(cfg.seed, k, 0))
               .random_map(tokenise_fn(vocab, task, cfg.seq_len, cfg.tokens_per_image, drops,
-                                      null_report_rate=cfg.null_report_rate),
+                                      cfg.image_loss_weight, cfg.null_report_rate),
                           seed=_seed(cfg.seed, k, 1)))
         streams.append(ds.to_iter_dataset(read))  # Nones (dropped examples) are skipped here
     ds = grain.IterDataset.mix(streams, list(weights.values())) if len(streams) > 1 else streams[0]
