@@ -31,8 +31,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--shard-size", type=int, default=4096, help="codes per .npz shard")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
-    encode_images(args.vqgan, args.images, args.out, batch_size=args.batch, threads=args.threads,
-                  shard_size=args.shard_size, progress=not args.no_progress)
+    try:
+        encode_images(args.vqgan, args.images, args.out, batch_size=args.batch,
+                      threads=args.threads, shard_size=args.shard_size,
+                      progress=not args.no_progress)
+    except FileNotFoundError as err:  # a missing --vqgan or --images: one line
+        raise SystemExit(f"error: {err}") from None
 
 
 if __name__ == "__main__":

@@ -50,9 +50,12 @@ def main(argv: list[str] | None = None) -> int:
 
     mesh_lib.maybe_initialize_distributed()
     mesh = mesh_lib.mesh_from_flag(args.mesh)
-    config, params, vocab = hf_io.import_hf(args.hf_dir, mesh, n_image=args.n_image,
-                                            resize=args.resize, seed=args.seed,
-                                            progress=mesh_lib.is_main_process())
+    try:
+        config, params, vocab = hf_io.import_hf(args.hf_dir, mesh, n_image=args.n_image,
+                                                resize=args.resize, seed=args.seed,
+                                                progress=mesh_lib.is_main_process())
+    except FileNotFoundError as err:  # a missing --hf-dir or file in it: one line
+        raise SystemExit(f"error: --hf-dir: {err}") from None
     dtype = default_compute_dtype() if args.compute_dtype == "auto" else args.compute_dtype
     config = dataclasses.replace(config, dtype=dtype)
     out = checkpoint.save_llm(args.out, config, params, vocab, overwrite=args.overwrite)

@@ -23,7 +23,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--subdir", default="vqgan", help="folder inside --out (default: vqgan)")
     args = parser.parse_args(argv)
     out = args.out / args.subdir
-    config, summary = import_taming(args.ckpt, args.config, out)
+    try:
+        config, summary = import_taming(args.ckpt, args.config, out)
+    except FileNotFoundError as err:  # a missing --ckpt or --config: one line
+        raise SystemExit(f"error: {err}") from None
     print(summary)
     print(f"wrote {out} ({config.resolution} px, f{config.downsample_factor}, "
           f"{config.n_embed} codes, {config.tokens_per_image} tokens per image)")

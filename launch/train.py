@@ -2,7 +2,9 @@
 
 With no flags it runs the embedded default end to end on the phantom world, in ./workdir/phantom.
 Every step reuses what is already complete in the workdir, so rerunning (or resuming after a kill
-or a SIGTERM, which saves a checkpoint and exits 0) does not redo finished work.
+or a SIGTERM, which saves a checkpoint and exits 0) does not redo finished work; a finished step
+asked for other settings than it was made with (its STEP.json) stops the run with one line, except
+more steps, which continue it (see llmcxr_jax/train/step_record.py).
 
 Examples:
   python launch/train.py
@@ -24,8 +26,7 @@ from llmcxr_jax.parallel.cpu_devices import split_cpu_into_devices  # noqa: E402
 
 split_cpu_into_devices()  # before JAX is imported: one XLA CPU device per core
 
-from llmcxr_jax.parallel.mesh import (MeshError, check_global_batch,  # noqa: E402
-                                      maybe_initialize_distributed, mesh_from_flag)
+from llmcxr_jax.parallel.mesh import MeshError, maybe_initialize_distributed  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -44,7 +45,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--workdir", default=None,
                         help="where everything goes (default ./workdir/<config>)")
     parser.add_argument("--steps", type=int, default=None,
-                        help="train steps of the selected stage(s) (overrides the preset)")
+                        help="train steps of the selected stage(s) (overrides the preset); a "
+                             "finished stage asked for more continues from its last checkpoint")
     parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                         help="override any config field, e.g. --set train.learning_rate=1e-4 "
                              "(see the list below)")
@@ -55,9 +57,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     maybe_initialize_distributed()
     from llmcxr_jax.train import run_config as rc
-    from llmcxr_jax.train.run import SetupError, run
+    from llmcxr_jax.train.run import SetupError, preflight, run
 
     stages = (1, 2) if args.stage == "both" else (int(args.stage),)
+    workdir = args.workdir or f"workdir/{args.config}"
     try:
         cfg = rc.apply_overrides(rc.run_preset(args.config), args.sets)
         if args.mesh is not None:
@@ -67,14 +70,15 @@ def main(argv: list[str] | None = None) -> int:
                 loop = rc.stage_loop(cfg, k)
                 cfg = dataclasses.replace(cfg, **{f"stage{k}": dataclasses.replace(
                     loop, steps=args.steps)})
-        mesh = mesh_from_flag(cfg.mesh)  # checked here so a mismatch is a one-line error
-        check_global_batch(cfg.train.global_batch, mesh)
+        # Mesh vs batches, the given data, each finished step's record vs what is asked now:
+        # checked before anything is written, so a mismatch is a one-line error.
+        preflight(cfg, workdir, stages)
     except (MeshError, KeyError, ValueError) as err:
         message = err.args[0] if isinstance(err, KeyError) and err.args else err
         print(f"error: {message}", file=sys.stderr)
         return 2
     try:
-        return run(cfg, args.workdir or f"workdir/{args.config}", stages=stages)
+        return run(cfg, workdir, stages=stages)
     except SetupError as err:  # e.g. a tokenizer that is not the init_from model's own
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -306,7 +306,8 @@ def evaluate(y_true: Any, y_score: Any, names: Sequence[str] | None = None,
     return finite_or_none(out)
 
 
-def _fmt(v: Any) -> str:
+def fmt(v: Any) -> str:
+    """3 decimals, or n/a for an undefined (None/NaN) metric."""
     return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
 
 
@@ -315,10 +316,10 @@ def markdown_table(result: Mapping[str, Any]) -> str:
     lines = ["| finding | positives | AUROC | F1 | precision | recall |",
              "|---|---:|---:|---:|---:|---:|"]
     for name, r in result["per_finding"].items():
-        lines.append(f"| {name} | {r['positives']} | {_fmt(r['auroc'])} | {_fmt(r['f1'])} | "
-                     f"{_fmt(r['precision'])} | {_fmt(r['recall'])} |")
+        lines.append(f"| {name} | {r['positives']} | {fmt(r['auroc'])} | {fmt(r['f1'])} | "
+                     f"{fmt(r['precision'])} | {fmt(r['recall'])} |")
     for avg in AVERAGES:
-        lines.append(f"| **{avg}** | | {_fmt(result['auroc'][avg])} | {_fmt(result['f1'][avg])} | | |")
+        lines.append(f"| **{avg}** | | {fmt(result['auroc'][avg])} | {fmt(result['f1'][avg])} | | |")
     if result["auroc"]["skipped"]:
         lines.append("")
         lines.append(f"AUROC skipped (single class in y_true): {', '.join(result['auroc']['skipped'])}")

@@ -317,8 +317,8 @@ def train(world: str | pathlib.Path, workdir: str | pathlib.Path,
                 record[f"{eval_split}_auroc_macro"] = r["auroc"]["macro"]
                 evals[eval_split] = r
                 log(f"step {step}: loss {np.mean(losses[-cfg.eval_every:]):.4f}, "
-                    f"{eval_split} AUROC macro {r['auroc']['macro']:.3f} "
-                    f"micro {r['auroc']['micro']:.3f}")
+                    f"{eval_split} AUROC macro {metrics.fmt(r['auroc']['macro'])} "
+                    f"micro {metrics.fmt(r['auroc']['micro'])}")
             mfile.write(json.dumps(record) + "\n")
             mfile.flush()
             bar.update(1)
@@ -339,7 +339,7 @@ def train(world: str | pathlib.Path, workdir: str | pathlib.Path,
                                    threshold=thresholds)
             evals[f"{test_split}_tuned_thresholds"] = tuned
             log(f"{test_split} F1 at {eval_split}-tuned thresholds: micro "
-                f"{tuned['f1']['micro']:.3f} macro {tuned['f1']['macro']:.3f}")
+                f"{metrics.fmt(tuned['f1']['micro'])} macro {metrics.fmt(tuned['f1']['macro'])}")
     result = {"steps": cfg.steps, "train_seconds": round(seconds, 1), "eval": evals,
               "thresholds": None if thresholds is None else dict(zip(model_cfg.labels,
                                                                      thresholds.tolist())),

@@ -100,12 +100,18 @@ def data_parallel_size(mesh: Mesh) -> int:
     return mesh.shape["data"] * mesh.shape["fsdp"]
 
 
-def check_global_batch(global_batch: int, mesh: Mesh) -> None:
-    """Raise naming both numbers when the batch does not split over the batch axes."""
+def check_global_batch(global_batch: int, mesh: Mesh, flag: str | None = None) -> None:
+    """Raise naming both numbers when the batch does not split over the batch axes; `flag` (e.g.
+    "--set train.global_batch") adds a value of it that would."""
     ways = data_parallel_size(mesh)
     if global_batch % ways:
+        hint = ""
+        if flag:
+            hint = (f": {flag}={-(-global_batch // ways) * ways} works on this mesh, or a --mesh "
+                    f"whose data x fsdp divides {global_batch} (the rest on tensor)")
         raise MeshError(f"global batch {global_batch} is not divisible by the {ways} data-parallel "
-                        f"ways of the mesh (data={mesh.shape['data']} x fsdp={mesh.shape['fsdp']})")
+                        f"ways of the mesh (data={mesh.shape['data']} x fsdp={mesh.shape['fsdp']})"
+                        f"{hint}")
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:

@@ -128,17 +128,20 @@ def run_stage(stage: int, *, model_cfg: ModelConfig, train_cfg: TrainConfig,
               stage_dir: pathlib.Path, init_params: Any = None,
               watcher: PreemptionWatcher | None = None,
               stream: TextIO | None = sys.stdout,
-              rules: Rules = LOGICAL_AXIS_RULES) -> StageResult:
+              rules: Rules = LOGICAL_AXIS_RULES, reuse_done: bool = True) -> StageResult:
     """Train one stage to `loop_cfg.steps` steps (resuming if checkpoints exist).
 
     `init_params` (sharded params) starts a fresh optimizer around them (stage 2 from stage 1);
     None initialises at random. Returns the final params and a summary; `status="preempted"`
-    when the watcher asked to stop (a checkpoint was saved first).
+    when the watcher asked to stop (a checkpoint was saved first). A stage with DONE.json is
+    reused as it is unless `reuse_done=False`: then it trains on from its latest checkpoint to
+    `loop_cfg.steps` (a finished stage asked for more steps; `train/run.py` decides) and
+    DONE.json is rewritten at the end.
     """
     stage_dir = pathlib.Path(stage_dir)
     done = stage_dir / DONE_FILE
     p_shard = param_shardings(model_cfg, mesh, rules)
-    if done.exists():
+    if reuse_done and done.exists():
         summary = json.loads(done.read_text())
         params = restore_params(stage_dir / "checkpoints", summary["step"], p_shard,
                                 nn.unbox(abstract_params(model_cfg)))

@@ -5,20 +5,25 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from llmcxr_jax.configs import TrainConfig
 
 
 def learning_rate_schedule(cfg: TrainConfig) -> optax.Schedule:
-    """Linear warmup from 0 to `learning_rate` over `warmup_steps`, then constant or cosine."""
+    """Linear warmup from 0 to `learning_rate` over `warmup_steps`, then constant or cosine; past
+    `total_steps` (a finished stage continued to more steps) it holds its value at `total_steps`,
+    also when that falls inside the warmup."""
     warmup = optax.linear_schedule(0.0, cfg.learning_rate, max(cfg.warmup_steps, 1))
     if cfg.schedule == "constant":
         after = optax.constant_schedule(cfg.learning_rate)
     else:
         decay_steps = max(cfg.total_steps - cfg.warmup_steps, 1)
         after = optax.cosine_decay_schedule(cfg.learning_rate, decay_steps, alpha=cfg.min_lr_ratio)
-    return optax.join_schedules([warmup, after], [cfg.warmup_steps])
+    schedule = optax.join_schedules([warmup, after], [cfg.warmup_steps])
+    total = max(cfg.total_steps, 1)
+    return lambda count: schedule(jnp.minimum(count, total))
 
 
 def decay_mask(params: Any) -> Any:

@@ -12,7 +12,11 @@
     WORKDIR/samples/         a few generated reports and images
 
 Each step is skipped when its output is complete (a marker or a finished file written last), so a
-second run, or a run resumed after a kill, does not redo finished work.
+second run, or a run resumed after a kill, does not redo finished work. Each step's folder also
+holds STEP.json, the settings it was made with (`step_record.py`); `preflight` compares them with
+what this run asks before anything is written: a finished step is reused only when they match,
+one asked for more steps continues from its last checkpoint, and anything else stops the run
+with one line naming the settings.
 """
 
 from __future__ import annotations
@@ -20,7 +24,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import pathlib
+import shutil
 import time
 from typing import Any, Callable
 
@@ -42,7 +48,9 @@ from llmcxr_jax.parallel.rules import rules_for
 from llmcxr_jax.text.bpe import train_bpe
 from llmcxr_jax.text.vocab import TOKENIZER_FILE, Vocab, load_vocab, tokenizer_difference
 from llmcxr_jax.train import run_config as rc
+from llmcxr_jax.train import step_record
 from llmcxr_jax.train.loop import DONE_FILE, StageResult, run_stage
+from llmcxr_jax.train.optimizer import learning_rate_schedule
 from llmcxr_jax.train.preemption import PreemptionWatcher
 from llmcxr_jax.train.state import param_shardings
 from llmcxr_jax.vqgan import checkpoint as vqgan_checkpoint
@@ -96,8 +104,8 @@ def write_config(cfg: rc.RunConfig, root: pathlib.Path, say: Say) -> None:
     if path.exists():
         diffs = rc.check_against(cfg, json.loads(path.read_text()))
         if diffs:
-            say(f"note: config differs from {path} in {diffs}; finished steps are reused as they "
-                f"are, unfinished ones continue with the new values")
+            say(f"note: config differs from {path} in {diffs}; each step checked the settings "
+                f"it depends on against its {step_record.RECORD_FILE}")
     if is_main_process():
         root.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
@@ -105,18 +113,16 @@ def write_config(cfg: rc.RunConfig, root: pathlib.Path, say: Say) -> None:
         tmp.rename(path)
 
 
-def world_dir(cfg: rc.RunConfig, paths: Paths, say: Say) -> pathlib.Path:
+def world_dir(cfg: rc.RunConfig, paths: Paths, say: Say, plan: "Plan") -> pathlib.Path:
     """The data root: the given `data.world`, or a phantom world made (once) in the workdir."""
     if cfg.world is None:
-        if not cfg.data.world:
-            raise ValueError("this preset has no phantom world: pass --set data.world=DIR (a "
-                             "MIMIC-CXR-JPG root)")
-        return pathlib.Path(cfg.data.world)
-    if (paths.world / "phantom_world.json").exists():
+        return pathlib.Path(cfg.data.world)  # preflight checked that it is given
+    if plan.decisions["world"].action in ("reuse", "legacy"):
         say(f"world: reusing {paths.world}")
         return paths.world
     say(f"world: drawing {cfg.world.n_studies} phantom studies at {cfg.world.size} px")
-    summary = write_world(paths.world, cfg.world, progress=is_main_process())
+    summary = write_world(paths.world, cfg.world, progress=is_main_process())  # atomic
+    plan.finish("world")
     say(f"world: {summary.get('images', '?')} images in {paths.world}")
     return paths.world
 
@@ -216,33 +222,58 @@ def split_images(world: pathlib.Path, splits: tuple[str, ...]) -> list[pathlib.P
             for r in sorted(rows.values(), key=lambda r: r.dicom_id) if r.split in splits]
 
 
-def vqgan_dir(cfg: rc.RunConfig, paths: Paths, world: pathlib.Path, say: Say) -> pathlib.Path:
-    """The VQ-GAN to tokenise images with: the given one, or one trained (once) on the world."""
+def vqgan_dir(cfg: rc.RunConfig, paths: Paths, world: pathlib.Path, say: Say, plan: "Plan"
+              ) -> pathlib.Path:
+    """The VQ-GAN to tokenise images with: the given one, or one trained (once) on the world.
+    Its data axis takes the most devices that divide its batch (`vqgan.mesh_data=-1`)."""
     if cfg.vqgan_dir:
         return pathlib.Path(cfg.vqgan_dir)
     final = paths.vqgan_run / "vqgan"
-    if (final / "config.json").exists():
+    decision = plan.decisions["vqgan"]
+    if decision.action in ("reuse", "legacy"):
         say(f"vqgan: reusing {final}")
         return final
     vq_cfg = vqgan_config(cfg)
     images = split_images(world, ("train",))
-    say(f"vqgan: training {cfg.vqgan.vqgan} for {cfg.vqgan.steps} steps on {len(images)} images")
+    if decision.action == "continue":
+        say(f"vqgan: continuing {final} from step {decision.done_steps} to vqgan.steps="
+            f"{cfg.vqgan.steps} (its learning rate is constant)")
+    else:
+        say(f"vqgan: training {cfg.vqgan.vqgan} for {cfg.vqgan.steps} steps on {len(images)} "
+            f"images")
+    n_devices = jax.device_count()
+    n_data = vqgan_train.data_axis_size(cfg.vqgan.mesh_data, cfg.vqgan.batch_size, n_devices,
+                                        prefix="vqgan.")
+    if n_data < n_devices:
+        say(f"vqgan: data axis on {n_data} of the {n_devices} devices (vqgan.batch_size="
+            f"{cfg.vqgan.batch_size} must split evenly; --set vqgan.batch_size="
+            f"{math.lcm(cfg.vqgan.batch_size, n_devices)} would use all of them)")
     batches, bad = image_batches(images, vq_cfg.resolution, cfg.vqgan.batch_size,
                                  seed=cfg.vqgan.seed, read_threads=cfg.vqgan.read_threads)
+    plan.start("vqgan")
     vqgan_train.train(vq_cfg, cfg.vqgan, paths.vqgan_run, batches, data_iter=batches,
-                      progress=is_main_process(), log=say)
+                      mesh=vqgan_train.data_mesh(n_data), progress=is_main_process(), log=say)
+    plan.finish("vqgan")
     if bad.reasons:
         say(f"vqgan: skipped {len(bad.reasons)} unreadable images")
     return final
 
 
 def image_codes(cfg: rc.RunConfig, paths: Paths, world: pathlib.Path, vq_dir: pathlib.Path,
-                say: Say) -> pathlib.Path:
-    """Codes of every image of the world (resumable: images already encoded are skipped)."""
+                say: Say, plan: "Plan") -> pathlib.Path:
+    """Codes of every image of the world (resumable: images already encoded are skipped; codes
+    of an earlier VQ-GAN, e.g. before `vqgan.steps` grew, are replaced)."""
     if cfg.data.codes:
         return pathlib.Path(cfg.data.codes)
+    decision = plan.decisions["codes"]
+    if decision.action == "redo":
+        say(decision.note)
+        if is_main_process():
+            shutil.rmtree(paths.codes)
     images = split_images(world, ("train", "validate", "test"))
+    plan.start("codes")
     encode_lib.encode_images(vq_dir, images, paths.codes, progress=is_main_process(), log=say)
+    plan.finish("codes")
     return paths.codes
 
 
@@ -290,21 +321,21 @@ def initial_params(cfg: rc.RunConfig, mesh: Any, vocab: Vocab) -> Any:
 
 def base_model(cfg: rc.RunConfig, paths: Paths, world: pathlib.Path, codes: pathlib.Path,
                code_table: Any, vocab: Vocab, mesh: Any, say: Say,
-               watcher: PreemptionWatcher | None) -> Any:
+               watcher: PreemptionWatcher | None, plan: "Plan") -> Any:
     """Stage 0: `base_steps` of text-only training on the world's instructions, from random
     weights; the result is saved once to WORKDIR/base/ (the language-retention baseline) and
     returned as stage 1's starting params. None if preempted."""
     data = data_for(cfg, 0, world, codes, ("train",))
     sources = pipeline_lib.load_sources(data, code_table)
     say(f"stage 0 (base model, text only): {sources.sizes()} training records")
-    result = run_stage(0, model_cfg=cfg.model, train_cfg=rc.stage_train(cfg, 0), data_cfg=data,
-                       loop_cfg=rc.stage_loop(cfg, 0), mesh=mesh, vocab=vocab,
-                       train_sources=sources, eval_sources=None, stage_dir=paths.stage(0),
-                       watcher=watcher, rules=rules_for(cfg.param_sharding))
+    result = planned_stage(0, cfg, plan, say, model_cfg=cfg.model, data_cfg=data, mesh=mesh,
+                           vocab=vocab, train_sources=sources, eval_sources=None,
+                           stage_dir=paths.stage(0), watcher=watcher,
+                           rules=rules_for(cfg.param_sharding))
     say(f"stage 0: {result.status} at step {result.step}")
     if result.status == "preempted":
         return None
-    if not (paths.base / "config.json").exists():
+    if result.status != "reused" or not (paths.base / "config.json").exists():
         save_llm(paths.base, cfg.model, result.params, vocab, step=result.step, overwrite=True)
         say(f"stage 0: base model in {paths.base}")
     return result.params
@@ -312,7 +343,7 @@ def base_model(cfg: rc.RunConfig, paths: Paths, world: pathlib.Path, codes: path
 
 def llm_stages(cfg: rc.RunConfig, paths: Paths, world: pathlib.Path, codes: pathlib.Path,
                vocab: Vocab, mesh: Any, stages: tuple[int, ...], say: Say,
-               watcher: PreemptionWatcher | None) -> StageResult | None:
+               watcher: PreemptionWatcher | None, plan: "Plan") -> StageResult | None:
     """Run the requested stages in order; stage 2 starts from stage 1's final params with a
     fresh optimizer. Returns the last stage's result (None if preempted)."""
     if vocab.embed_rows != cfg.model.vocab_size:
@@ -342,20 +373,277 @@ def llm_stages(cfg: rc.RunConfig, paths: Paths, world: pathlib.Path, codes: path
         if stage == 1:
             init = initial_params(cfg, mesh, vocab)
             if init is None and cfg.base_steps > 0:
-                init = base_model(cfg, paths, world, codes, code_table, vocab, mesh, say, watcher)
+                init = base_model(cfg, paths, world, codes, code_table, vocab, mesh, say, watcher,
+                                  plan)
                 if init is None:
                     return None  # preempted in stage 0
         else:
             init = params
-        result = run_stage(stage, model_cfg=cfg.model, train_cfg=rc.stage_train(cfg, stage),
-                           data_cfg=train_data, loop_cfg=rc.stage_loop(cfg, stage), mesh=mesh,
-                           vocab=vocab, train_sources=train_sources, eval_sources=eval_sources,
-                           stage_dir=paths.stage(stage), init_params=init, watcher=watcher,
-                           rules=rules_for(cfg.param_sharding))
+        result = planned_stage(stage, cfg, plan, say, model_cfg=cfg.model, data_cfg=train_data,
+                               mesh=mesh, vocab=vocab, train_sources=train_sources,
+                               eval_sources=eval_sources, stage_dir=paths.stage(stage),
+                               init_params=init, watcher=watcher,
+                               rules=rules_for(cfg.param_sharding))
         say(f"stage {stage}: {result.status} at step {result.step}")
         if result.status == "preempted":
             return None
         params = result.params
+    return result
+
+
+# --------------------------------------------------------------------------------------------------
+# What each step was made with: STEP.json records, checked before any work (train/step_record.py)
+# --------------------------------------------------------------------------------------------------
+
+STAGE_LENGTH_KEYS = {0: "base_steps", 1: "stage1.steps", 2: "stage2.steps"}
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSpec:
+    """A step as its record sees it: its directory in the workdir (None: given from outside the
+    workdir, never recorded), its own settings, the steps whose output it reads, its length key."""
+
+    name: str
+    label: str
+    directory: pathlib.Path | None
+    own: dict[str, Any]
+    inputs: tuple[str, ...] = ()
+    length_key: str | None = None
+    derived: bool = False  # redone (not refused) when what it was made from changed
+
+
+def uses_base_model(cfg: rc.RunConfig) -> bool:
+    return cfg.base_steps > 0 and not cfg.init_from
+
+
+def step_specs(cfg: rc.RunConfig, paths: Paths) -> list[StepSpec]:
+    """The run's steps in order, each with the config sections its output depends on, flattened
+    to `--set` keys (whole sections: fields added to them later are compared too)."""
+    flat = step_record.flatten
+    vq_model = {"vqgan_dir": cfg.vqgan_dir} if cfg.vqgan_dir else {"vqgan.vqgan": cfg.vqgan.vqgan}
+
+    def llm(k: int) -> dict[str, Any]:
+        data = rc.stage_data(cfg, k) if k == 0 else cfg.data  # stage 0: its fixed text-only mix
+        return {**flat("model", cfg.model), **flat("train", rc.stage_train(cfg, k)),
+                **flat("data", data), STAGE_LENGTH_KEYS[k]: rc.stage_loop(cfg, k).steps}
+
+    bpe = not cfg.tokenizer and not cfg.init_from
+    base = ("stage0",) if uses_base_model(cfg) else ()
+    return [
+        StepSpec("world", "world", None if cfg.world is None else paths.world,
+                 {"data.world": cfg.data.world} if cfg.world is None else flat("world", cfg.world)),
+        StepSpec("vqgan", "vqgan", None if cfg.vqgan_dir else paths.vqgan_run,
+                 vq_model if cfg.vqgan_dir else flat("vqgan", cfg.vqgan), ("world",),
+                 "vqgan.steps"),
+        StepSpec("tokenizer", "tokenizer", paths.tokenizer,
+                 {**vq_model, "tokenizer": cfg.tokenizer, "vocab_text_ids": cfg.vocab_text_ids,
+                  "init_from": cfg.init_from}, ("world",) if bpe else ()),
+        StepSpec("codes", "codes", None if cfg.data.codes else paths.codes,
+                 {"data.codes": cfg.data.codes}, () if cfg.data.codes else ("vqgan",),
+                 derived=True),
+        StepSpec("stage0", "stage 0", paths.stage(0), llm(0), ("world", "tokenizer"),
+                 STAGE_LENGTH_KEYS[0]),
+        StepSpec("stage1", "stage 1", paths.stage(1), {**llm(1), "init_from": cfg.init_from},
+                 ("world", "tokenizer", "codes") + base, STAGE_LENGTH_KEYS[1]),
+        StepSpec("stage2", "stage 2", paths.stage(2),
+                 {**llm(2), "stage2_weights": list(cfg.stage2_weights)}, ("stage1",),
+                 STAGE_LENGTH_KEYS[2]),
+    ]
+
+
+def _json_field(path: pathlib.Path, *keys: str) -> Any:
+    try:
+        value = json.loads(path.read_text())
+        for key in keys:
+            value = value[key]
+        return value
+    except (OSError, json.JSONDecodeError, KeyError, TypeError):
+        return None
+
+
+def _latest_checkpoint(directory: pathlib.Path) -> int | None:
+    steps = [int(p.name) for p in directory.glob("*") if p.name.isdigit()] \
+        if directory.is_dir() else []
+    return max(steps, default=None)
+
+
+def _step_state(spec: StepSpec) -> tuple[bool, bool, int | None, int | None]:
+    """(finished, started, the length a finished step ran, its latest checkpoint step) from the
+    files it leaves (the markers written last)."""
+    d = spec.directory
+    if spec.name == "world":
+        return (d / "phantom_world.json").exists(), False, None, None  # written atomically
+    if spec.name == "tokenizer":
+        return (d / TOKENIZER_FILE).exists(), False, None, None
+    if spec.name == "codes":
+        return False, (d / encode_lib.INDEX_FILE).exists(), None, None  # resumable by image
+    if spec.name == "vqgan":
+        finished = (d / "vqgan" / "config.json").exists()
+        length = _json_field(d / "config.json", "train", "steps") if finished else None
+        return finished, (d / "checkpoints").exists(), length, _latest_checkpoint(d / "checkpoints")
+    done = d / DONE_FILE
+    return (done.exists(), (d / "checkpoints").exists(), _json_field(done, "step"),
+            _latest_checkpoint(d / "checkpoints"))
+
+
+@dataclasses.dataclass
+class Plan:
+    """What this run does with each step (`step_record.Decision`) and the settings each step's
+    STEP.json gets; `start`/`finish` write it (process 0)."""
+
+    decisions: dict[str, step_record.Decision]
+    settings: dict[str, dict[str, Any]]
+    directories: dict[str, pathlib.Path]
+
+    def notes(self) -> list[str]:
+        return [d.note for d in self.decisions.values() if d.note and d.action != "redo"]
+
+    def _write(self, name: str, status: str, **extra: Any) -> None:
+        if name in self.directories and is_main_process():
+            step_record.write(self.directories[name], name, self.settings[name], status, **extra)
+
+    def start(self, name: str, **extra: Any) -> None:
+        self._write(name, "started", **extra)
+
+    def finish(self, name: str, **extra: Any) -> None:
+        self._write(name, "done", **extra)
+
+    def schedule_steps(self, name: str, steps: int) -> int:
+        """The learning-rate schedule's length: fixed when the stage started (its record), the
+        length a stage finished before records existed ran, or `steps` for a new stage."""
+        d = self.decisions[name]
+        if d.record is not None and d.record.get("schedule_steps"):
+            return int(d.record["schedule_steps"])
+        if d.action == "continue" and d.done_steps:
+            return int(d.done_steps)
+        return steps
+
+
+def plan_steps(cfg: rc.RunConfig, paths: Paths, stages: tuple[int, ...]) -> Plan:
+    """Before any work: what this run does with each of its steps, from each step's STEP.json and
+    what the run asks of it (`step_record.decide`). A step holding other work than the run asks
+    for is a SetupError naming the settings (recorded and asked)."""
+    roles = {"world": "run", "vqgan": "run", "tokenizer": "run", "codes": "run"}
+    if 1 in stages:
+        roles["stage1"] = "run"
+        if uses_base_model(cfg):
+            roles["stage0"] = "run"
+    elif 2 in stages:
+        roles["stage1"] = "read"  # --stage 2: stage 1's finished params, as they are
+    if 2 in stages:
+        roles["stage2"] = "run"
+    decisions: dict[str, step_record.Decision] = {}
+    settings: dict[str, dict[str, Any]] = {}
+    directories: dict[str, pathlib.Path] = {}
+    for spec in step_specs(cfg, paths):
+        if spec.name not in roles:
+            continue
+        asked: dict[str, Any] = {}
+        for name in spec.inputs:
+            asked.update(settings.get(name, {}))
+        asked.update(spec.own)
+        settings[spec.name] = asked
+        if spec.directory is None:
+            continue
+        directories[spec.name] = spec.directory
+        finished, started, length, progress = _step_state(spec)
+        try:
+            if roles[spec.name] == "read":
+                record = step_record.read(spec.directory)
+                if not finished or (record is not None and record.get("status") != "done"):
+                    raise SetupError(f"--stage 2 needs stage 1's final params, but "
+                                     f"{spec.directory} has no finished stage 1 ({DONE_FILE}): "
+                                     f"run --stage 1 (or both) first")
+                decisions[spec.name] = step_record.Decision("reuse" if record else "legacy",
+                                                            record)
+                settings[spec.name] = record["settings"] if record else asked
+                continue
+            decision = step_record.decide(
+                spec.label, spec.directory, asked, finished=finished, started=started,
+                length_key=spec.length_key, legacy_length=length, derived=spec.derived)
+        except step_record.StepConflict as err:
+            raise SetupError(str(err)) from None
+        want = asked.get(spec.length_key) if spec.length_key else None
+        if decision.action == "resume" and progress is not None and want is not None \
+                and progress > want:
+            raise SetupError(f"{spec.label} in {spec.directory} has a checkpoint at step "
+                             f"{progress}, past {spec.length_key}={want}: ask for {progress} or "
+                             f"more, or start afresh with a new --workdir (or delete "
+                             f"{spec.directory})")
+        vqgan_changes = decisions.get("vqgan", step_record.Decision("reuse")).action not in (
+            "reuse", "legacy")
+        if spec.name == "codes" and started and vqgan_changes and decision.action != "redo":
+            decision = step_record.Decision("redo", note=f"codes: {spec.directory} holds codes "
+                                            f"of an earlier VQ-GAN; encoding them again")
+        decisions[spec.name] = decision
+    if roles.get("stage1") == "read" and "stage2" in settings:
+        model_diffs = [k for k in step_record.differences(settings["stage1"], settings["stage2"])
+                       if k.startswith("model.")]
+        if model_diffs:
+            made = step_record.describe(model_diffs, settings["stage1"], settings["stage2"])
+            raise SetupError(f"stage 2 starts from stage 1's weights in {paths.stage(1)}, made "
+                             f"with {made}: the model must be the same")
+    return Plan(decisions, settings, directories)
+
+
+def preflight(cfg: rc.RunConfig, workdir: str | pathlib.Path, stages: tuple[int, ...] = (1, 2)
+              ) -> tuple[rc.RunConfig, Paths, Any, Plan]:
+    """Everything a run checks before any work (it writes nothing): the data and VQ-GAN it is
+    given, the mesh against the LLM's and the VQ-GAN's batches, and each step's record against
+    what this run asks of it. A problem is a SetupError or MeshError of one line naming the
+    setting to change. Returns the resolved config, the paths, the mesh and the plan."""
+    if cfg.world is None and not cfg.data.world:
+        raise SetupError("this preset has no phantom world: pass --set data.world=DIR (a "
+                         "MIMIC-CXR-JPG root)")
+    try:
+        vq_cfg = vqgan_config(cfg)
+    except (FileNotFoundError, ValueError) as err:
+        raise SetupError(f"vqgan_dir: {err}") from None
+    cfg = rc.resolve(cfg, vq_cfg)
+    paths = Paths(pathlib.Path(workdir))
+    mesh = mesh_from_flag(cfg.mesh)
+    check_global_batch(cfg.train.global_batch, mesh, flag="--set train.global_batch")
+    plan = plan_steps(cfg, paths, stages)
+    if "vqgan" in plan.decisions and plan.decisions["vqgan"].action not in ("reuse", "legacy"):
+        vqgan_train.data_axis_size(cfg.vqgan.mesh_data, cfg.vqgan.batch_size, jax.device_count(),
+                                   prefix="vqgan.")
+    return cfg, paths, mesh, plan
+
+
+def planned_stage(stage: int, cfg: rc.RunConfig, plan: Plan, say: Say, **kwargs: Any
+                  ) -> StageResult:
+    """`run_stage` as the plan decided: a finished stage is reused; otherwise it trains (new,
+    resumed, or continued past the length it finished at) between its STEP.json's "started"
+    and "done".
+
+    The learning-rate schedule's length is fixed when a stage starts (`schedule_steps` in its
+    record): a stage continued to more steps, or resumed with a larger `steps`, runs every step
+    past that length at the schedule's end value (cosine: min_lr_ratio x learning_rate;
+    constant: learning_rate), so the steps it already ran keep the rates they had."""
+    name = f"stage{stage}"
+    decision = plan.decisions[name]
+    loop_cfg = rc.stage_loop(cfg, stage)
+    train_cfg = rc.stage_train(cfg, stage)
+    reuse = decision.action in ("reuse", "legacy")
+    length = loop_cfg.steps
+    if not reuse:
+        length = plan.schedule_steps(name, loop_cfg.steps)
+        train_cfg = dataclasses.replace(train_cfg, total_steps=length)
+        schedule = ""
+        if length < loop_cfg.steps:
+            end = float(learning_rate_schedule(train_cfg)(length))
+            schedule = (f"; the learning-rate schedule keeps its {length}-step length, so every "
+                        f"step past {length} runs at its end value {end:.3g}")
+        if decision.action == "continue":
+            say(f"stage {stage}: continuing from step {decision.done_steps} (its last "
+                f"checkpoint) to {STAGE_LENGTH_KEYS[stage]}={loop_cfg.steps}{schedule}")
+        elif schedule:
+            say(f"stage {stage}: resuming towards {STAGE_LENGTH_KEYS[stage]}={loop_cfg.steps}"
+                f"{schedule}")
+        plan.start(name, schedule_steps=length)
+    result = run_stage(stage, train_cfg=train_cfg, loop_cfg=loop_cfg, reuse_done=reuse, **kwargs)
+    if result.status == "done":
+        plan.finish(name, schedule_steps=length, done_steps=result.step)
     return result
 
 
@@ -367,21 +655,23 @@ def llm_stages(cfg: rc.RunConfig, paths: Paths, world: pathlib.Path, codes: path
 def run(cfg: rc.RunConfig, workdir: str | pathlib.Path, *, stages: tuple[int, ...] = (1, 2),
         say: Say = print) -> int:
     """Every step of the run in `workdir`; returns a process exit code (0 also when preempted,
-    after saving)."""
-    cfg = rc.resolve(cfg, vqgan_config(cfg))
-    paths = Paths(pathlib.Path(workdir))
-    mesh = mesh_from_flag(cfg.mesh)
-    check_global_batch(cfg.train.global_batch, mesh)
+    after saving). `preflight` runs first: a configuration that cannot run, or a step that holds
+    other work than asked for, raises before anything is written."""
+    cfg, paths, mesh, plan = preflight(cfg, workdir, stages)
     write_config(cfg, paths.root, say)
+    for note in plan.notes():
+        say(note)
     say(f"workdir {paths.root}; mesh {dict(mesh.shape)} on {mesh.devices.size} "
         f"{jax.devices()[0].platform} device(s)")
     start = time.perf_counter()
     with PreemptionWatcher() as watcher:
-        world = world_dir(cfg, paths, say)
-        vq_dir = vqgan_dir(cfg, paths, world, say)
+        world = world_dir(cfg, paths, say, plan)
+        vq_dir = vqgan_dir(cfg, paths, world, say, plan)
         vocab = vocabulary(cfg, paths, world, say)
-        codes = image_codes(cfg, paths, world, vq_dir, say)
-        result = llm_stages(cfg, paths, world, codes, vocab, mesh, stages, say, watcher)
+        if plan.decisions["tokenizer"].action == "new":
+            plan.finish("tokenizer")
+        codes = image_codes(cfg, paths, world, vq_dir, say, plan)
+        result = llm_stages(cfg, paths, world, codes, vocab, mesh, stages, say, watcher, plan)
         if result is None:
             say("preempted: checkpoint saved; run the same command again to resume")
             return 0

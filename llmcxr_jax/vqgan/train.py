@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import pathlib
 import time
 from typing import Any, Callable, Iterable, Iterator, Mapping
@@ -57,6 +58,27 @@ CODEBOOK_PATH = ("quantize", "embedding")
 # --------------------------------------------------------------------------------------------------
 # Mesh
 # --------------------------------------------------------------------------------------------------
+
+
+def data_axis_size(mesh_data: int, batch_size: int, n_devices: int, prefix: str = "") -> int:
+    """Devices on the VQ-GAN's data axis: `mesh_data`, or with -1 the most devices that divide
+    `batch_size` (gcd(batch, devices): all of them when the batch splits evenly). A count that
+    cannot work raises `MeshError` naming the `--set {prefix}...` values that would."""
+    if mesh_data == -1:
+        return math.gcd(batch_size, n_devices)
+    if mesh_data < 1:
+        raise MeshError(f"{prefix}mesh_data={mesh_data}: expected a device count >= 1, or -1 "
+                        f"(the most devices that divide {prefix}batch_size)")
+    if mesh_data > n_devices:
+        raise MeshError(f"{prefix}mesh_data={mesh_data} needs {mesh_data} devices but {n_devices} "
+                        f"are available: --set {prefix}mesh_data=-1 uses "
+                        f"{math.gcd(batch_size, n_devices)} of them")
+    if batch_size % mesh_data:
+        raise MeshError(f"{prefix}batch_size={batch_size} is not divisible by the {mesh_data} "
+                        f"devices of {prefix}mesh_data={mesh_data}: --set {prefix}mesh_data="
+                        f"{math.gcd(batch_size, mesh_data)} (or -1) or --set {prefix}batch_size="
+                        f"{-(-batch_size // mesh_data) * mesh_data} works")
+    return mesh_data
 
 
 def data_mesh(n_data: int = 1) -> Mesh:
@@ -124,7 +146,8 @@ class VQGANTrainer:
         self.compiler_options = dict(compiler_options or {})
         self.config = config
         self.nets = nets
-        self.mesh = mesh if mesh is not None else data_mesh(config.mesh_data)
+        self.mesh = mesh if mesh is not None else data_mesh(data_axis_size(
+            config.mesh_data, config.batch_size, jax.device_count()))
         n_data = self.mesh.shape[DATA_AXIS]
         if config.batch_size % n_data:
             raise ValueError(f"batch_size {config.batch_size} is not divisible by the {n_data} "
