@@ -1,7 +1,9 @@
 """Image-token embeddings from the VQ-GAN codebook: geometry kept, nothing else touched."""
 
+import flax.linen as nn
 import jax
 import numpy as np
+import pytest
 import scipy.spatial.distance as ssd
 import scipy.stats
 
@@ -55,3 +57,40 @@ def test_only_image_rows_change_and_shardings_are_kept():
         assert leaf.sharding == old.sharding, path
         if "embed_in" not in str(path) and "embed_out" not in str(path):
             np.testing.assert_array_equal(np.asarray(leaf), np.asarray(old))
+
+
+def test_the_run_starts_stage_1_from_the_codebook_only_when_asked(tmp_path):
+    """`image_embeddings="codebook"`: stage 1's starting params hold the saved VQ-GAN's codebook
+    rows (random params made as run_stage would); "random" leaves the params untouched."""
+    import dataclasses
+
+    from llmcxr_jax.train import run as run_lib
+    from llmcxr_jax.train import run_config as rc
+    from llmcxr_jax.vqgan.checkpoint import save_vqgan
+    from llmcxr_jax.vqgan.model import init_params as vqgan_init
+
+    vq_cfg = configs.vqgan_preset("test-tiny")
+    vq_params = vqgan_init(vq_cfg, seed=5)
+    save_vqgan(tmp_path / "vqgan", vq_cfg, vq_params)
+    codebook = np.asarray(jax.device_get(nn.unbox(vq_params)["quantize"]["embedding"]))
+    cfg = rc.run_preset("tiny")
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=2048 + 128),
+                              train=dataclasses.replace(cfg.train, global_batch=8))
+
+    class FakeVocab:
+        image_offset = 2048
+
+    mesh = mesh_from_flag("-1")
+    start = run_lib.with_image_embeddings(dataclasses.replace(cfg, image_embeddings="codebook"),
+                                          None, mesh, tmp_path / "vqgan", FakeVocab())
+    rows = codebook_rows(codebook, cfg.model.hidden_size, cfg.model.initializer_range,
+                         cfg.train.seed)
+    np.testing.assert_allclose(np.asarray(start["embed_in"]["embedding"])[2048:], rows)
+    random_init = init_state(cfg.model, rc.stage_train(cfg, 1), mesh, LOGICAL_AXIS_RULES).params
+    np.testing.assert_array_equal(np.asarray(start["embed_in"]["embedding"])[:2048],
+                                  np.asarray(random_init["embed_in"]["embedding"])[:2048])
+    assert run_lib.with_image_embeddings(dataclasses.replace(cfg, image_embeddings="random"),
+                                         random_init, mesh, tmp_path / "vqgan",
+                                         FakeVocab()) is random_init
+    with pytest.raises(ValueError, match="image_embeddings"):
+        dataclasses.replace(cfg, image_embeddings="pretrained")

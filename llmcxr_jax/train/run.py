@@ -41,6 +41,7 @@ from llmcxr_jax.data import pipeline as pipeline_lib
 from llmcxr_jax.data.phantom_world import write_world
 from llmcxr_jax.data.skips import SkipCounter
 from llmcxr_jax.llm import inference
+from llmcxr_jax.llm.image_embeddings import with_codebook_embeddings
 from llmcxr_jax.llm.checkpoint import (TOKENIZER_DIR, CheckpointError, load_llm, read_llm_config,
                                        save_llm)
 from llmcxr_jax.parallel.mesh import check_global_batch, is_main_process, mesh_from_flag
@@ -52,7 +53,7 @@ from llmcxr_jax.train import step_record
 from llmcxr_jax.train.loop import DONE_FILE, StageResult, run_stage
 from llmcxr_jax.train.optimizer import learning_rate_schedule
 from llmcxr_jax.train.preemption import PreemptionWatcher
-from llmcxr_jax.train.state import param_shardings
+from llmcxr_jax.train.state import init_state, param_shardings
 from llmcxr_jax.vqgan import checkpoint as vqgan_checkpoint
 from llmcxr_jax.vqgan import encode as encode_lib
 from llmcxr_jax.vqgan import train as vqgan_train
@@ -341,9 +342,25 @@ def base_model(cfg: rc.RunConfig, paths: Paths, world: pathlib.Path, codes: path
     return result.params
 
 
+def with_image_embeddings(cfg: rc.RunConfig, params: Any, mesh: Any, vq_dir: pathlib.Path,
+                          vocab: Vocab) -> Any:
+    """Stage 1's starting params with the image ids' rows from the VQ-GAN codebook when
+    `image_embeddings="codebook"` (None: the random init `run_stage` would make); else as given."""
+    if cfg.image_embeddings != "codebook":
+        return params
+    if params is None:
+        params = init_state(cfg.model, rc.stage_train(cfg, 1), mesh,
+                            rules_for(cfg.param_sharding)).params
+    _, vq_params = vqgan_checkpoint.load_vqgan(vq_dir)
+    codebook = np.asarray(vq_params["quantize"]["embedding"])
+    return with_codebook_embeddings(params, cfg.model, codebook, vocab.image_offset,
+                                    seed=cfg.train.seed)
+
+
 def llm_stages(cfg: rc.RunConfig, paths: Paths, world: pathlib.Path, codes: pathlib.Path,
                vocab: Vocab, mesh: Any, stages: tuple[int, ...], say: Say,
-               watcher: PreemptionWatcher | None, plan: "Plan") -> StageResult | None:
+               watcher: PreemptionWatcher | None, plan: "Plan",
+               vq_dir: pathlib.Path) -> StageResult | None:
     """Run the requested stages in order; stage 2 starts from stage 1's final params with a
     fresh optimizer. Returns the last stage's result (None if preempted)."""
     if vocab.embed_rows != cfg.model.vocab_size:
@@ -377,6 +394,8 @@ def llm_stages(cfg: rc.RunConfig, paths: Paths, world: pathlib.Path, codes: path
                                   plan)
                 if init is None:
                     return None  # preempted in stage 0
+            if not (paths.stage(1) / DONE_FILE).exists():
+                init = with_image_embeddings(cfg, init, mesh, vq_dir, vocab)
         else:
             init = params
         result = planned_stage(stage, cfg, plan, say, model_cfg=cfg.model, data_cfg=train_data,
@@ -443,7 +462,8 @@ def step_specs(cfg: rc.RunConfig, paths: Paths) -> list[StepSpec]:
                  derived=True),
         StepSpec("stage0", "stage 0", paths.stage(0), llm(0), ("world", "tokenizer"),
                  STAGE_LENGTH_KEYS[0]),
-        StepSpec("stage1", "stage 1", paths.stage(1), {**llm(1), "init_from": cfg.init_from},
+        StepSpec("stage1", "stage 1", paths.stage(1), {**llm(1), "init_from": cfg.init_from,
+                                                        "image_embeddings": cfg.image_embeddings},
                  ("world", "tokenizer", "codes") + base, STAGE_LENGTH_KEYS[1]),
         StepSpec("stage2", "stage 2", paths.stage(2),
                  {**llm(2), "stage2_weights": list(cfg.stage2_weights)}, ("stage1",),
@@ -671,7 +691,8 @@ def run(cfg: rc.RunConfig, workdir: str | pathlib.Path, *, stages: tuple[int, ..
         if plan.decisions["tokenizer"].action == "new":
             plan.finish("tokenizer")
         codes = image_codes(cfg, paths, world, vq_dir, say, plan)
-        result = llm_stages(cfg, paths, world, codes, vocab, mesh, stages, say, watcher, plan)
+        result = llm_stages(cfg, paths, world, codes, vocab, mesh, stages, say, watcher, plan,
+                            vq_dir)
         if result is None:
             say("preempted: checkpoint saved; run the same command again to resume")
             return 0
