@@ -134,7 +134,9 @@ RUN_PRESETS["dolly-v2-3b"] = dataclasses.replace(
     stage2=LoopConfig(steps=2_000, log_every=10, eval_every=250, eval_batches=8,
                       checkpoint_every=250, keep_checkpoints=3),
     world=None, mesh="4x4", param_sharding="data+fsdp", tokenizer="", vocab_text_ids=50_280,
-    init_from="workdir/dolly-v2-3b-import", vqgan_dir="workdir/llmcxr-vqgan", base_steps=0)
+    init_from="workdir/dolly-v2-3b-import", vqgan_dir="workdir/llmcxr-vqgan", base_steps=0,
+    # The paper's recipe as published: new image rows start at random, plain sampling.
+    image_embeddings="random", guidance=1.0)
 
 
 def run_preset(name: str) -> RunConfig:
