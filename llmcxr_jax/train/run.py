@@ -741,7 +741,8 @@ def write_samples(cfg: rc.RunConfig, paths: Paths, world: pathlib.Path, vq_dir: 
     reports = inference.reports_from_images(params, cfg.model, vocab, [r.codes for r in test],
                                             rng_reports)
     drawn = inference.images_from_reports(params, cfg.model, vocab, [r.report for r in test],
-                                          rng_images, vqgan_config(cfg).tokens_per_image)
+                                          rng_images, vqgan_config(cfg).tokens_per_image,
+                                          guidance=cfg.guidance)
     real = decode_images(vq_dir, np.stack([r.codes for r in test]))
     fake = decode_images(vq_dir, drawn)
     paths.samples.mkdir(parents=True, exist_ok=True)
@@ -749,7 +750,7 @@ def write_samples(cfg: rc.RunConfig, paths: Paths, world: pathlib.Path, vq_dir: 
     images_lib.save_png(paths.samples / "grid.png", grid)
     lines = ["# Samples (test split)", "",
              "grid.png: each row is a real image (VQ-GAN reconstruction) | the image generated "
-             "from its report.", ""]
+             f"from its report (guidance {cfg.guidance:g}).", ""]
     for i, (record, generated) in enumerate(zip(test, reports)):
         lines += [f"## {i}: {record.dicom_id}", "", f"**reference report:** {record.report}", "",
                   f"**report generated from the image:** {generated}", ""]
