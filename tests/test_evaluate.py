@@ -129,7 +129,8 @@ def test_report2image_at_each_guidance_scale_recomputes_from_the_predictions(run
     its saved probabilities, the codes at S = 1 differ from those at S = 2."""
     root, result, lines = run
     block = result["report2image"]
-    assert block["guidance"] == 2.0 and block["null_report_rate"] == 0.0
+    trained_rate = json.loads((root / "config.json").read_text())["data"]["null_report_rate"]
+    assert block["guidance"] == 2.0 and block["null_report_rate"] == trained_rate
     assert list(block["by_guidance"]) == ["1", "2"]
     pred = np.load(root / "eval" / "predictions.npz")
     np.testing.assert_array_equal(pred["guidance_scales"], [1.0, 2.0])
