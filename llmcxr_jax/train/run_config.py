@@ -104,7 +104,9 @@ def _phantom(model: str, *, n_studies: int, stage1_steps: int, stage2_steps: int
                                checkpoint_every=max(vqgan_steps // 2, 1), mesh_data=-1),
         base_steps=base_steps,
         image_embeddings="codebook",
-        guidance=3.0,
+        # Two world seeds, S in {1, 2, 3, 5}: S = 2 raised report -> image AUROC and F1 in both
+        # and left FID as at S = 1; S >= 3 raised FID by 1.8x (README, issue-12 note).
+        guidance=2.0,
     )
 
 
