@@ -21,15 +21,19 @@ TRAIN = TrainConfig(learning_rate=3e-3, warmup_steps=1, global_batch=8, seq_len=
 DATA = DataConfig(weights=(0.0, 0.0, 1.0, 0.0), seq_len=64, global_batch=8, seed=3)
 
 
-@pytest.fixture(scope="module")
-def setup():
+def instruction_sources():
+    """40 short instruction records of a 9-word language and a BPE trained on them."""
     rng = np.random.default_rng(0)
     words = ["alpha", "beta", "gamma", "delta", "lung", "heart", "clear", "small", "left"]
     records = [{"instruction": " ".join(rng.choice(words, 4)), "context": "",
                 "response": " ".join(rng.choice(words, 3))} for _ in range(40)]
     vocab = train_bpe([r["instruction"] + " " + r["response"] for r in records])
-    sources = Sources({"instruct": records}, SkipCounter())
-    return vocab, sources, mesh_from_flag("2x4")
+    return vocab, Sources({"instruct": records}, SkipCounter())
+
+
+@pytest.fixture(scope="module")
+def setup():
+    return (*instruction_sources(), mesh_from_flag("2x4"))
 
 
 def _run(setup, stage_dir, steps, watcher=None):

@@ -180,24 +180,13 @@ def test_the_schedule_holds_its_end_value_past_its_length():
 
 
 def test_a_finished_stage_continued_equals_the_uninterrupted_run(tmp_path):
-    from llmcxr_jax.configs import DataConfig, ModelConfig, extended_vocab_rows
-    from llmcxr_jax.data.pipeline import Sources
-    from llmcxr_jax.data.skips import SkipCounter
     from llmcxr_jax.parallel.mesh import mesh_from_flag
-    from llmcxr_jax.text.bpe import train_bpe
+    from test_loop import DATA as data, MODEL as model, instruction_sources
 
-    model = ModelConfig(vocab_size=extended_vocab_rows(2048), hidden_size=64, num_layers=2,
-                        num_heads=4, intermediate_size=128, max_position_embeddings=128)
-    data = DataConfig(weights=(0.0, 0.0, 1.0, 0.0), seq_len=64, global_batch=8, seed=3)
     # A 2-step cosine schedule (warmup 1): steps past 2 run at its floor.
     train = TrainConfig(learning_rate=3e-3, warmup_steps=1, global_batch=8, seq_len=64,
                         schedule="cosine", total_steps=2)
-    rng = np.random.default_rng(0)
-    words = ["alpha", "beta", "gamma", "delta", "lung", "heart", "clear", "small", "left"]
-    records = [{"instruction": " ".join(rng.choice(words, 4)), "context": "",
-                "response": " ".join(rng.choice(words, 3))} for _ in range(40)]
-    vocab = train_bpe([r["instruction"] + " " + r["response"] for r in records])
-    sources = Sources({"instruct": records}, SkipCounter())
+    vocab, sources = instruction_sources()
     mesh = mesh_from_flag("2x4")
 
     def stage(directory, steps, reuse_done=True):
