@@ -247,3 +247,21 @@ def test_configurations_that_cannot_run_stop_in_one_line(args, message, tmp_path
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1 and message in lines[0], proc.stderr
     assert not (tmp_path / "w").exists()  # checked before anything is written
+
+
+def test_stage_2_alone_after_stage_1_with_a_base_model(tmp_path):
+    """`--stage 2` after `--stage 1` of a preset with a base model (stage 0): stage 1 is read as it
+    is, so neither stage 0 nor stage 1's starting point is rebuilt (this used to stop with a
+    KeyError for stage 0, which the plan of `--stage 2` leaves out)."""
+    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu",
+           "PATH": os.environ.get("PATH", "/usr/bin:/bin")}
+    common = [sys.executable, str(REPO / "launch" / "train.py"), "--config", "tiny",
+              "--workdir", str(tmp_path / "w"), "--steps", "1", "--set", "world.n_studies=40",
+              "--set", "world.n_instructions=40", "--set", "vqgan.steps=1", "--set",
+              "base_steps=1", "--set", "samples=0"]
+    for stage in ("1", "2"):
+        proc = subprocess.run([*common, "--stage", stage], capture_output=True, text=True,
+                              env=env, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "stage 2: done at step 1" in proc.stdout
+    assert "stage 0" not in proc.stdout  # the base model is neither rerun nor reloaded

@@ -387,15 +387,16 @@ def llm_stages(cfg: rc.RunConfig, paths: Paths, world: pathlib.Path, codes: path
         except ValueError as err:  # a tiny world may hold no usable held-out pair
             say(f"stage {stage}: no held-out evaluation ({err})")
             eval_sources = None
-        if stage == 1:
+        if stage == 1 and (1 not in stages or (paths.stage(1) / DONE_FILE).exists()):
+            init = None  # stage 1 is reused or continued from its own checkpoints
+        elif stage == 1:
             init = initial_params(cfg, mesh, vocab)
             if init is None and cfg.base_steps > 0:
                 init = base_model(cfg, paths, world, codes, code_table, vocab, mesh, say, watcher,
                                   plan)
                 if init is None:
                     return None  # preempted in stage 0
-            if not (paths.stage(1) / DONE_FILE).exists():
-                init = with_image_embeddings(cfg, init, mesh, vq_dir, vocab)
+            init = with_image_embeddings(cfg, init, mesh, vq_dir, vocab)
         else:
             init = params
         result = planned_stage(stage, cfg, plan, say, model_cfg=cfg.model, data_cfg=train_data,

@@ -68,6 +68,9 @@ _SECTIONS = {"model": ModelConfig, "train": TrainConfig, "data": DataConfig, "st
 _TOP_LEVEL = tuple(f.name for f in dataclasses.fields(RunConfig) if f.name not in _SECTIONS)
 
 
+NO_DISCRIMINATOR = 1_000_000_000  # a disc_start no run reaches: reconstruction losses only
+
+
 def _phantom(model: str, *, n_studies: int, stage1_steps: int, stage2_steps: int,
              vqgan_steps: int, batch: int, seq_len: int, lr: float, base_steps: int = 0,
              eval_every: int = 0) -> RunConfig:
@@ -86,9 +89,9 @@ def _phantom(model: str, *, n_studies: int, stage1_steps: int, stage2_steps: int
                           eval_batches=2, checkpoint_every=100, keep_checkpoints=2),
         stage2=LoopConfig(steps=stage2_steps, log_every=10, eval_every=eval_every,
                           eval_batches=2, checkpoint_every=100, keep_checkpoints=2),
-        # A test split of 35 % (about 360 frontal images at 1,200 studies) keeps the bootstrap
-        # interval of the evaluation's macro AUROC near +-0.05, while the model sees each of the
-        # ~850 training pairs many times in its budget (conditioning appears sooner with
+        # A test split of 35 % (about 400 frontal images at 1,200 studies) keeps the bootstrap
+        # interval of the evaluation's macro AUROC near +-0.03, while the model sees each of the
+        # ~860 training pairs many times in its budget (conditioning appears sooner with
         # repetition than with more pairs seen once: the issue-12 note's table).
         world=WorldConfig(n_studies=n_studies, size=128, seed=0, n_instructions=2000,
                           split_fractions=(0.55, 0.10, 0.35)),
@@ -98,14 +101,14 @@ def _phantom(model: str, *, n_studies: int, stage1_steps: int, stage2_steps: int
         # 8x8 = 64 codes per image: a quarter of phantom-f4's tokens per image, so each LLM step
         # holds about three times the image-report pairs.
         vqgan=VQGANTrainConfig(vqgan="phantom-f8-64", steps=vqgan_steps, batch_size=8,
-                               learning_rate=4e-4, disc_start=vqgan_steps + 1,
+                               learning_rate=4e-4, disc_start=NO_DISCRIMINATOR,
                                perceptual_weight=0.0, log_every=25, dead_code_restart=True,
                                dead_code_window=20, dead_code_restart_every=25,
                                checkpoint_every=max(vqgan_steps // 2, 1), mesh_data=-1),
         base_steps=base_steps,
         image_embeddings="codebook",
         # Two world seeds, S in {1, 2, 3, 5}: S = 2 raised report -> image AUROC and F1 in both
-        # and left FID as at S = 1; S >= 3 raised FID by 1.8x (README, issue-12 note).
+        # and left FID as at S = 1; S >= 3 raised FID 1.6-2.3x (README, issue-12 note).
         guidance=2.0,
     )
 
