@@ -40,6 +40,7 @@ from llmcxr_jax.data import mimic
 from llmcxr_jax.data import pipeline as pipeline_lib
 from llmcxr_jax.data.phantom_world import write_world
 from llmcxr_jax.data.skips import SkipCounter
+from llmcxr_jax.io_utils import atomic_write, atomic_write_text
 from llmcxr_jax.llm import inference
 from llmcxr_jax.llm.image_embeddings import with_codebook_embeddings
 from llmcxr_jax.llm.checkpoint import (TOKENIZER_DIR, CheckpointError, load_llm, read_llm_config,
@@ -746,14 +747,16 @@ def write_samples(cfg: rc.RunConfig, paths: Paths, world: pathlib.Path, vq_dir: 
                                           guidance=cfg.guidance)
     real = decode_images(vq_dir, np.stack([r.codes for r in test]))
     fake = decode_images(vq_dir, drawn)
+    if not is_main_process():
+        return  # every process generated (the programs are global); one writes
     paths.samples.mkdir(parents=True, exist_ok=True)
     grid = np.concatenate([np.concatenate([a, b], axis=1) for a, b in zip(real, fake)], axis=0)
-    images_lib.save_png(paths.samples / "grid.png", grid)
+    atomic_write(paths.samples / "grid.png", lambda tmp: images_lib.save_png(tmp, grid))
     lines = ["# Samples (test split)", "",
              "grid.png: each row is a real image (VQ-GAN reconstruction) | the image generated "
              f"from its report (guidance {cfg.guidance:g}).", ""]
     for i, (record, generated) in enumerate(zip(test, reports)):
         lines += [f"## {i}: {record.dicom_id}", "", f"**reference report:** {record.report}", "",
                   f"**report generated from the image:** {generated}", ""]
-    (paths.samples / "samples.md").write_text("\n".join(lines))
+    atomic_write_text(paths.samples / "samples.md", "\n".join(lines))
     say(f"samples: {paths.samples / 'grid.png'} and {paths.samples / 'samples.md'}")
