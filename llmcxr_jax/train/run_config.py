@@ -92,14 +92,16 @@ def _phantom(model: str, *, n_studies: int, stage1_steps: int, stage2_steps: int
         # A test split of 35 % (about 400 frontal images at 1,200 studies) keeps the bootstrap
         # interval of the evaluation's macro AUROC near +-0.03, while the model sees each of the
         # ~860 training pairs many times in its budget (conditioning appears sooner with
-        # repetition than with more pairs seen once: the issue-12 note's table).
+        # repetition than with more pairs seen once: the README's table of controlled runs).
         world=WorldConfig(n_studies=n_studies, size=128, seed=0, n_instructions=2000,
                           split_fractions=(0.55, 0.10, 0.35)),
         # Reconstruction + codebook losses only (disc_start past the end: on 2 CPU cores the
         # budget goes to more reconstruction steps); early, frequent dead-code restarts keep
         # the 1,024 codes in use. `--set vqgan.disc_start=N` turns the GAN phase on.
         # 8x8 = 64 codes per image: a quarter of phantom-f4's tokens per image, so each LLM step
-        # holds about three times the image-report pairs.
+        # holds about three times the image-report pairs. The classifier scored its
+        # reconstructions of the test images at 0.58 macro AUROC after 150 steps and 0.74 after
+        # 600 (same world): the default trains 600.
         vqgan=VQGANTrainConfig(vqgan="phantom-f8-64", steps=vqgan_steps, batch_size=8,
                                learning_rate=4e-4, disc_start=NO_DISCRIMINATOR,
                                perceptual_weight=0.0, log_every=25, dead_code_restart=True,
@@ -116,7 +118,7 @@ def _phantom(model: str, *, n_studies: int, stage1_steps: int, stage2_steps: int
 RUN_PRESETS: dict[str, RunConfig] = {
     # The embedded default: the phantom world from nothing, on a laptop-class CPU.
     "phantom": _phantom("tiny", n_studies=1200, stage1_steps=800, stage2_steps=200,
-                        vqgan_steps=150, batch=8, seq_len=512, lr=3e-3, base_steps=300,
+                        vqgan_steps=600, batch=8, seq_len=512, lr=3e-3, base_steps=300,
                         eval_every=200),
     # A smoke run on a 16-device simulated mesh (`--mesh=4x4`): the global batch splits 16 ways.
     "tiny": _phantom("tiny", n_studies=120, stage1_steps=20, stage2_steps=10, vqgan_steps=20,
