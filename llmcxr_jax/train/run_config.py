@@ -110,7 +110,8 @@ def _phantom(model: str, *, n_studies: int, stage1_steps: int, stage2_steps: int
         base_steps=base_steps,
         image_embeddings="codebook",
         # Two world seeds, S in {1, 2, 3, 5}: S = 2 raised report -> image AUROC and F1 in both
-        # and left FID as at S = 1; S >= 3 raised FID 1.6-2.3x (README, issue-12 note).
+        # (FID 1.6-1.9x that at S = 1, within 2x the reconstructions'); S >= 3 gained nothing
+        # more and raised FID further (README).
         guidance=2.0,
     )
 
