@@ -96,6 +96,9 @@ def gap_pair_sets(train_sources: pipeline_lib.Sources,
     sets: dict[str, tuple[str, list[dict]]] = {}
     if n <= 0:
         return sets
+    if jax.process_count() > 1:  # host-local batches; multi-host gap evaluation is not built yet
+        log.warning("conditioning gap: not measured with %d processes", jax.process_count())
+        return sets
     for split, sources in (("train", train_sources), ("heldout", eval_sources)):
         for direction in conditioning.DIRECTIONS:
             pairs = sources.records.get(direction, []) if sources is not None else []
@@ -110,9 +113,6 @@ def conditioning_gaps(params: Any, sets: dict[str, tuple[str, list[dict]]], *,
                       rules: Rules) -> dict[str, float]:
     """The conditioning gap (nats per response token) of each set, and `gap_time_s`."""
     start, out = time.perf_counter(), {}
-    if jax.process_count() > 1:  # host-local batches; multi-host gap evaluation is not built yet
-        log.warning("conditioning gap: not measured with %d processes", jax.process_count())
-        return out
     for name, (direction, pairs) in sets.items():
         try:
             out[name] = conditioning.conditioning_gap(
