@@ -1,16 +1,18 @@
-"""The CheXpert-style labeler: hand-written sentences, phantom ground truth, sections, CLI."""
+"""The CheXpert-style labeler: CheXpert's example reports, hand-written sentences (two sets, the
+second in the style of real reports), phantom ground truth, sections, the phrase lists, CLI."""
 
 from __future__ import annotations
 
 import csv
 import json
 import pathlib
+import stat
 import subprocess
 import sys
 
 import pytest
 
-from llmcxr_jax.data import labeler
+from llmcxr_jax.data import chexpert_phrases, labeler
 from llmcxr_jax.data.findings import CHEXPERT_LABELS
 from llmcxr_jax.data.labeler import (LABELS, Mention, aggregate, extract_sections, label_report,
                                      label_text, select_text, split_sentences)
@@ -27,6 +29,7 @@ def _load(name: str) -> list[dict]:
 
 SENTENCES = _load("labeler_sentences.jsonl")
 HARD = _load("labeler_hard_sentences.jsonl")
+REAL_STYLE = _load("labeler_real_style_sentences.jsonl")
 
 
 def _predict(record: dict) -> dict:
@@ -89,20 +92,77 @@ def test_sentence_set_is_large_and_covers_every_label():
             assert any(r["labels"].get(name) == c for r in SENTENCES), (name, c)
 
 
-@pytest.mark.parametrize("record", SENTENCES, ids=[r["text"][:60] for r in SENTENCES])
+@pytest.mark.parametrize("record", SENTENCES + REAL_STYLE,
+                         ids=[r["text"][:60] for r in SENTENCES + REAL_STYLE])
 def test_sentence(record):
     got, want = _predict(record), _expected(record)
     diff = {k: (want[k], got[k]) for k in LABELS if want[k] != got[k]}
     assert not diff, f"{record['text']!r} ({record['note']}): (expected, got) {diff}"
 
 
-def test_per_label_precision_recall(capsys):
-    table = precision_recall(SENTENCES)
+@pytest.mark.parametrize("name, records", [("labeler_sentences.jsonl", SENTENCES),
+                                           ("labeler_real_style_sentences.jsonl", REAL_STYLE)])
+def test_per_label_precision_recall(name, records, capsys):
+    table = precision_recall(records)
     with capsys.disabled():
-        print(f"\nlabeler_sentences.jsonl ({len(SENTENCES)} items)\n" + format_table(table))
-    for name, row in table.items():
+        print(f"\n{name} ({len(records)} items)\n" + format_table(table))
+    for label, row in table.items():
         for c, (p, r, _) in row.items():
-            assert p == 1.0 and r == 1.0, (name, c, p, r)
+            assert p == 1.0 and r == 1.0, (label, c, p, r)
+
+
+def test_real_style_set_covers_what_real_reports_say():
+    """At least 150 items, every kind of miss seen on real reports, every label."""
+    assert len({r["text"] for r in REAL_STYLE} - {r["text"] for r in SENTENCES}) >= 150
+    for topic in ("device by type", "old fracture", "hedged infection",
+                  "incidental finding (rules out No Finding)", "negation and uncertainty",
+                  "comparison", "real report text"):
+        assert sum(r["note"] == topic for r in REAL_STYLE) >= 10, topic
+    text = " ".join(r["text"] for r in REAL_STYLE)
+    for phrase in ("ICD", "PICC", "leads", "stent", "sternotomy wires", "healed", "Remote",
+                   "compatible with infection", "could represent early pneumonia", "pneumonitis",
+                   "Calcified granuloma", "Hyperinflation", "Degenerative", "scoliosis", "XXXX",
+                   "\n2. ", "Interval resolution of", "Unchanged", "Stable", "NO ACUTE"):
+        assert phrase in text, phrase
+    classes = {name: {r["labels"][name] for r in REAL_STYLE if name in r["labels"]}
+               for name in LABELS}
+    assert all(classes.values()), classes
+    for name in ("Cardiomegaly", "Pleural Effusion", "Atelectasis", "Pneumothorax", "Edema",
+                 "Pneumonia", "Consolidation", "Fracture", "Support Devices"):
+        assert 0 in classes[name] and len(classes[name]) >= 2, (name, classes[name])
+
+
+def _chexpert_examples() -> list[tuple[str, dict]]:
+    with open(DATA / "chexpert_labeled_reports.csv", newline="") as fh:
+        return [(row["Reports"], {k: (float(row[k]) if row[k] else None) for k in LABELS})
+                for row in csv.DictReader(fh)]
+
+
+@pytest.mark.parametrize("report, want", _chexpert_examples())
+def test_chexpert_example_reports_give_chexperts_labels(report, want):
+    """The CheXpert labeler's own four example reports, labelled as it labels them."""
+    got = label_text(report)
+    assert got == want, {k: (want[k], got[k]) for k in LABELS if want[k] != got[k]}
+
+
+def test_every_chexpert_phrase_is_a_mention_of_its_observation():
+    """The package's copy of CheXpert's lists is what the labeler matches: each phrase, written
+    out as text, is a mention of its own observation (No Finding's list: an other abnormality,
+    except the two devices the labeler counts as Support Devices only)."""
+    lists = chexpert_phrases.load("mention")
+    assert sum(map(len, lists.values())) == 148 and set(lists) == set(LABELS)
+    for obs, phrases in lists.items():
+        for phrase in phrases:
+            want = labeler.OTHER if obs == "No Finding" else obs
+            if phrase in ("tracheostomy", "defib"):
+                want = "Support Devices"
+            # "support" alone is narrowed to device words ("supportive care" is no device)
+            text = "support devices" if phrase == "support" else phrase.replace("_", " ").strip()
+            found = {m.observation for m in labeler.find_mentions(text)}
+            assert want in found, (obs, phrase, found)
+    for obs, phrases in chexpert_phrases.load("unmention").items():
+        for phrase in phrases:
+            assert obs not in {m.observation for m in labeler.find_mentions(phrase)}, phrase
 
 
 def test_hard_sentences_accuracy(capsys):
@@ -299,10 +359,11 @@ def test_cli_csv_with_bad_rows(tmp_path):
     assert (rows[0]["Pleural Effusion"], rows[0]["Pneumothorax"], rows[0]["No Finding"]) == \
         ("1.0", "0.0", "")
     assert (rows[1]["Pneumonia"], rows[1]["Edema"]) == ("-1.0", "")
-    assert "2 reports read, 2 skipped" in res.stdout
-    assert "missing report: 1 (line 4)" in res.stdout
-    assert "malformed row (extra fields): 1 (line 5)" in res.stdout
+    assert f"{src}: 2 skipped" in res.stdout and "wrote 2 rows" in res.stdout
+    assert "missing report: 1 (e.g. line 4)" in res.stdout
+    assert "malformed row (extra fields): 1 (e.g. line 5)" in res.stdout
     assert sorted(p.name for p in out.parent.iterdir()) == ["labels.csv"]  # no temp file left
+    assert stat.S_IMODE(out.stat().st_mode) & 0o044 == 0o044  # readable by others, not 0600
 
 
 def test_cli_jsonl_and_folder(tmp_path):
@@ -317,9 +378,9 @@ def test_cli_jsonl_and_folder(tmp_path):
     assert [r["id"] for r in rows] == ["s1", "5"]  # id defaults to the line number
     assert (rows[0]["Pleural Effusion"], rows[0]["No Finding"], rows[1]["Cardiomegaly"]) == \
         ("0.0", "1.0", "1.0")
-    assert "line is not JSON: 1 (line 2)" in res.stdout
-    assert "missing report: 1 (line 3)" in res.stdout
-    assert "line is not a JSON object: 1 (line 4)" in res.stdout
+    assert "line is not JSON: 1 (e.g. line 2)" in res.stdout
+    assert "missing report: 1 (e.g. line 3)" in res.stdout
+    assert "line is not a JSON object: 1 (e.g. line 4)" in res.stdout
 
     folder = tmp_path / "reports" / "files" / "p10" / "p10000032"
     folder.mkdir(parents=True)
@@ -331,7 +392,7 @@ def test_cli_jsonl_and_folder(tmp_path):
     rows = _read_csv(out2)
     assert [r["id"] for r in rows] == ["files/p10/p10000032/s50414267"]
     assert (rows[0]["Cardiomegaly"], rows[0]["Pleural Effusion"]) == ("0.0", "1.0")
-    assert "empty report: 1 (files/p10/p10000032/s53189527)" in res.stdout
+    assert "empty report: 1 (e.g. files/p10/p10000032/s53189527)" in res.stdout
 
 
 def test_cli_bad_input_writes_nothing(tmp_path):

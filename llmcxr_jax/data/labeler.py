@@ -3,8 +3,9 @@
 It follows the three stages of the CheXpert labeler (stanfordmlgroup/chexpert-labeler, built on
 NegBio):
 
-1. **Mention extraction**: per observation, a list of synonym phrases (CheXpert's lists, extended
-   with common abbreviations and wordings) is matched in each sentence; "unmention" phrases remove
+1. **Mention extraction**: per observation, CheXpert's own phrase lists (package data,
+   `data/chexpert_phrases/`) and this labeler's additions (abbreviations, device types, other
+   wordings) are matched in each sentence; "unmention" phrases (CheXpert's and more) remove
    matches that name something else ("pericardial effusion", "calcified nodule", "over the heart").
 2. **Mention classification**: each mention is negative, uncertain or positive. CheXpert matches
    patterns on a dependency parse; here the same rules are written over the text with an explicit
@@ -21,12 +22,15 @@ NegBio):
 Where this departs from CheXpert's rules, on purpose: "likely" / "probably" hedge (CheXpert's
 rules list only "less likely"); an enlargement word beats "stable" for heart and mediastinum
 descriptors ("stable enlarged cardiac silhouette" is 1, "heart size is stable" stays -1);
-"not appreciated" negates; "pulmonary vascularity / vasculature" is a hedged Edema mention (so
-"normal pulmonary vascularity" is 0); "pleural plaque" is Pleural Other; a tracheostomy is a
-support device and does not rule out No Finding; pericardial effusion and adenopathy do; nipple
-markers, "plate-like" and pleural / septal lines are not devices. Sternal wires are not devices,
-as in CheXpert. "The lungs are clear" names no finding (blank), as in CheXpert, unless
-`clear_lungs_negative=True` makes it Lung Opacity 0.
+"not appreciated" negates; "compatible with" hedges with or without a verb (CheXpert: with "be"
+or a modal); "pulmonary vascularity / vasculature" is a hedged Edema mention (so "normal pulmonary
+vascularity" is 0); "pleural plaque" is Pleural Other; "pneumonitis" is Pneumonia; a tracheostomy
+or defibrillator is a support device and does not rule out No Finding; pericardial effusion,
+adenopathy, COPD and a tortuous aorta do; wires (sternotomy, pacing), surgical clips, stents,
+leads, loop recorders, filters and shunts are support devices (absent from CheXpert's list; real
+reports name devices by type); nipple markers, "plate-like", "supportive" and pleural / septal
+lines are not devices, nor is a calcified native valve. "The lungs are clear" names no finding
+(blank), as in CheXpert, unless `clear_lungs_negative=True` makes it Lung Opacity 0.
 
 Labels are 1.0 (positive), 0.0 (negative), -1.0 (uncertain) and None (not mentioned), as the
 CheXpert CSV has them. Reports are sectioned first; by default the labeler reads what MIMIC-CXR's
@@ -36,15 +40,11 @@ whole text when there are no headers, as in generated reports).
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import json
-import os
-import pathlib
 import re
-import tempfile
-from typing import Iterable, Iterator, Mapping, Optional, Sequence
+from typing import Iterable, Mapping, Optional, Sequence
 
+from llmcxr_jax.data import chexpert_phrases
 from llmcxr_jax.data.findings import CHEXPERT_LABELS
 
 LABELS: tuple[str, ...] = CHEXPERT_LABELS
@@ -58,15 +58,57 @@ Label = Optional[float]
 SECTIONS = ("auto", "impression", "findings", "findings+impression", "full")
 
 # --------------------------------------------------------------------------------------------------
-# Mention phrases (regex fragments, matched on lower-cased text from a word start)
+# Mention phrases: CheXpert's lists (package data) + this labeler's own (regex fragments), matched on
+# lower-cased text from a word start
 # --------------------------------------------------------------------------------------------------
 
 _ATTR = "attr"  # heart/mediastinum descriptors: abnormal only when described so; "stable" = -1
 _HEDGED = "hedged"  # CheXpert: congestion-type mentions of edema are uncertain unless negated
 _NEGATED = "negated"  # "clear lungs": a negative statement about opacity by itself
 
-# (observation, regex, flag). The flag changes how a mention is classified (see above).
-_PHRASES: tuple[tuple[str, str, Optional[str]], ...] = (
+# CheXpert's phrases that are descriptors or congestion-type mentions (all other phrases: no flag).
+_CHEXPERT_FLAGS: dict[str, dict[str, str]] = {
+    "Cardiomegaly": {p: _ATTR for p in ("the heart", "heart size", "cardiac size", "cardiac shadow",
+                                       "cardiac contour", "cardiac silhouette")},
+    "Enlarged Cardiomediastinum": {p: _ATTR for p in (
+        "_mediastinum", "cardiomediastinum", "contour", "mediastinal configuration",
+        "mediastinal silhouette", "pericardial silhouette", "cardiac silhouette and vascularity")},
+    "Edema": {p: _HEDGED for p in ("vascular congestion", "pulmonary congestion", "indistinctness",
+                                   "vascular prominence")},
+}
+# CheXpert's no_finding list names these devices too; here a device never rules out No Finding.
+_DEVICES_NOT_OTHER = ("tracheostomy", "defib")
+# A phrase also matches after these word-forming prefixes (CheXpert matches anywhere in a word).
+_WORD_PREFIX = r"(?:broncho|dextro|levo|kypho|hydro|micro)?"
+
+
+def chexpert_regex(phrase: str) -> str:
+    """A CheXpert phrase as a regex fragment: "_" is a word boundary, otherwise the phrase matches
+    the start of a word and runs to its end ("opaci" -> "opacities"); spaces match any whitespace.
+    A leading "the" is context, outside the mention's span, so scopes see "..., and the heart".
+    """
+    words = phrase.strip("_").split()
+    article = words[0] == "the" and len(words) > 1
+    body = r"\s+".join(re.escape(word) for word in words[article:])
+    head = "(?<=the )" if article else "" if phrase.startswith("_") else _WORD_PREFIX
+    return head + body + (r"\b" if phrase.endswith("_") else r"\w*")
+
+
+def _chexpert_phrases() -> tuple[tuple[str, str, Optional[str]], ...]:
+    rows = []
+    for obs, phrases in chexpert_phrases.load("mention").items():
+        for phrase in phrases:
+            if obs == NO_FINDING:
+                if phrase not in _DEVICES_NOT_OTHER:
+                    rows.append((OTHER, chexpert_regex(phrase), None))
+            else:
+                rows.append((obs, chexpert_regex(phrase), _CHEXPERT_FLAGS.get(obs, {}).get(phrase)))
+    return tuple(rows)
+
+
+# (observation, regex, flag): this labeler's phrases beyond CheXpert's lists (abbreviations,
+# device types, other wordings). The flag changes how a mention is classified (see above).
+_OWN_PHRASES: tuple[tuple[str, str, Optional[str]], ...] = (
     # Enlarged Cardiomediastinum
     ("Enlarged Cardiomediastinum",
      r"cardiomediastin\w*(?:\s+(?:and\s+hilar\s+)?(?:silhouettes?|contours?|structures|size|width|"
@@ -126,7 +168,7 @@ _PHRASES: tuple[tuple[str, str, Optional[str]], ...] = (
     # Consolidation / Pneumonia / Atelectasis
     ("Consolidation", r"consolidat\w*", None),
     ("Pneumonia", r"(?:broncho)?pneumonias?\b", None),
-    ("Pneumonia", r"infections?\b|infectious(?:\s+process)?", None),
+    ("Pneumonia", r"infections?\b|infectious(?:\s+process)?|pneumonitis", None),
     ("Atelectasis", r"atelecta\w*", None),
     ("Atelectasis", r"collaps(?:e|ed|es)\b", None),
     # Pneumothorax / Pleural Effusion / Pleural Other
@@ -148,23 +190,23 @@ _PHRASES: tuple[tuple[str, str, Optional[str]], ...] = (
     ("Support Devices",
      r"lines?\b|picc\b|catheters?\b|swan[- ]ganz|cvc\b|port-?a-?caths?|mediports?|ports?\b", None),
     ("Support Devices", r"drains?\b|cannulas?|stents?\b|coils?\b|plates?\b", None),
+    ("Support Devices",
+     r"wires?\b|clips?\b|"
+     r"loop\s+recorders?|(?:ivc|vena\s+cava)\s+filters?|shunts?\b", None),
     ("Support Devices", r"screws?\b|hardware|arthroplast\w*|apparatus|devices?\b|equipment", None),
     ("Support Devices",
      r"(?:prosthetic|mechanical|bioprosthetic)\s+valves?|valve\s+(?:replacement|prosthesis)|"
      r"support\s+devices?|markers?\b", None),
-    # Other abnormalities (CheXpert's no_finding list): they only rule out "No Finding".
+    # Other abnormalities beyond CheXpert's no_finding list: they only rule out "No Finding".
     (OTHER,
-     r"emphysema|blunt\w*|densit(?:y|ies)|elevat\w*|eventration|scoliosis|degenera\w*|calcifi\w*|"
-     r"hyperinflat\w*|hyperexpan\w*|bronchospasm|asthma|hernia\w*|copd\b|plaques?\b|"
-     r"osteophyt\w*|aortic\s+disease|bronchiolitis|airways?\s+disease|thickening|cephalization|"
-     r"aspiration|bullae|bulla\b|contusion|atherosclero\w*|osteopenia|metasta\w*|granuloma\w*|"
-     r"pneumomediastinum|pneumoperitoneum|free\s+air|osteodystrophy|cuffing|irregular\s+lucency|"
-     r"inflam\w*|fissure|hypertension|prominen\w*|kyphosis|bullet|reticula\w*|thoracentesis|"
-     r"bronchitis|bronchiectasis|volume\s+loss|deformity|hemorrhage|hematoma|radiopaque|"
-     r"aerophagia|arthropathy|pericardial\s+effusion|(?:lymph)?adenopathy", None),
+     r"densities|elevated|hyperexpan\w*|bulla\b|osteophyt\w*|metasta\w*|free\s+air|"
+     r"bronchiectasis|pericardial\s+effusion|(?:lymph)?adenopathy|"
+     r"(?:chronic\s+)?obstructive\s+(?:pulmonary|lung|airways?)\s+disease|"
+     r"tortu(?:ous|osity)|ectatic|ectasia|aneurysm\w*|unfolding", None),
 )
+_PHRASES = _OWN_PHRASES + _chexpert_phrases()
 
-# Matches that name something else (CheXpert's unmention lists plus positional phrases).
+# Matches that name something else (CheXpert's unmention lists are added below).
 _POSITIONAL = (r"(?:over|overly|overlying|in|into|within|behind|through|along|at|projecting\s+over|"
                r"projects\s+over|projecting\s+in)\s+the\s+(?:(?:superior|upper|lower|left|right|"
                r"anterior|posterior)\s+)?")
@@ -172,17 +214,24 @@ _UNMENTIONS: dict[str, str] = {
     "Enlarged Cardiomediastinum": _POSITIONAL + r"mediastinum|shift\s+of\s+the\s+mediastinum",
     "Cardiomegaly": _POSITIONAL + r"(?:heart|cardiac\s+(?:silhouette|shadow|contour))|"
                     r"(?:left|right)\s+heart\b",
-    "Lung Opacity": r"pleural\s+scar\w*|pleuro-?parenchymal\s+scar\w*|"
-                    r"pleural[- ]parenchymal\s+scar\w*|pleuro-?pericardial\s+scar\w*",
-    "Lung Lesion": r"calcified\s+(?:nodul\w*|granulom\w*)|massive|massengale",
+    "Lung Opacity": r"pleuro-?parenchymal\s+scar\w*|pleural[- ]parenchymal\s+scar\w*|"
+                    r"pleuro-?pericardial\s+scar\w*",
+    "Lung Lesion": r"calcified\s+granulom\w*",
     "Edema": r"(?:soft[- ]tissue|subcutaneous|chest\s+wall|body\s+wall)\s+edema",
-    "Pleural Effusion": r"pericardial\s+effusions?|joint\s+effusions?",
+    "Pleural Effusion": r"joint\s+effusions?",
     "Atelectasis": r"vertebral\s+(?:body\s+)?collapse|collapsed?\s+vertebra\w*",
     "Support Devices": r"(?:visceral\s+|parietal\s+)?pleural\s+lines?|septal\s+lines?|"
                        r"kerley\s+(?:[ab]\s+)?lines?|skin\s*(?:fold\s+)?lines?|"
                        r"(?:azygo-?esophageal|paraspinal|paratracheal|junction|fissural)\s+lines?|"
-                       r"line\s+of\s+the\s+(?:pleura|fissure)|plate-?like|nipple\s+markers?",
+                       r"line\s+of\s+the\s+(?:pleura|fissure)|plate-?\s*like|plateau\w*|"
+                       r"plate\s+atelectasis|nipple\s+markers?|tubercul\w*|tuberosit\w*|"
+                       r"support(?:s|ed|ive|ing)?\b(?!\s+(?:devices?|lines?|tubes?|apparatus|"
+                       r"hardware|equipment))|(?:aortic|mitral|tricuspid|pulmonic)\s+valve\s+"
+                       r"(?:calcif\w*|disease|stenosis|regurgitation|sclerosis)|calcifi\w*\s+"
+                       r"(?:of\s+the\s+)?(?:aortic|mitral)\s+valve",
 }
+for _obs, _phrases in chexpert_phrases.load("unmention").items():
+    _UNMENTIONS[_obs] = "|".join([*map(chexpert_regex, _phrases), _UNMENTIONS.get(_obs, "(?!)")])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -310,6 +359,8 @@ _CUES: tuple[_CueSpec, ...] = (
              r"questionable|equivocal|uncertain|indeterminate|considered|borderline|"
              r"not\s+certain|not\s+clear)" + _BEFORE_END, UNC, None, 12),
     _CueSpec(r"if\s+(?:any|present)", UNC, None, 12),
+    _CueSpec(r"borderline(?:\s+(?:enlarged|enlargement|large|widened|prominent|increased))?",
+             UNC, 10, 12),
     _CueSpec(r"(?:may|might|could|can|would)\s+(?:also\s+|still\s+)?(?:be|have\s+been)\s+"
              r"(?:present|seen|noted|developing|there|obscured|hidden|contributing)",
              UNC, None, 12),
@@ -324,6 +375,7 @@ _CUES: tuple[_CueSpec, ...] = (
              r"unlikely|suspected|suspect|suspicious|equivocal|borderline)|question\s+of|"
              r"questioned|suspicion\s+(?:of|for)|concern(?:ing)?\s+(?:for|of)|"
              r"worrisome\s+(?:for|of)|suggest(?:ive|ion)?\s+of|suggest(?:s|ed|ing)?|"
+             r"compatible\s+with|"
              r"(?:may|might|could|would|can)\s+(?:also\s+|possibly\s+|potentially\s+)?"
              r"(?:represent|reflect|indicate|include|be|relate|have|signify|suggest|"
              r"account\s+for|correspond|due)|"
@@ -410,8 +462,10 @@ def _backward_reaches(cue: _Cue, gap: str) -> bool:
     gap = _VERB_GROUP.sub("", gap)
     if _SCOPE_STOP.search(gap) or len(_WORD.findall(gap)) > cue.spec.bwd:
         return False
-    # "A, B, and C are normal" is a list subject; "A, B normal" is two statements.
-    return "," not in gap or bool(re.search(r"\b(?:and|or)\b", gap))
+    # "A, B, and C are normal" is a list subject; "A, B normal" is two statements; "A, if
+    # present" is one.
+    return ("," not in gap or bool(re.search(r"\b(?:and|or)\b", gap))
+            or not _WORD.search(gap))
 
 
 def _cues_for(clause: str, cues: Sequence[_Cue], start: int, end: int) -> list[_Cue]:
@@ -696,130 +750,3 @@ def explain(report: str, section: str = "auto",
 def to_row(labels: Mapping[str, Label]) -> list[str]:
     """CSV cells in `LABELS` order: '1.0' / '0.0' / '-1.0' / '' (blank)."""
     return ["" if labels.get(n) is None else f"{float(labels[n]):.1f}" for n in LABELS]
-
-
-# --------------------------------------------------------------------------------------------------
-# Batch I/O: CSV / JSONL / folder of .txt in, CSV out
-# --------------------------------------------------------------------------------------------------
-
-@dataclasses.dataclass
-class ReadStats:
-    """What reading an input set kept and skipped (reason -> line numbers or paths)."""
-
-    kept: int = 0
-    skipped: dict[str, list[str]] = dataclasses.field(default_factory=dict)
-
-    def skip(self, reason: str, where: str) -> None:
-        self.skipped.setdefault(reason, []).append(where)
-
-    @property
-    def n_skipped(self) -> int:
-        return sum(len(v) for v in self.skipped.values())
-
-    def summary(self, source: str) -> str:
-        lines = [f"{source}: {self.kept} reports read, {self.n_skipped} skipped"]
-        for reason, where in sorted(self.skipped.items()):
-            shown = ", ".join(where[:20]) + (f", ... ({len(where) - 20} more)"
-                                             if len(where) > 20 else "")
-            lines.append(f"  {reason}: {len(where)} ({shown})")
-        return "\n".join(lines)
-
-
-def read_reports(path: str | os.PathLike, stats: Optional[ReadStats] = None
-                 ) -> Iterator[tuple[str, str]]:
-    """Yield (id, report) from a CSV (`report`, optional `id` column), a JSONL (`report`, optional
-    `id` field) or a folder of `.txt` files (id = relative path without `.txt`).
-
-    Records without a report, JSONL lines that are not JSON objects and unreadable files are
-    skipped and counted in `stats` by reason, with their line number or path.
-    """
-    stats = stats if stats is not None else ReadStats()
-    path = pathlib.Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no such file or folder")
-    if path.is_dir():
-        files = sorted(path.rglob("*.txt"))
-        if not files:
-            raise ValueError(f"{path}: folder holds no .txt reports")
-        for f in files:
-            rid = f.relative_to(path).with_suffix("").as_posix()
-            try:
-                text = f.read_text(encoding="utf-8")
-            except (OSError, UnicodeDecodeError) as e:
-                stats.skip(f"unreadable file ({type(e).__name__})", rid)
-                continue
-            if not text.strip():
-                stats.skip("empty report", rid)
-                continue
-            stats.kept += 1
-            yield rid, text
-        return
-    suffix = "".join(path.suffixes[-2:]) if path.suffix == ".gz" else path.suffix
-    opener = _open_text(path)
-    if suffix in (".jsonl", ".jsonl.gz", ".json"):
-        with opener() as fh:
-            for n, line in enumerate(fh, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
-                    stats.skip("line is not JSON", f"line {n}")
-                    continue
-                if not isinstance(record, dict):
-                    stats.skip("line is not a JSON object", f"line {n}")
-                    continue
-                report = record.get("report")
-                if not isinstance(report, str) or not report.strip():
-                    stats.skip("missing report", f"line {n}")
-                    continue
-                stats.kept += 1
-                yield str(record.get("id", n)), report
-    elif suffix in (".csv", ".csv.gz"):
-        with opener() as fh:
-            reader = csv.DictReader(fh)
-            if reader.fieldnames is None or "report" not in reader.fieldnames:
-                raise ValueError(f"{path}: CSV needs a 'report' column, has {reader.fieldnames}")
-            first_line = reader.line_num + 1
-            for row in reader:
-                n, first_line = first_line, reader.line_num + 1  # a record may span lines
-                if None in row:
-                    stats.skip("malformed row (extra fields)", f"line {n}")
-                    continue
-                report = row.get("report")
-                if not report or not report.strip():
-                    stats.skip("missing report", f"line {n}")
-                    continue
-                rid = row.get("id")
-                stats.kept += 1
-                yield (rid if rid else str(n)), report
-    else:
-        raise ValueError(f"{path}: expected a .csv, .jsonl or a folder of .txt reports")
-
-
-def _open_text(path: pathlib.Path):
-    if path.suffix == ".gz":
-        import gzip
-        return lambda: gzip.open(path, "rt", encoding="utf-8", newline="")
-    return lambda: path.open("r", encoding="utf-8", newline="")
-
-
-def write_labels_csv(rows: Iterable[tuple[str, Mapping[str, Label]]],
-                     out: str | os.PathLike) -> int:
-    """Write `id` + the 14 label columns atomically (temp file, then rename); returns the rows."""
-    out = pathlib.Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    n = 0
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
-            writer = csv.writer(fh)
-            writer.writerow(["id", *LABELS])
-            for rid, labels in rows:
-                writer.writerow([rid, *to_row(labels)])
-                n += 1
-        os.replace(tmp, out)
-    except BaseException:
-        pathlib.Path(tmp).unlink(missing_ok=True)
-        raise
-    return n

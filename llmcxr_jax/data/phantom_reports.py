@@ -297,10 +297,10 @@ def write_report(sf: StudyFindings, views: Sequence[str], rng: np.random.Generat
             findings_sents.append(text)
             impression_sents.append(text)
         elif f.label == "Pneumonia":
-            impression_sents.append(_pick(rng, ("Findings are compatible with pneumonia.",
+            impression_sents.append(_pick(rng, ("Findings represent pneumonia.",
                                                 "Consistent with pneumonia.",
                                                 "Findings are consistent with pneumonia.",
-                                                "The consolidation is compatible with pneumonia.",
+                                                "The consolidation represents pneumonia.",
                                                 "Pneumonia.")))
         else:
             long, short = _POSITIVE[f.label](rng, f)
