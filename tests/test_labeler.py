@@ -322,6 +322,17 @@ def test_explain_names_the_deciding_cue():
     assert got["Pneumonia"] == (-1.0, "cannot be excluded")
 
 
+def test_sentence_cache_is_invisible_to_callers():
+    """Each distinct sentence is classified once; callers get their own list every time."""
+    sentence = "no pneumothorax, but pneumonia cannot be excluded"
+    first = labeler.find_mentions(sentence)
+    first.clear()
+    again = labeler.find_mentions(sentence)
+    assert [(m.observation, m.label) for m in again] == [("Pneumothorax", 0.0), ("Pneumonia", -1.0)]
+    assert labeler.find_mentions("the lungs are clear", True)[0].label == 0.0
+    assert labeler.find_mentions("the lungs are clear", False) == []
+
+
 def test_label_reports_is_label_report_per_item():
     reports = [r["text"] for r in SENTENCES[:20]]
     assert labeler.label_reports(reports, "full") == [label_report(r, "full") for r in reports]

@@ -41,6 +41,7 @@ whole text when there are no headers, as in generated reports).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from typing import Iterable, Mapping, Optional, Sequence
 
@@ -657,6 +658,12 @@ def _clauses(sentence: str) -> list[tuple[int, str]]:
 
 def find_mentions(sentence: str, clear_lungs_negative: bool = False) -> list[Mention]:
     """Classified mentions of one lower-cased sentence (see `label_text` for the option)."""
+    return list(_sentence_mentions(sentence, clear_lungs_negative))
+
+
+# Report sets repeat their sentences ("No pneumothorax."): each distinct one is classified once.
+@functools.lru_cache(maxsize=1 << 16)
+def _sentence_mentions(sentence: str, clear_lungs_negative: bool) -> tuple[Mention, ...]:
     mentions: list[Mention] = []
     for offset, clause in _clauses(sentence):
         spans: dict[str, list[tuple[int, int, Optional[str]]]] = {}
@@ -685,7 +692,7 @@ def find_mentions(sentence: str, clear_lungs_negative: bool = False) -> list[Men
                     label, cue = _classify(clause, own, start, end, flag)
                 mentions.append(Mention(obs, offset + start, offset + end, clause[start:end],
                                         flag, label, cue))
-    return mentions
+    return tuple(mentions)
 
 
 def aggregate(mentions: Iterable[Mention], nonempty: bool = True) -> dict[str, Label]:
@@ -721,7 +728,7 @@ def label_text(text: str, clear_lungs_negative: bool = False) -> dict[str, Label
     MIMIC-CXR's labels and the phantom world) leaves Lung Opacity blank there: it names no finding.
     """
     sentences = split_sentences(text)
-    mentions = [m for s in sentences for m in find_mentions(s, clear_lungs_negative)]
+    mentions = [m for s in sentences for m in _sentence_mentions(s, clear_lungs_negative)]
     return aggregate(mentions, nonempty=bool(sentences))
 
 
