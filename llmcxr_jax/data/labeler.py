@@ -21,7 +21,9 @@ NegBio):
 
 Where this departs from CheXpert's rules, on purpose: "likely" / "probably" hedge (CheXpert's
 rules list only "less likely"); an enlargement word beats "stable" for heart and mediastinum
-descriptors ("stable enlarged cardiac silhouette" is 1, "heart size is stable" stays -1);
+descriptors ("stable enlarged cardiac silhouette" is 1, "heart size is stable" stays -1), and
+such a descriptor that nothing describes gives no label ("changes of the mediastinum", "heart
+size is XXXX"; CheXpert: 1);
 "not appreciated" negates; "compatible with" hedges with or without a verb (CheXpert: with "be"
 or a modal); "pulmonary vascularity / vasculature" is a hedged Edema mention (so "normal pulmonary
 vascularity" is 0); "pleural plaque" is Pleural Other; "pneumonitis" is Pneumonia; a tracheostomy
@@ -195,6 +197,7 @@ _OWN_PHRASES: tuple[tuple[str, str, Optional[str]], ...] = (
      r"wires?\b|clips?\b|"
      r"loop\s+recorders?|(?:ivc|vena\s+cava)\s+filters?|shunts?\b", None),
     ("Support Devices", r"screws?\b|hardware|arthroplast\w*|apparatus|devices?\b|equipment", None),
+    ("Support Devices", r"sutures?\b|staples?\b|annuloplasty|prosthes[ei]s", None),
     ("Support Devices",
      r"(?:prosthetic|mechanical|bioprosthetic)\s+valves?|valve\s+(?:replacement|prosthesis)|"
      r"support\s+devices?|markers?\b", None),
@@ -203,7 +206,10 @@ _OWN_PHRASES: tuple[tuple[str, str, Optional[str]], ...] = (
      r"densities|elevated|hyperexpan\w*|bulla\b|osteophyt\w*|metasta\w*|free\s+air|"
      r"bronchiectasis|pericardial\s+effusion|(?:lymph)?adenopathy|"
      r"(?:chronic\s+)?obstructive\s+(?:pulmonary|lung|airways?)\s+disease|"
-     r"tortu(?:ous|osity)|ectatic|ectasia|aneurysm\w*|unfolding", None),
+     r"tortu(?:ous|osity)|ectatic|ectasia|aneurysm\w*|unfolding|spondylo\w*|fibrotic|"
+     r"low\s+lung\s+volumes?|hypoinflat\w*|hypoventilat\w*|bronchovascular\s+crowding|"
+     r"air\s+trapping|hyperlucen\w*|flatten\w*\s+(?:of\s+the\s+)?(?:hemi)?diaphragms?|"
+     r"diaphragmatic\s+flattening|kerley\s+(?:[ab]\s+)?lines?|septal\s+lines?", None),
 )
 _PHRASES = _OWN_PHRASES + _chexpert_phrases()
 
@@ -212,7 +218,8 @@ _POSITIONAL = (r"(?:over|overly|overlying|in|into|within|behind|through|along|at
                r"projects\s+over|projecting\s+in)\s+the\s+(?:(?:superior|upper|lower|left|right|"
                r"anterior|posterior)\s+)?")
 _UNMENTIONS: dict[str, str] = {
-    "Enlarged Cardiomediastinum": _POSITIONAL + r"mediastinum|shift\s+of\s+the\s+mediastinum",
+    "Enlarged Cardiomediastinum": _POSITIONAL + r"mediastinum|shift\s+of\s+the\s+mediastinum|"
+                                  r"(?:size|caliber|calibre)\s+and\s+contours?|in\s+contour",
     "Cardiomegaly": _POSITIONAL + r"(?:heart|cardiac\s+(?:silhouette|shadow|contour))|"
                     r"(?:left|right)\s+heart\b",
     "Lung Opacity": r"pleuro-?parenchymal\s+scar\w*|pleural[- ]parenchymal\s+scar\w*|"
@@ -335,12 +342,13 @@ _CUES: tuple[_CueSpec, ...] = (
     _CueSpec(r"(?:with\s+)?no|without|nor|neither|absence\s+of|lack\s+of|never|free\s+of|"
              r"negative\s+for|clear\s+of|rather\s+than|instead\s+of|not\s+(?:a|an|any)\b",
              NEG, 12, None),
-    _CueSpec(r"(?:interval\s+)?(?:resolution|removal|clearing|disappearance|withdrawal)\s+of|"
+    _CueSpec(r"(?:(?:clinical|past|prior|remote|known)\s+)?history\s+of|"
+             r"(?:interval\s+)?(?:resolution|removal|clearing|disappearance|withdrawal)\s+of|"
              r"(?:to\s+)?(?:rule\s+out|exclude)", NEG, 8, None),
     _CueSpec(_attributive(r"resolved|removed"), NEG, 6, None),
     _CueSpec(_attributive(r"(?:(?:top|upper|high)[- ])?normal|unremarkable"), NEG, 6, None),
     _CueSpec(_predicative(r"(?:(?:top|upper|high)[- ])?normal|unremarkable") +
-             r"|within\s+(?:the\s+)?normal\s+limits|(?:at|within)\s+(?:the\s+)?upper\s+limits?\s+"
+             r"|within\s+(?:the\s+)?normal\s+limits|(?:(?:at|within)\s+)?(?:the\s+)?upper\s+limits?\s+"
              r"of\s+(?:the\s+)?normal", NEG, None, 12),
     _CueSpec(r"(?:(?:is|are|was|were|has\s+been|have\s+been)\s+)?(?:absent|gone)", NEG, None, 12),
     _CueSpec(r"(?:(?:has|have|had)\s+)?(?:(?:since|now|completely|entirely|fully|"
@@ -351,7 +359,7 @@ _CUES: tuple[_CueSpec, ...] = (
     _CueSpec(r"no\s+longer\s+(?:\w+\s+)?(?:seen|visualized|visible|present|evident|identified|"
              r"apparent|demonstrated|appreciated|noted|detected|there|in\s+place)", NEG, None, 12),
     _CueSpec(r"not\s+(?:definitely\s+|clearly\s+|convincingly\s+|confidently\s+|readily\s+|"
-             r"currently\s+|now\s+)?(?:seen|identified|visualized|present|demonstrated|evident|"
+             r"currently\s+|now\s+|significantly\s+|substantially\s+|markedly\s+)?(?:seen|identified|visualized|present|demonstrated|evident|"
              r"appreciated|noted|detected|visible|apparent|enlarged|widened|dilated)",
              NEG, None, 12),
     # -- uncertainty
@@ -359,7 +367,7 @@ _CUES: tuple[_CueSpec, ...] = (
              r"probable|(?:(?:less|more|most|very|quite|highly)\s+)?likely|unlikely|"
              r"questionable|equivocal|uncertain|indeterminate|considered|borderline|"
              r"not\s+certain|not\s+clear)" + _BEFORE_END, UNC, None, 12),
-    _CueSpec(r"if\s+(?:any|present)", UNC, None, 12),
+    _CueSpec(r"if\s+(?:any|present)|(?:is|are)\s+favou?red", UNC, None, 12),
     _CueSpec(r"borderline(?:\s+(?:enlarged|enlargement|large|widened|prominent|increased))?",
              UNC, 10, 12),
     _CueSpec(r"(?:may|might|could|can|would)\s+(?:also\s+|still\s+)?(?:be|have\s+been)\s+"
@@ -384,10 +392,12 @@ _CUES: tuple[_CueSpec, ...] = (
              r"considerations?\s+include)|possibility\s+of|raises?\s+(?:the\s+)?(?:question|"
              r"possibility|concern)\s+(?:of|for)|consider|considered|"
              r"correlat\w*\s+(?:clinically\s+)?(?:for|to\s+exclude|with\s+symptoms\s+of)|"
-             r"(?:clinical\s+)?correlation\s+for|in\s+question", UNC, 10, None),
+             r"(?:clinical\s+)?correlation\s+for|in\s+question|favou?r(?:s|ed|ing)?",
+             UNC, 10, None),
     # -- heart / mediastinum descriptors (only for the "attr" mentions: heart size, silhouette..)
     _CueSpec(r"(?:(?:mildly|moderately|severely|markedly|slightly|minimally|massively)\s+)?"
-             r"(?:enlarge(?:d|ment)|large|widen(?:ed|ing)|increased|dilat(?:ed|ation)|prominent)|"
+             r"(?:enlarge(?:d|ment)|large|big|widen(?:ed|ing)|increased|dilat(?:ed|ation)|prominent|"
+             r"abnormal)|"
              r"cardiomegaly", POS_ATTR, 8, 8),
     _CueSpec(r"stable|unchanged|(?:no|without)\s+(?:significant\s+|interval\s+)*change|"
              r"not\s+(?:significantly\s+)?changed|similar|again|constant|persistent(?:ly)?|"
@@ -511,6 +521,24 @@ def _cues_for(clause: str, cues: Sequence[_Cue], start: int, end: int) -> list[_
     return applied
 
 
+_LIST_ITEM = (r"(?:(?!(?:is|are|was|were|has|have|had|with|there|that|seen|identified|noted|"
+              r"present|evident|demonstrated)\b)[a-z0-9/-]+\s*){1,5}")
+_NEGATED_LIST = re.compile(r"\s*" + _LIST_ITEM + r"(?:,\s*" + _LIST_ITEM + r")+,?\s*(?:or|nor)\s+"
+                           + _LIST_ITEM)
+
+
+def _in_negated_list(clause: str, cues: Sequence[_Cue], start: int, end: int) -> Optional[_Cue]:
+    """The negation heading a list "no A, B, C, or D" that holds the mention, if any: it reaches
+    every item, adjectives and hedges inside the items included ("no focal consolidation,
+    suspicious opacity, large effusion, or pneumothorax"), as CheXpert's conj rules do."""
+    for cue in cues:
+        if cue.kind == NEG and cue.end <= start:
+            m = _NEGATED_LIST.match(clause, cue.end)
+            if m and m.end() >= end:
+                return cue
+    return None
+
+
 def _in_or_coordination(clause: str, start: int, end: int) -> bool:
     """CheXpert: "A or B" makes both uncertain (a negation, checked before, wins)."""
     after = _OR_AFTER.match(clause, end, min(len(clause), end + 40))
@@ -522,12 +550,16 @@ def _in_or_coordination(clause: str, start: int, end: int) -> bool:
 
 
 def _classify(clause: str, cues: Sequence[_Cue], start: int, end: int,
-              flag: Optional[str]) -> tuple[float, str]:
-    """Negative / uncertain / positive for one mention, and the text of the deciding cue."""
+              flag: Optional[str]) -> tuple[Optional[float], str]:
+    """Negative / uncertain / positive for one mention, and the text of the deciding cue; None
+    for a heart / mediastinum descriptor that nothing describes (no label)."""
     applied = _cues_for(clause, cues, start, end)
     first: dict[str, str] = {}
     for c in applied:
         first.setdefault(c.kind, c.text)
+    heading = _in_negated_list(clause, cues, start, end)
+    if heading is not None:
+        first.setdefault(NEG, heading.text)
     for kind, label in _PRECEDENCE:
         if kind in first:
             return label, first[kind]
@@ -540,6 +572,7 @@ def _classify(clause: str, cues: Sequence[_Cue], start: int, end: int,
             return UNCERTAIN, first[UNC_ATTR]
         if PSEUDO in first and "chang" in first[PSEUDO]:  # "no change in heart size"
             return UNCERTAIN, first[PSEUDO]
+        return None, ""  # no descriptor: "changes of the mediastinum", "heart size is XXXX"
     if _in_or_coordination(clause, start, end):
         return UNCERTAIN, "or"
     return POSITIVE, ""
@@ -690,6 +723,8 @@ def _sentence_mentions(sentence: str, clear_lungs_negative: bool) -> tuple[Menti
                 else:
                     own = [c for c in cues if c.end <= start or c.start >= end]
                     label, cue = _classify(clause, own, start, end, flag)
+                    if label is None:
+                        continue
                 mentions.append(Mention(obs, offset + start, offset + end, clause[start:end],
                                         flag, label, cue))
     return tuple(mentions)
