@@ -424,9 +424,9 @@ def test_cli_jsonl_and_folder(tmp_path):
     assert [r["id"] for r in rows] == ["s1", "5"]  # id defaults to the line number
     assert (rows[0]["Pleural Effusion"], rows[0]["No Finding"], rows[1]["Cardiomegaly"]) == \
         ("0.0", "1.0", "1.0")
-    assert "line is not JSON: 1 (e.g. line 2)" in res.stdout
+    assert "not_json: 1 (e.g. in.jsonl:2)" in res.stdout
     assert "missing report: 1 (e.g. line 3)" in res.stdout
-    assert "line is not a JSON object: 1 (e.g. line 4)" in res.stdout
+    assert "not_object: 1 (e.g. in.jsonl:4)" in res.stdout
 
     folder = tmp_path / "reports" / "files" / "p10" / "p10000032"
     folder.mkdir(parents=True)

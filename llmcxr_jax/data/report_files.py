@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import csv
 import gzip
-import json
 import os
 import pathlib
 from typing import Iterable, Iterator, Mapping, Optional
 
+from llmcxr_jax.data.jsonl import iter_jsonl
 from llmcxr_jax.data.labeler import LABELS, Label, to_row
 from llmcxr_jax.data.skips import SkipCounter
 from llmcxr_jax.io_utils import atomic_write
@@ -65,23 +65,12 @@ def _open_text(path: pathlib.Path):
 
 
 def _read_jsonl(path: pathlib.Path, skips: SkipCounter) -> Iterator[tuple[str, str]]:
-    with _open_text(path) as fh:
-        for n, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                skips.add("line is not JSON", f"line {n}")
-                continue
-            if not isinstance(record, dict):
-                skips.add("line is not a JSON object", f"line {n}")
-                continue
-            report = record.get("report")
-            if not isinstance(report, str) or not report.strip():
-                skips.add("missing report", f"line {n}")
-                continue
-            yield str(record.get("id", n)), report
+    for n, record in iter_jsonl(path, skips):
+        report = record.get("report")
+        if not isinstance(report, str) or not report.strip():
+            skips.add("missing report", f"line {n}")
+            continue
+        yield str(record.get("id", n)), report
 
 
 def _read_csv(path: pathlib.Path, skips: SkipCounter) -> Iterator[tuple[str, str]]:
