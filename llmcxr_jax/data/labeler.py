@@ -23,16 +23,16 @@ Where this departs from CheXpert's rules, on purpose: "likely" / "probably" hedg
 rules list only "less likely"); an enlargement word beats "stable" for heart and mediastinum
 descriptors ("stable enlarged cardiac silhouette" is 1, "heart size is stable" stays -1), and
 such a descriptor that nothing describes gives no label ("changes of the mediastinum", "heart
-size is XXXX"; CheXpert: 1);
-"not appreciated" negates; "compatible with" hedges with or without a verb (CheXpert: with "be"
-or a modal); "pulmonary vascularity / vasculature" is a hedged Edema mention (so "normal pulmonary
-vascularity" is 0); "pleural plaque" is Pleural Other; "pneumonitis" is Pneumonia; a tracheostomy
-or defibrillator is a support device and does not rule out No Finding; pericardial effusion,
-adenopathy, COPD and a tortuous aorta do; wires (sternotomy, pacing), surgical clips, stents,
-leads, loop recorders, filters and shunts are support devices (absent from CheXpert's list; real
-reports name devices by type); nipple markers, "plate-like", "supportive" and pleural / septal
-lines are not devices, nor is a calcified native valve. "The lungs are clear" names no finding
-(blank), as in CheXpert, unless `clear_lungs_negative=True` makes it Lung Opacity 0.
+size is XXXX"; CheXpert: 1); "not appreciated" negates; "compatible with" hedges with or without
+a verb (CheXpert: with "be" or a modal); "pulmonary vascularity / vasculature" is a hedged Edema
+mention (so "normal pulmonary vascularity" is 0); "pleural plaque" is Pleural Other;
+"pneumonitis" is Pneumonia; a tracheostomy or defibrillator is a support device and does not rule
+out No Finding; pericardial effusion, adenopathy, COPD, a tortuous aorta, spondylosis and low lung
+volumes do; wires (sternotomy, pacing), surgical clips, sutures, stents, leads, loop recorders,
+filters, shunts and prostheses are support devices (absent from CheXpert's list; real reports
+name devices by type); nipple markers, "plate-like", "supportive" and pleural / septal lines are
+not devices, nor is a calcified native valve. "The lungs are clear" names no finding (blank), as
+in CheXpert, unless `clear_lungs_negative=True` makes it Lung Opacity 0.
 
 Labels are 1.0 (positive), 0.0 (negative), -1.0 (uncertain) and None (not mentioned), as the
 CheXpert CSV has them. Reports are sectioned first; by default the labeler reads what MIMIC-CXR's
@@ -61,8 +61,8 @@ Label = Optional[float]
 SECTIONS = ("auto", "impression", "findings", "findings+impression", "full")
 
 # --------------------------------------------------------------------------------------------------
-# Mention phrases: CheXpert's lists (package data) + this labeler's own (regex fragments), matched on
-# lower-cased text from a word start
+# Mention phrases: CheXpert's lists (package data) and this labeler's own (regex fragments),
+# matched on lower-cased text from a word start
 # --------------------------------------------------------------------------------------------------
 
 _ATTR = "attr"  # heart/mediastinum descriptors: abnormal only when described so; "stable" = -1
@@ -85,7 +85,7 @@ _DEVICES_NOT_OTHER = ("tracheostomy", "defib")
 _WORD_PREFIX = r"(?:broncho|dextro|levo|kypho|hydro|micro)?"
 
 
-def chexpert_regex(phrase: str) -> str:
+def _chexpert_regex(phrase: str) -> str:
     """A CheXpert phrase as a regex fragment: "_" is a word boundary, otherwise the phrase matches
     the start of a word and runs to its end ("opaci" -> "opacities"); spaces match any whitespace.
     A leading "the" is context, outside the mention's span, so scopes see "..., and the heart".
@@ -103,9 +103,10 @@ def _chexpert_phrases() -> tuple[tuple[str, str, Optional[str]], ...]:
         for phrase in phrases:
             if obs == NO_FINDING:
                 if phrase not in _DEVICES_NOT_OTHER:
-                    rows.append((OTHER, chexpert_regex(phrase), None))
+                    rows.append((OTHER, _chexpert_regex(phrase), None))
             else:
-                rows.append((obs, chexpert_regex(phrase), _CHEXPERT_FLAGS.get(obs, {}).get(phrase)))
+                rows.append((obs, _chexpert_regex(phrase),
+                             _CHEXPERT_FLAGS.get(obs, {}).get(phrase)))
     return tuple(rows)
 
 
@@ -194,8 +195,7 @@ _OWN_PHRASES: tuple[tuple[str, str, Optional[str]], ...] = (
      r"lines?\b|picc\b|catheters?\b|swan[- ]ganz|cvc\b|port-?a-?caths?|mediports?|ports?\b", None),
     ("Support Devices", r"drains?\b|cannulas?|stents?\b|coils?\b|plates?\b", None),
     ("Support Devices",
-     r"wires?\b|clips?\b|"
-     r"loop\s+recorders?|(?:ivc|vena\s+cava)\s+filters?|shunts?\b", None),
+     r"wires?\b|clips?\b|loop\s+recorders?|(?:ivc|vena\s+cava)\s+filters?|shunts?\b", None),
     ("Support Devices", r"screws?\b|hardware|arthroplast\w*|apparatus|devices?\b|equipment", None),
     ("Support Devices", r"sutures?\b|staples?\b|annuloplasty|prosthes[ei]s", None),
     ("Support Devices",
@@ -238,8 +238,8 @@ _UNMENTIONS: dict[str, str] = {
                        r"(?:calcif\w*|disease|stenosis|regurgitation|sclerosis)|calcifi\w*\s+"
                        r"(?:of\s+the\s+)?(?:aortic|mitral)\s+valve",
 }
-for _obs, _phrases in chexpert_phrases.load("unmention").items():
-    _UNMENTIONS[_obs] = "|".join([*map(chexpert_regex, _phrases), _UNMENTIONS.get(_obs, "(?!)")])
+_UNMENTIONS.update({obs: "|".join([*map(_chexpert_regex, phrases), _UNMENTIONS.get(obs, "(?!)")])
+                    for obs, phrases in chexpert_phrases.load("unmention").items()})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -348,8 +348,9 @@ _CUES: tuple[_CueSpec, ...] = (
     _CueSpec(_attributive(r"resolved|removed"), NEG, 6, None),
     _CueSpec(_attributive(r"(?:(?:top|upper|high)[- ])?normal|unremarkable"), NEG, 6, None),
     _CueSpec(_predicative(r"(?:(?:top|upper|high)[- ])?normal|unremarkable") +
-             r"|within\s+(?:the\s+)?normal\s+limits|(?:(?:at|within)\s+)?(?:the\s+)?upper\s+limits?\s+"
-             r"of\s+(?:the\s+)?normal", NEG, None, 12),
+             r"|within\s+(?:the\s+)?normal\s+limits|"
+             r"(?:(?:at|within)\s+)?(?:the\s+)?upper\s+limits?\s+of\s+(?:the\s+)?normal",
+             NEG, None, 12),
     _CueSpec(r"(?:(?:is|are|was|were|has\s+been|have\s+been)\s+)?(?:absent|gone)", NEG, None, 12),
     _CueSpec(r"(?:(?:has|have|had)\s+)?(?:(?:since|now|completely|entirely|fully|"
              r"subsequently)\s+)?" + _predicative(r"resolved|cleared|disappeared"), NEG, None, 12),
@@ -359,8 +360,9 @@ _CUES: tuple[_CueSpec, ...] = (
     _CueSpec(r"no\s+longer\s+(?:\w+\s+)?(?:seen|visualized|visible|present|evident|identified|"
              r"apparent|demonstrated|appreciated|noted|detected|there|in\s+place)", NEG, None, 12),
     _CueSpec(r"not\s+(?:definitely\s+|clearly\s+|convincingly\s+|confidently\s+|readily\s+|"
-             r"currently\s+|now\s+|significantly\s+|substantially\s+|markedly\s+)?(?:seen|identified|visualized|present|demonstrated|evident|"
-             r"appreciated|noted|detected|visible|apparent|enlarged|widened|dilated)",
+             r"currently\s+|now\s+|significantly\s+|substantially\s+|markedly\s+)?"
+             r"(?:seen|identified|visualized|present|demonstrated|evident|appreciated|noted|"
+             r"detected|visible|apparent|enlarged|widened|dilated)",
              NEG, None, 12),
     # -- uncertainty
     _CueSpec(r"(?:(?:is|are|was|were|be|been)\s+)?(?:also\s+)?(?:suspected|questioned|possible|"
@@ -396,9 +398,8 @@ _CUES: tuple[_CueSpec, ...] = (
              UNC, 10, None),
     # -- heart / mediastinum descriptors (only for the "attr" mentions: heart size, silhouette..)
     _CueSpec(r"(?:(?:mildly|moderately|severely|markedly|slightly|minimally|massively)\s+)?"
-             r"(?:enlarge(?:d|ment)|large|big|widen(?:ed|ing)|increased|dilat(?:ed|ation)|prominent|"
-             r"abnormal)|"
-             r"cardiomegaly", POS_ATTR, 8, 8),
+             r"(?:enlarge(?:d|ment)|large|big|widen(?:ed|ing)|increased|dilat(?:ed|ation)|"
+             r"prominent|abnormal)|cardiomegaly", POS_ATTR, 8, 8),
     _CueSpec(r"stable|unchanged|(?:no|without)\s+(?:significant\s+|interval\s+)*change|"
              r"not\s+(?:significantly\s+)?changed|similar|again|constant|persistent(?:ly)?|"
              r"(?:stably|stable\s+in)\s+\w+", UNC_ATTR, 8, 8),
