@@ -1,5 +1,6 @@
 """VQ-GAN training: discriminator and losses vs taming / torch, the adaptive weight vs separate
-jax.grad calls, loss decrease, dead-code restart, and exact checkpoint resume.
+jax.grad calls, loss decrease, dead-code restart, and exact checkpoint resume (LPIPS:
+tests/test_lpips.py).
 
 One trainer (test-tiny VQ-GAN, 32 px, batch 2) is compiled once for the module: the step's
 compile dominates the runtime on CPU.
@@ -21,7 +22,7 @@ from PIL import Image
 
 from llmcxr_jax import configs
 from llmcxr_jax.vqgan import discriminator as disc_lib
-from llmcxr_jax.vqgan import losses, lpips, train
+from llmcxr_jax.vqgan import losses, train
 from llmcxr_jax.vqgan.model import LAST_LAYER_KERNEL_PATH, last_layer_kernel
 from vqgan_test_files import smooth_image
 
@@ -90,63 +91,6 @@ def test_gan_losses_match_taming(monkeypatch):
     for step in (0, 9, 10, 11):
         assert float(disc_lib.adopt_weight(0.7, jnp.asarray(step), 10)) == pytest.approx(
             adopt_weight(0.7, step, threshold=10))
-
-
-def _torch_lpips(state, heads, x, y):
-    """taming's LPIPS.forward (eval) written out in torch for torchvision vgg16 feature tensors."""
-    import torch.nn.functional as F
-
-    shift = torch.tensor([-.030, -.088, -.188])[None, :, None, None]
-    scale = torch.tensor([.458, .448, .450])[None, :, None, None]
-
-    def taps(h):
-        h, outs = (h - shift) / scale, []
-        for i in range(30):
-            if f"features.{i}.weight" in state:
-                h = F.conv2d(h, state[f"features.{i}.weight"], state[f"features.{i}.bias"], padding=1)
-            elif i in (4, 9, 16, 23):
-                h = F.max_pool2d(h, 2, 2)
-            else:
-                h = F.relu(h)
-            if i in (3, 8, 15, 22, 29):
-                outs.append(h)
-        return outs
-
-    total = 0
-    for k, (a, b) in enumerate(zip(taps(x), taps(y))):
-        na = a / (torch.sqrt(torch.sum(a**2, dim=1, keepdim=True)) + 1e-10)
-        nb = b / (torch.sqrt(torch.sum(b**2, dim=1, keepdim=True)) + 1e-10)
-        total = total + F.conv2d((na - nb) ** 2, heads[f"lin{k}.model.1.weight"]).mean([2, 3])
-    return total[:, 0]
-
-
-def test_lpips_matches_torch_reference(tmp_path):
-    torch.manual_seed(0)
-    state, c_in = {}, 3
-    for block, c in zip(lpips.VGG16_BLOCKS, lpips.LPIPS_CHANNELS):
-        for i in block:
-            conv = torch.nn.Conv2d(c_in, c, 3, padding=1)
-            state[f"features.{i}.weight"], state[f"features.{i}.bias"] = conv.weight.data, conv.bias.data
-            c_in = c
-    heads = {f"lin{k}.model.1.weight": torch.rand(1, c, 1, 1) for k, c in enumerate(lpips.LPIPS_CHANNELS)}
-    torch.save(state, tmp_path / "vgg16.pth")
-    torch.save(heads, tmp_path / "heads.pth")
-    net = losses.lpips_net(tmp_path / "vgg16.pth", tmp_path / "heads.pth")
-
-    rng = np.random.default_rng(2)
-    x = rng.uniform(-1, 1, (2, 32, 32, 3)).astype(np.float32)
-    y = np.clip(x + rng.normal(0, 0.3, x.shape), -1, 1).astype(np.float32)
-    got = jax.jit(net.distance)(net.params, x, y)
-    to_t = lambda a: torch.from_numpy(a.transpose(0, 3, 1, 2).copy())  # noqa: E731
-    ref = _torch_lpips(state, heads, to_t(x), to_t(y)).numpy()
-    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-6)
-    assert float(jax.jit(net.distance)(net.params, x, x).max()) < 1e-10
-    # Without VGG weights: one message, no net (weight 0).
-    messages = []
-    assert losses.lpips_net("", log=messages.append) is None and len(messages) == 1
-    packaged = lpips.packaged_lpips_heads_path()
-    if packaged is not None:  # the lpips wheel's heads load when it is installed
-        assert len(lpips.lpips_heads_from_state(lpips.load_tensor_file(packaged))) == 5
 
 
 # --------------------------------------------------------------------------------------------------
