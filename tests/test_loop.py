@@ -5,6 +5,7 @@ import json
 import jax
 import numpy as np
 import pytest
+from PIL import Image
 
 from llmcxr_jax.configs import DataConfig, ModelConfig, TrainConfig, extended_vocab_rows
 from llmcxr_jax.data.pipeline import Sources
@@ -67,10 +68,13 @@ def test_preempted_then_resumed_stage_gives_the_uninterrupted_losses(setup, tmp_
     done = json.loads((tmp_path / "full" / DONE_FILE).read_text())
     assert done["step"] == 4 and "eval_loss" in done and done["tokens_per_s"] > 0
     assert (tmp_path / "full" / "tensorboard").is_dir()
+    # The finished stage drew its curves (loss, learning rate, tokens/s: 2 x 2 panels).
+    assert Image.open(tmp_path / "full" / "curves.png").size == (1200, 720)
 
     first, _ = _run(setup, tmp_path / "cut", steps=4, watcher=StopAt(3))
     assert first.status == "preempted" and first.step == 3
     assert not (tmp_path / "cut" / DONE_FILE).exists()
+    assert not (tmp_path / "cut" / "curves.png").exists()
     resumed, resumed_losses = _run(setup, tmp_path / "cut", steps=4)
     assert resumed.status == "done"
     np.testing.assert_allclose(resumed_losses[4], full_losses[4], rtol=1e-6)

@@ -253,6 +253,7 @@ def _image_dir(path, n=6):
 
 
 def test_checkpoint_resume_is_exact(trainer, tmp_path):
+    from llmcxr_jax.data import images as images_lib
     from llmcxr_jax.data.images import list_images
     from llmcxr_jax.vqgan.checkpoint import load_vqgan
     from llmcxr_jax.vqgan.input_pipeline import image_batches
@@ -260,14 +261,26 @@ def test_checkpoint_resume_is_exact(trainer, tmp_path):
     paths = list_images(_image_dir(tmp_path / "imgs"))
     vq = trainer.vq_config
 
-    def run(workdir, steps):
+    def run(workdir, steps, preview=None):
         cfg = dataclasses.replace(trainer.config, steps=steps)
         it, bad = image_batches(paths, vq.resolution, BATCH, seed=cfg.seed)
         return train.train(vq, cfg, workdir, it, nets=trainer.nets, data_iter=it, progress=False,
-                           log=lambda s: None, trainer=trainer), bad
+                           log=lambda s: None, trainer=trainer, preview=preview), bad
 
-    straight, bad = run(tmp_path / "a", 4)
+    preview = np.stack([smooth_image(32, 32, seed=40 + i) for i in range(3)]) / 127.5 - 1.0
+    straight, bad = run(tmp_path / "a", 4, preview)
     assert list(bad.reasons) == [str(tmp_path / "imgs" / "broken.png")]
+    # Pictures: held-out originals | their reconstructions by the final model, and the curves.
+    sheet = np.asarray(Image.open(tmp_path / "a" / train.RECONSTRUCTIONS_FILE))
+    cell = 256
+    band = sheet.shape[0] - 3 * (cell + 4) + 4
+    assert sheet.shape[1] == 2 * cell + 4 and band > 10
+    recon = trainer.reconstruct(straight.g_params, preview)
+    for column, images in enumerate((preview, recon)):
+        np.testing.assert_array_equal(
+            sheet[band:band + cell, column * (cell + 4):column * (cell + 4) + cell],
+            np.kron(images_lib.to_uint8(images[0]), np.ones((8, 8, 1), np.uint8)))
+    assert Image.open(tmp_path / "a" / "curves.png").size == (1200, 1080)
     run(tmp_path / "b", 2)
     resumed, _ = run(tmp_path / "b", 4)  # restores step 2 and the data position
     assert int(resumed.step) == 4

@@ -242,6 +242,33 @@ def image_grid(images: np.ndarray, columns: int = 8) -> np.ndarray:
     return grid
 
 
+def labeled_columns(columns: Sequence[tuple[str, np.ndarray]], cell: int = 256,
+                    gap: int = 4) -> Image.Image:
+    """Images side by side for a person to look at: column j shows `columns[j]`'s images
+    ([N, H, W, C] in [-1, 1], the same N in every column) top to bottom, each scaled to `cell` px
+    square (nearest: the pixels the model made stay visible), under a white band with the
+    column's label (PIL's default font). Columns and rows are `gap` px apart (white)."""
+    from PIL import ImageDraw, ImageFont
+
+    n = {len(images) for _, images in columns}
+    if len(n) != 1:
+        raise ValueError(f"labeled_columns: columns hold different image counts {sorted(n)}")
+    rows = n.pop()
+    font = ImageFont.load_default(size=max(10, cell // 14))  # FreeType (Pillow's wheels)
+    band = int(font.size * 1.8)
+    width = len(columns) * cell + (len(columns) - 1) * gap
+    sheet = Image.new("RGB", (width, band + rows * (cell + gap) - gap), (255, 255, 255))
+    draw = ImageDraw.Draw(sheet)
+    for j, (label, images) in enumerate(columns):
+        x = j * (cell + gap)
+        draw.text((x + cell // 2, band // 2), label, fill=(0, 0, 0), font=font, anchor="mm")
+        for i, image in enumerate(np.asarray(images)):
+            tile = Image.fromarray(to_uint8(image).squeeze()).convert("RGB")
+            sheet.paste(tile.resize((cell, cell), Image.Resampling.NEAREST),
+                        (x, band + i * (cell + gap)))
+    return sheet
+
+
 # --------------------------------------------------------------------------------------------------
 # File lists
 # --------------------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 A stage lives in its own directory (`WORKDIR/stage1`, `WORKDIR/stage2`):
 
     checkpoints/<step>/        orbax: train state, grain iterator position, bookkeeping
+    metrics.jsonl, tensorboard/  the logged metrics; curves.png draws them at the end
     DONE.json                  written last; a stage with it is complete and is not rerun
 
 `run_stage` resumes from the newest readable checkpoint when there is one, so a killed run picks
@@ -33,6 +34,7 @@ from llmcxr_jax.eval import conditioning
 from llmcxr_jax.parallel.mesh import check_global_batch, is_main_process
 from llmcxr_jax.parallel.rules import LOGICAL_AXIS_RULES
 from llmcxr_jax.text.vocab import Vocab
+from llmcxr_jax.train import curves
 from llmcxr_jax.train import flops as flops_lib
 from llmcxr_jax.train.checkpoint import Checkpointer, abstract_train_state, restore_params
 from llmcxr_jax.train.loss import summarize
@@ -212,6 +214,7 @@ def run_stage(stage: int, *, model_cfg: ModelConfig, train_cfg: TrainConfig,
         ckpt.close()
         logger.close()
     if status == "done" and is_main_process():
+        curves.write_stage_curves(stage_dir, stage)  # curves.png: loss, lr, tokens/s, gaps
         tmp = done.with_suffix(".tmp")
         finite = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
                   for k, v in summary.items()}  # strict JSON: no NaN (tasks absent from a stage)

@@ -25,6 +25,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import pathlib
 import shutil
 import time
@@ -49,6 +50,7 @@ from llmcxr_jax.parallel.mesh import check_global_batch, is_main_process, mesh_f
 from llmcxr_jax.parallel.rules import rules_for
 from llmcxr_jax.text.bpe import train_bpe
 from llmcxr_jax.text.vocab import TOKENIZER_FILE, Vocab, load_vocab, tokenizer_difference
+from llmcxr_jax.train import curves
 from llmcxr_jax.train import run_config as rc
 from llmcxr_jax.train import step_record
 from llmcxr_jax.train.loop import DONE_FILE, StageResult, run_stage
@@ -224,6 +226,20 @@ def split_images(world: pathlib.Path, splits: tuple[str, ...]) -> list[pathlib.P
             for r in sorted(rows.values(), key=lambda r: r.dicom_id) if r.split in splits]
 
 
+def held_out_images(world: pathlib.Path, size: int, n: int = 4) -> np.ndarray | None:
+    """The first `n` readable validation-split images (else test-split), for the VQ-GAN's
+    reconstructions.png; None if the world has none."""
+    images = []
+    for path in split_images(world, ("validate",)) + split_images(world, ("test",)):
+        try:
+            images.append(images_lib.load_image(path, size))
+        except images_lib.ImageError:
+            continue
+        if len(images) == n:
+            break
+    return np.stack(images) if images else None
+
+
 def vqgan_dir(cfg: rc.RunConfig, paths: Paths, world: pathlib.Path, say: Say, plan: "Plan"
               ) -> pathlib.Path:
     """The VQ-GAN to tokenise images with: the given one, or one trained (once) on the world.
@@ -254,7 +270,8 @@ def vqgan_dir(cfg: rc.RunConfig, paths: Paths, world: pathlib.Path, say: Say, pl
                                  seed=cfg.vqgan.seed, read_threads=cfg.vqgan.read_threads)
     plan.start("vqgan")
     vqgan_train.train(vq_cfg, cfg.vqgan, paths.vqgan_run, batches, data_iter=batches,
-                      mesh=vqgan_train.data_mesh(n_data), progress=is_main_process(), log=say)
+                      mesh=vqgan_train.data_mesh(n_data), progress=is_main_process(), log=say,
+                      preview=held_out_images(world, vq_cfg.resolution))
     plan.finish("vqgan")
     if bad.reasons:
         say(f"vqgan: skipped {len(bad.reasons)} unreadable images")
@@ -727,10 +744,27 @@ def decode_images(vq_dir: pathlib.Path, codes: np.ndarray) -> np.ndarray:
     return np.asarray(jax.device_get(images))[:len(codes)]
 
 
+GRID_CELL = 256  # px per image in samples/grid.png
+
+
+def training_pictures(paths: Paths) -> list[str]:
+    """samples.md lines linking the pictures the run's steps drew (those that exist)."""
+    pictures = [("VQ-GAN training curves", paths.vqgan_run / curves.CURVES_FILE),
+                ("VQ-GAN reconstructions of held-out images",
+                 paths.vqgan_run / vqgan_train.RECONSTRUCTIONS_FILE)]
+    pictures += [(f"stage {k}{' (base model)' if k == 0 else ''} training curves",
+                  paths.stage(k) / curves.CURVES_FILE) for k in (0, 1, 2)]
+    lines = [f"### {title}\n\n![{title}]({os.path.relpath(path, paths.samples)})\n"
+             for title, path in pictures if path.is_file()]
+    return ["## Training", "", *lines] if lines else []
+
+
 def write_samples(cfg: rc.RunConfig, paths: Paths, world: pathlib.Path, vq_dir: pathlib.Path,
                   vocab: Vocab, params: Any, say: Say) -> None:
     """A few test-split reports -> images and images -> reports: samples/grid.png (each row: the
-    real image, the image drawn from its report) and samples/samples.md (the texts)."""
+    original image, its VQ-GAN reconstruction, the image drawn from its report; labelled, shown
+    at GRID_CELL px) and samples/samples.md (the texts, the grid and the run's training
+    pictures)."""
     n = cfg.samples
     codes = pipeline_lib.flat_codes(str(cfg.data.codes or paths.codes))
     test = mimic.load_mimic(world, codes, stage=2, splits=("test",),
@@ -750,11 +784,21 @@ def write_samples(cfg: rc.RunConfig, paths: Paths, world: pathlib.Path, vq_dir: 
     if not is_main_process():
         return  # every process generated (the programs are global); one writes
     paths.samples.mkdir(parents=True, exist_ok=True)
-    grid = np.concatenate([np.concatenate([a, b], axis=1) for a, b in zip(real, fake)], axis=0)
-    atomic_write(paths.samples / "grid.png", lambda tmp: images_lib.save_png(tmp, grid))
-    lines = ["# Samples (test split)", "",
-             "grid.png: each row is a real image (VQ-GAN reconstruction) | the image generated "
-             f"from its report (guidance {cfg.guidance:g}).", ""]
+    size = vqgan_config(cfg).resolution
+    columns = [("VQ-GAN reconstruction", real), (f"from its report (guidance {cfg.guidance:g})",
+                                                 fake)]
+    try:
+        columns.insert(0, ("original", np.stack([images_lib.load_image(
+            mimic.image_path(world, r.subject_id, r.study_id, r.dicom_id), size) for r in test])))
+    except images_lib.ImageError as err:
+        say(f"samples: grid.png without the originals ({err})")
+    sheet = images_lib.labeled_columns(columns, cell=GRID_CELL)
+    atomic_write(paths.samples / "grid.png", lambda tmp: sheet.save(tmp, format="PNG"))
+    lines = ["# Samples (test split)", "", "![samples](grid.png)", "",
+             f"grid.png: one test-split study per row: {' | '.join(c for c, _ in columns)}; the "
+             f"model reads and draws the VQ-GAN's {size} px images, shown here at {GRID_CELL} px "
+             f"(nearest).", ""]
+    lines += training_pictures(paths)
     for i, (record, generated) in enumerate(zip(test, reports)):
         lines += [f"## {i}: {record.dicom_id}", "", f"**reference report:** {record.report}", "",
                   f"**report generated from the image:** {generated}", ""]

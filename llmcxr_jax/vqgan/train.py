@@ -45,7 +45,10 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from llmcxr_jax import configs
 from llmcxr_jax.configs import VQGANConfig, VQGANTrainConfig
+from llmcxr_jax.data.images import labeled_columns
+from llmcxr_jax.io_utils import atomic_write
 from llmcxr_jax.parallel.mesh import MeshError, mesh_from_flag
+from llmcxr_jax.train import curves
 from llmcxr_jax.train.metrics import MetricsWriter
 from llmcxr_jax.vqgan import discriminator as disc_lib
 from llmcxr_jax.vqgan import losses
@@ -53,6 +56,7 @@ from llmcxr_jax.vqgan.model import VQGAN, abstract_params, init_params, last_lay
 
 DATA_AXIS = "data"
 CODEBOOK_PATH = ("quantize", "embedding")
+RECONSTRUCTIONS_FILE = "reconstructions.png"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -163,6 +167,7 @@ class VQGANTrainer:
         self.replicated = NamedSharding(self.mesh, P())
         self.batch_sharding = NamedSharding(self.mesh, P(DATA_AXIS))
         self._steps: dict[bool, Callable] = {}
+        self._reconstruct: Callable | None = None
 
     # ---- state ----
 
@@ -345,6 +350,16 @@ class VQGANTrainer:
             n_restarted = jnp.sum(restart).astype(jnp.int32)
         return g_params, last_used, dead, n_restarted
 
+    def reconstruct(self, g_params: Any, images: np.ndarray) -> np.ndarray:
+        """Eval-mode reconstructions of a few host images [N, H, W, C] (replicated: N need not
+        split over the data axis), fetched to the host."""
+        if self._reconstruct is None:
+            self._reconstruct = jax.jit(
+                lambda g, x: self.model.apply({"params": g}, x, train=False)[0],
+                in_shardings=(self.replicated, self.replicated), out_shardings=self.replicated)
+        return np.asarray(jax.device_get(self._reconstruct(g_params, np.asarray(images,
+                                                                                np.float32))))
+
     def jitted_step(self, gan: bool = True) -> Callable:
         """`train_step` jitted with explicit shardings; the state argument is donated.
         `gan=False`: the discriminator-free step used before `disc_start` (compiled on first use,
@@ -481,17 +496,34 @@ def _step_fields(config: VQGANTrainConfig) -> VQGANTrainConfig:
                                keep_checkpoints=1, read_threads=0)
 
 
+def write_pictures(trainer: VQGANTrainer, state: VQGANTrainState, workdir: pathlib.Path,
+                   preview: np.ndarray | None) -> None:
+    """WORKDIR/reconstructions.png (each `preview` image | its reconstruction; skipped without
+    preview images) and WORKDIR/curves.png (the losses so far). Every process reconstructs (a
+    global program); process 0 writes."""
+    recon = trainer.reconstruct(state.g_params, preview) if preview is not None else None
+    if jax.process_index() != 0:
+        return
+    if recon is not None:
+        sheet = labeled_columns([("original", preview), ("reconstruction", recon)])
+        atomic_write(workdir / RECONSTRUCTIONS_FILE, lambda tmp: sheet.save(tmp, format="PNG"))
+    curves.write_vqgan_curves(workdir)
+
+
 def train(vq_config: VQGANConfig, config: VQGANTrainConfig, workdir: str | pathlib.Path,
           batches: Iterable[np.ndarray], *, nets: FrozenNets = FrozenNets(),
           mesh: Mesh | None = None, data_iter: Any = None, progress: bool = True,
           log: Callable[[str], None] = print, extra_config: Mapping[str, Any] | None = None,
-          trainer: VQGANTrainer | None = None) -> VQGANTrainState:
+          trainer: VQGANTrainer | None = None,
+          preview: np.ndarray | None = None) -> VQGANTrainState:
     """Train until `config.steps`, resuming from WORKDIR's latest checkpoint if there is one.
 
     `batches` yields host arrays [batch_size, H, W, 3] in [-1, 1]; `data_iter` (a grain iterator,
     usually the same object) is checkpointed with the state when given; `trainer` reuses an
-    already compiled step for the same configs. Writes WORKDIR/config.json,
-    metrics.jsonl, tensorboard/ (process 0 only), checkpoints/ and the final model to WORKDIR/vqgan (`save_vqgan`).
+    already compiled step for the same configs; `preview`: a few held-out images [N, H, W, 3]
+    whose reconstructions are drawn at every checkpoint and at the end. Writes
+    WORKDIR/config.json, metrics.jsonl, tensorboard/, curves.png and reconstructions.png
+    (process 0 only), checkpoints/ and the final model to WORKDIR/vqgan (`save_vqgan`).
     """
     from llmcxr_jax.vqgan.checkpoint import save_vqgan
 
@@ -541,6 +573,7 @@ def train(vq_config: VQGANConfig, config: VQGANTrainConfig, workdir: str | pathl
                     log(f"step {done}: " + " ".join(f"{k}={v:.4g}" for k, v in sorted(m.items())))
             if done % config.checkpoint_every == 0 and done != config.steps:
                 save_checkpoint(manager, state, data_iter)
+                write_pictures(trainer, state, workdir, preview)
             if bar is not None:
                 bar.update(1)
     finally:
@@ -550,6 +583,7 @@ def train(vq_config: VQGANConfig, config: VQGANTrainConfig, workdir: str | pathl
     if int(jax.device_get(state.step)) > start or manager.latest_step() is None:
         save_checkpoint(manager, state, data_iter)
     save_vqgan(workdir / "vqgan", vq_config, jax.device_get(state.g_params))
+    write_pictures(trainer, state, workdir, preview)
     log(f"vqgan train: done at step {int(state.step)}; model in {workdir / 'vqgan'}")
     manager.close()
     return state
