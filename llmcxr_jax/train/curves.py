@@ -43,7 +43,8 @@ class Series:
 
 @dataclasses.dataclass(frozen=True)
 class Panel:
-    """One set of axes. `marks`: steps drawn as dashed vertical lines (stage boundaries)."""
+    """One set of axes (no series: drawn empty, "not logged"). `marks`: steps drawn as dashed
+    vertical lines (stage boundaries)."""
 
     title: str
     series: tuple[Series, ...]
@@ -137,8 +138,8 @@ def figure(panels: Sequence[Panel], title: str, columns: int = 2) -> Figure:
     fig = Figure(figsize=(PANEL_SIZE[0] * columns, PANEL_SIZE[1] * rows), dpi=DPI,
                  layout="constrained")
     fig.suptitle(title)
-    steps = [x for p in panels for s in p.series for x in s.steps] + [x for p in panels
-                                                                      for x in p.marks]
+    steps = [x for p in panels for s in p.series for x in (*s.steps, *p.marks)
+             if math.isfinite(x)]
     for i, panel in enumerate(panels):
         ax = fig.add_subplot(rows, columns, i + 1)
         for s in panel.series:
@@ -148,11 +149,13 @@ def figure(panels: Sequence[Panel], title: str, columns: int = 2) -> Figure:
         if panel.zero_line:
             ax.axhline(0.0, color="0.6", linewidth=0.8)
         for step in panel.marks:
-            ax.axvline(step, color="0.35", linestyle=":", linewidth=1.0)
+            ax.axvline(step, color="0.35", linestyle="--", linewidth=1.0)
+        if not panel.series:
+            ax.text(0.5, 0.5, "not logged", transform=ax.transAxes, ha="center", color="0.5")
         if panel.log_y and all(v > 0 for s in panel.series for v in s.values
                                if math.isfinite(v)):
             ax.set_yscale("log")
-        if min(steps) < max(steps):  # one step range for every panel
+        if steps and min(steps) < max(steps):  # one step range for every panel
             ax.set_xlim(min(steps), max(steps))
         ax.set_title(panel.title)
         ax.set_xlabel("step")
