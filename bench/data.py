@@ -26,11 +26,8 @@ import argparse
 import dataclasses
 import json
 import pathlib
-import sys
 import tempfile
 import time
-
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 

@@ -30,8 +30,8 @@ tokens/s); skip it with `--no-baseline` when the model does not fit one device.
 
     XLA_FLAGS=--xla_force_host_platform_device_count=8 python bench/train_step.py --mesh 2x4 --quick
     XLA_FLAGS=--xla_force_host_platform_device_count=8 python bench/train_step.py --mesh 2x4 \
-        --batch 8 --seq-len 128 --steps 2                                 # pythia-70m shape
-    python bench/train_step.py --mesh 4x4 --model dolly-v2-3b --batch 16 --seq-len 1024 \
+        --batch-size 8 --seq-len 128 --steps 2                                 # pythia-70m shape
+    python bench/train_step.py --mesh 4x4 --model dolly-v2-3b --batch-size 16 --seq-len 1024 \
         --param-sharding data+fsdp --remat full --no-baseline          # e.g. a v5e-16 slice
 
 Simulated CPU devices share the host's cores, so their numbers say the step runs and how much
@@ -42,13 +42,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import pathlib
 import statistics
-import sys
 import time
 from typing import Any
-
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from llmcxr_jax.parallel.cpu_devices import split_cpu_into_devices  # noqa: E402
 
@@ -110,7 +106,7 @@ def run(batch: int, length: int, steps: int, threads: int, device_counts: tuple[
     ours = {}
     for n in device_counts:
         if batch % n:
-            raise SystemExit(f"--batch {batch} is not divisible by the {n} devices")
+            raise SystemExit(f"--batch-size {batch} is not divisible by the {n} devices")
         mesh = make_mesh({"fsdp": n}, jax.devices()[:n])
         own_params = jax.tree_util.tree_map(jnp.copy, params)  # each state's buffers donated
         ours[n] = [make_train_step(config, train_cfg, mesh, num_tasks=1),
@@ -247,7 +243,7 @@ def _bytes(n: int | None) -> str:
 
 def print_sharded(r: dict, args: argparse.Namespace) -> None:
     mesh = " x ".join(f"{k}={v}" for k, v in r["mesh"].items())
-    print(f"sharded train step: {args.model}, {r['params'] / 1e6:.1f} M params, B={args.batch}, "
+    print(f"sharded train step: {args.model}, {r['params'] / 1e6:.1f} M params, B={args.batch_size}, "
           f"T={args.seq_len}, {r['dtype']}, remat {r['remat']}, params over "
           f"{r['param_sharding']}, median of {args.steps}")
     print(f"mesh {mesh} on {r['devices']} {r['platform']} device(s) ({r['device_kind']})")
@@ -281,7 +277,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: B=2, T=128, 2 steps (sharded: the tiny model, one row "
                              "per batch-parallel device)")
-    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=8, help="global batch")
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--steps", type=int, default=3, help="timed steps after the first")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
@@ -297,7 +293,7 @@ def main() -> None:
                         help="sharded mode: model preset (default pythia-70m; tiny with --quick)")
     parser.add_argument("--param-sharding", default="fsdp", choices=PARAM_SHARDING_MODES,
                         help="sharded mode: weights over fsdp, or data+fsdp (ZeRO-3)")
-    parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
+    parser.add_argument("--compute-dtype", default="auto", choices=("auto", "float32", "bfloat16"),
                         help="sharded mode: compute dtype (auto: fp32 on CPU, else bf16)")
     parser.add_argument("--remat", default="none",
                         choices=("none", "full", "dots", "dots_with_no_batch_dims"),
@@ -310,38 +306,38 @@ def main() -> None:
         try:
             mesh = mesh_from_flag(args.mesh)
             ways = data_parallel_size(mesh)
-            check_global_batch(max(ways, 2) if args.quick else args.batch, mesh)
+            check_global_batch(max(ways, 2) if args.quick else args.batch_size, mesh)
         except MeshError as err:
             parser.error(str(err))
         if args.quick:
-            args.batch, args.seq_len, args.steps = max(ways, 2), 128, 2
+            args.batch_size, args.seq_len, args.steps = max(ways, 2), 128, 2
             args.model = args.model or "tiny"
         args.model = args.model or "pythia-70m"
-        r = run_sharded(args.model, args.mesh, args.param_sharding, args.batch, args.seq_len,
-                        args.steps, args.dtype, args.remat, not args.no_baseline)
+        r = run_sharded(args.model, args.mesh, args.param_sharding, args.batch_size, args.seq_len,
+                        args.steps, args.compute_dtype, args.remat, not args.no_baseline)
         print_sharded(r, args)
         summary = {"bench": "train_step_sharded", "model": args.model, "mesh_flag": args.mesh,
-                   "batch": args.batch, "seq_len": args.seq_len, "steps": args.steps,
+                   "batch": args.batch_size, "seq_len": args.seq_len, "steps": args.steps,
                    "quick": args.quick,
                    **{k: v for k, v in r.items() if not k.startswith("all_")}}
         print(json.dumps(summary))
         return
 
     if args.quick:
-        args.batch, args.seq_len, args.steps = 2, 128, 2
+        args.batch_size, args.seq_len, args.steps = 2, 128, 2
 
     counts = tuple(dict.fromkeys(int(x) for x in args.devices.split(",")))
     if not counts or min(counts) < 1 or max(counts) > jax.local_device_count():
         parser.error(f"--devices {args.devices}: counts between 1 and the "
                      f"{jax.local_device_count()} local devices")
-    r = run(args.batch, args.seq_len, args.steps, args.threads, counts)
+    r = run(args.batch_size, args.seq_len, args.steps, args.threads, counts)
     for i, n in enumerate(counts):
         suffix = _suffix(i, n)
         loss = r[f"first_loss_ours{suffix}"]
         if abs(loss - r["first_loss_reference"]) > 1e-3 * r["first_loss_reference"]:
             raise RuntimeError(f"first-step losses differ: ours on {n} device(s) {loss:.6f}, "
                                f"reference {r['first_loss_reference']:.6f}")
-    print(f"train step: pythia-70m shape, vocab 51,328, B={args.batch}, T={args.seq_len}, fp32, "
+    print(f"train step: pythia-70m shape, vocab 51,328, B={args.batch_size}, T={args.seq_len}, fp32, "
           f"AdamW, median of {args.steps}; ours on {r['ours_platform']} XLA devices, "
           f"reference with {args.threads} torch thread(s)")
     print(f"{'':>18} {'step s':>8} {'tokens/s':>10} {'first step s':>13} {'first loss':>11} "
@@ -356,7 +352,7 @@ def main() -> None:
     print(f"ratio (ours on {counts[0]} device(s) / reference tokens/s): "
           f"{r['ratio_vs_reference']:.2f}")
     summary = {"bench": "train_step", "model": "pythia-70m", "vocab_rows": 51_328,
-               "batch": args.batch, "seq_len": args.seq_len, "steps": args.steps,
+               "batch": args.batch_size, "seq_len": args.seq_len, "steps": args.steps,
                "torch_threads": args.threads, "quick": args.quick,
                **{k: v for k, v in r.items() if "_all_s" not in k}}
     print(json.dumps(summary))

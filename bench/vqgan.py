@@ -14,12 +14,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import pathlib
 import platform
-import sys
 import time
-
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
@@ -37,14 +33,14 @@ def _time(fn, iters: int) -> float:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="taming-f16-1024")
-    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--model", default="taming-f16-1024", help="VQ-GAN preset")
+    parser.add_argument("--batch-size", type=int, default=4, help="images per call")
     parser.add_argument("--iters", type=int, default=3, help="timed repetitions (best is reported)")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     parser.add_argument("--quick", action="store_true", help="batch 1, 1 timed repetition")
     args = parser.parse_args(argv)
     if args.quick:
-        args.batch, args.iters = 1, 1
+        args.batch_size, args.iters = 1, 1
 
     import jax
     import jax.numpy as jnp
@@ -57,7 +53,7 @@ def main(argv: list[str] | None = None) -> dict:
     from llmcxr_jax.vqgan.taming_import import convert_state_dict, taming_ddconfig
 
     torch.set_num_threads(args.threads)
-    cfg = vqgan_preset(args.preset)
+    cfg = vqgan_preset(args.model)
     dd = taming_ddconfig(cfg)
 
     # PyTorch reference: taming's modules, random weights.
@@ -71,16 +67,16 @@ def main(argv: list[str] | None = None) -> dict:
     params = jax.device_put(params)
 
     rng = np.random.default_rng(0)
-    x = np.clip(rng.standard_normal((args.batch, 3, cfg.resolution, cfg.resolution)) * 0.5, -1, 1).astype(np.float32)
+    x = np.clip(rng.standard_normal((args.batch_size, 3, cfg.resolution, cfg.resolution)) * 0.5, -1, 1).astype(np.float32)
     x_t = torch.from_numpy(x)
     x_j = jnp.asarray(x.transpose(0, 2, 3, 1))
-    latent = (args.batch, cfg.latent_size, cfg.latent_size, cfg.embed_dim)
+    latent = (args.batch_size, cfg.latent_size, cfg.latent_size, cfg.embed_dim)
 
     def ref_encode():
         with torch.inference_mode():
             return ref["quantize"](ref["quant_conv"](ref["encoder"](x_t)))[2][2]
 
-    codes_t = ref_encode().reshape(args.batch, cfg.latent_size, cfg.latent_size)
+    codes_t = ref_encode().reshape(args.batch_size, cfg.latent_size, cfg.latent_size)
 
     def ref_decode():
         with torch.inference_mode():
@@ -103,11 +99,11 @@ def main(argv: list[str] | None = None) -> dict:
         ("decode", "ours"): _time(lambda: jax.block_until_ready(decode(params, codes_j)), args.iters),
         ("decode", "reference"): _time(ref_decode, args.iters),
     }
-    ips = {k: args.batch / v for k, v in times.items()}
+    ips = {k: args.batch_size / v for k, v in times.items()}
     ratio = {op: ips[(op, "ours")] / ips[(op, "reference")] for op in ("encode", "decode")}
 
-    print(f"VQ-GAN {args.preset} ({cfg.resolution} px -> {cfg.latent_size}x{cfg.latent_size} codes), "
-          f"batch {args.batch}, best of {args.iters}; {platform.machine()} {os.cpu_count()} cores, "
+    print(f"VQ-GAN {args.model} ({cfg.resolution} px -> {cfg.latent_size}x{cfg.latent_size} codes), "
+          f"batch {args.batch_size}, best of {args.iters}; {platform.machine()} {os.cpu_count()} cores, "
           f"torch threads {args.threads}, XLA: its own CPU thread pool (all cores), jax {jax.__version__} "
           f"on {jax.devices()[0].platform}")
     print(f"codes identical to the reference: {same:.2%}   (decode compile {compile_decode:.1f} s)")
@@ -115,7 +111,7 @@ def main(argv: list[str] | None = None) -> dict:
     for op in ("encode", "decode"):
         print(f"{op:8s} {ips[(op, 'ours')]:11.3f} {ips[(op, 'reference')]:11.3f} {ratio[op]:7.2f}")
     result = {
-        "bench": "vqgan", "preset": args.preset, "batch": args.batch, "iters": args.iters,
+        "bench": "vqgan", "preset": args.model, "batch": args.batch_size, "iters": args.iters,
         "resolution": cfg.resolution, "backend": jax.devices()[0].platform,
         "torch_threads": args.threads, "codes_identical": same,
         "images_per_s": {f"{op}_{side}": round(v, 4) for (op, side), v in ips.items()},

@@ -7,37 +7,36 @@ images are skipped, listed with their reason in CODES/failed.json and counted at
 Read the result with `llmcxr_jax.vqgan.encode.load_codes(CODES)`.
 """
 
-import argparse
-import pathlib
-import sys
-
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-
-from llmcxr_jax.parallel.cpu_devices import split_cpu_into_devices  # noqa: E402
+from llmcxr_jax import cli
+from llmcxr_jax.parallel.cpu_devices import split_cpu_into_devices
 
 split_cpu_into_devices()  # before JAX is imported: one XLA CPU device per core
 
-from llmcxr_jax.vqgan.encode import encode_images  # noqa: E402
-
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--vqgan", required=True, help="workdir with vqgan/ or a VQ-GAN checkpoint dir")
-    parser.add_argument("--images", required=True, help="image directory or a text file of paths")
-    parser.add_argument("--out", required=True, type=pathlib.Path, help="codes directory")
-    parser.add_argument("--batch", type=int, default=32, help="global batch (rounded up to devices)")
-    parser.add_argument("--threads", type=int, default=4, help="image decoding threads")
-    parser.add_argument("--shard-size", type=int, default=4096, help="codes per .npz shard")
-    parser.add_argument("--no-progress", action="store_true")
+    parser = cli.parser(__doc__)
+    cli.add_vqgan(parser, required=True)
+    parser.add_argument("--images", required=True,
+                        help="a folder of images, or a text file of image paths")
+    parser.add_argument("--out", required=True, help="the codes folder (resumed if it exists)")
+    cli.add_batch_size(parser, 32, " (rounded up to a multiple of the devices)")
+    parser.add_argument("--threads", type=cli.positive_int, default=4,
+                        help="image decoding threads")
+    parser.add_argument("--shard-size", type=cli.positive_int, default=4096,
+                        help="codes per .npz shard")
+    cli.add_no_progress(parser)
+    cli.add_alias(parser, "--batch", "--batch-size")
     args = parser.parse_args(argv)
+
+    from llmcxr_jax.vqgan.encode import encode_images
+
     try:
-        encode_images(args.vqgan, args.images, args.out, batch_size=args.batch,
+        encode_images(args.vqgan, args.images, args.out, batch_size=args.batch_size,
                       threads=args.threads, shard_size=args.shard_size,
                       progress=not args.no_progress)
-    except FileNotFoundError as err:  # a missing --vqgan or --images: one line
-        raise SystemExit(f"error: {err}") from None
+    except ValueError as err:  # --out holds another VQ-GAN's codes; a codebook over uint16
+        raise cli.Failure(cli.one_line(err)) from None
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -17,16 +17,13 @@ WORKDIR/classifier, training one on the world's train split first if there is no
 
 import argparse
 import json
-import pathlib
-import sys
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-
-from llmcxr_jax.parallel.cpu_devices import split_cpu_into_devices  # noqa: E402
+from llmcxr_jax import cli
+from llmcxr_jax.parallel.cpu_devices import split_cpu_into_devices
 
 split_cpu_into_devices()  # before JAX is imported: one XLA CPU device per core
 
-from llmcxr_jax.eval.protocol import SUBSETS, EvalInputError, EvalOptions, evaluate  # noqa: E402
+from llmcxr_jax.eval.protocol import SUBSETS, EvalOptions, evaluate  # noqa: E402
 
 
 def _scales(value: str) -> tuple[float, ...]:
@@ -40,32 +37,33 @@ def _scales(value: str) -> tuple[float, ...]:
 
 def main(argv=None) -> int:
     d = EvalOptions()
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p = cli.parser(__doc__)
     p.add_argument("--workdir", required=True, help="a launch/train.py workdir")
     p.add_argument("--classifier", default=d.classifier,
                    help="a CXR classifier checkpoint dir (default WORKDIR/classifier, trained "
                         "if absent)")
-    p.add_argument("--n-test", type=int, default=d.n_test, help="first N test items (default all)")
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--n-test", type=cli.positive_int, default=d.n_test,
+                   help="first N test items (default all)")
+    cli.add_batch_size(p, d.batch_size, " of generation")
+    cli.add_seed(p, d.seed, " of generation and the bootstrap")
     p.add_argument("--base", default=d.base,
                    help="base LLM for language retention (default WORKDIR/base, else the run's "
                         "init_from, else a random init)")
     p.add_argument("--out", default=d.out, help="output folder (default WORKDIR/eval)")
-    p.add_argument("--n-language", type=int, default=d.n_language,
+    p.add_argument("--n-language", type=cli.non_negative_int, default=d.n_language,
                    help="held-out instructions for language retention")
-    p.add_argument("--report-tokens", type=int, default=d.report_tokens,
+    p.add_argument("--report-tokens", type=cli.positive_int, default=d.report_tokens,
                    help="max new tokens of a generated report")
-    p.add_argument("--n-show", type=int, default=d.n_show, help="items shown in report.md")
+    p.add_argument("--n-show", type=cli.non_negative_int, default=d.n_show,
+                   help="items shown in report.md")
     p.add_argument("--subset", choices=SUBSETS, default=d.subset,
                    help="test images: frontal (default), stage2 (earliest frontal study per "
                         "subject) or all")
     p.add_argument("--report-stage", type=int, choices=(1, 2), default=d.report_stage,
                    help="report section: 1 = FINDINGS + IMPRESSION, 2 = IMPRESSION (default: the "
                         "final model's stage)")
-    p.add_argument("--mesh", default=d.mesh, help="mesh for the LLM params (default -1: all "
-                                                  "devices on fsdp)")
-    p.add_argument("--classifier-steps", type=int, default=d.classifier_steps,
+    cli.add_mesh(p, d.mesh, " the LLM params are restored onto")
+    p.add_argument("--classifier-steps", type=cli.positive_int, default=d.classifier_steps,
                    help="training steps when a classifier has to be trained")
     p.add_argument("--guidance", type=_scales, default=d.guidance,
                    help="report -> image classifier-free guidance scale(s) S, e.g. 3 or 3,2,5: "
@@ -73,17 +71,13 @@ def main(argv=None) -> int:
                         "value); S = 1 is always measured too (eval.json "
                         "report2image.by_guidance)")
     args = p.parse_args(argv)
-    try:
-        options = EvalOptions(
-            classifier=args.classifier, n_test=args.n_test, batch_size=args.batch_size,
-            seed=args.seed, base=args.base, out=args.out, n_language=args.n_language,
-            report_tokens=args.report_tokens, n_show=args.n_show, subset=args.subset,
-            report_stage=args.report_stage, mesh=args.mesh,
-            classifier_steps=args.classifier_steps, guidance=args.guidance)
-        result = evaluate(args.workdir, options)
-    except EvalInputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    options = EvalOptions(
+        classifier=args.classifier, n_test=args.n_test, batch_size=args.batch_size,
+        seed=args.seed, base=args.base, out=args.out, n_language=args.n_language,
+        report_tokens=args.report_tokens, n_show=args.n_show, subset=args.subset,
+        report_stage=args.report_stage, mesh=args.mesh,
+        classifier_steps=args.classifier_steps, guidance=args.guidance)
+    result = evaluate(args.workdir, options)
     r2i, i2r, lang = result["report2image"], result["image2report"], result["language"]
     print(json.dumps({
         "n_test": result["n_test"],
@@ -111,4 +105,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main)

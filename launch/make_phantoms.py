@@ -1,33 +1,36 @@
 """Write the phantom CXR world in MIMIC-CXR-JPG's layout.
 
-    python launch/make_phantoms.py --out DIR --n 1000 --size 256 --seed 0
+    python launch/make_phantoms.py --out DIR --n-studies 1000 --size 256 --seed 0
 """
 
-import argparse
 import json
-import pathlib
-import sys
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-
-from llmcxr_jax.data.phantom_world import WorldConfig, write_world  # noqa: E402
+from llmcxr_jax import cli
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p = cli.parser(__doc__)
     p.add_argument("--out", required=True, help="output folder (written atomically)")
-    p.add_argument("--n", type=int, default=1000,
+    p.add_argument("--n-studies", type=cli.positive_int, default=1000,
                    help="number of studies (each has a frontal image and sometimes a lateral)")
-    p.add_argument("--size", type=int, default=256, help="image side in pixels")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--instructions", type=int, default=3000,
+    p.add_argument("--size", type=cli.positive_int, default=256, help="image side in pixels")
+    cli.add_seed(p, what=" of the world")
+    p.add_argument("--n-instructions", type=cli.non_negative_int, default=3000,
                    help="number of procedural text instructions")
-    p.add_argument("--workers", type=int, default=0, help="render processes (0 = all cores)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    p.add_argument("--workers", type=cli.non_negative_int, default=0,
+                   help="render processes (0 = all cores)")
+    cli.add_overwrite(p)
+    cli.add_no_progress(p)
+    cli.add_alias(p, "--n", "--n-studies")
+    cli.add_alias(p, "--instructions", "--n-instructions")
     args = p.parse_args(argv)
-    cfg = WorldConfig(n_studies=args.n, size=args.size, seed=args.seed,
-                      n_instructions=args.instructions)
-    summary = write_world(args.out, cfg, workers=args.workers or None, overwrite=args.overwrite)
+
+    from llmcxr_jax.data.phantom_world import WorldConfig, write_world
+
+    cfg = WorldConfig(n_studies=args.n_studies, size=args.size, seed=args.seed,
+                      n_instructions=args.n_instructions)
+    summary = write_world(args.out, cfg, workers=args.workers or None, overwrite=args.overwrite,
+                          progress=not args.no_progress)
     print(f"wrote {summary['images']} images / {summary['studies']} studies / "
           f"{summary['subjects']} subjects to {summary['out']} in {summary['seconds']} s "
           f"({summary['images_per_s']} images/s at {args.size} px, {summary['workers']} workers)")
@@ -35,4 +38,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

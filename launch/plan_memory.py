@@ -1,25 +1,24 @@
 """Plan the per-device memory of the real train step on simulated CPU devices.
 
-    python launch/plan_memory.py --config dolly-v2-3b --mesh 4x4 --batch 16 --seq 1024 --chip v5e
-    python launch/plan_memory.py --config dolly-v2-3b --mesh 4x4 --remat full
-    python launch/plan_memory.py --preset v5e-16          # a tpu_configs preset's settings
-    python launch/plan_memory.py --all-presets            # every preset + a Markdown table
+    python launch/plan_memory.py --model dolly-v2-3b --mesh 4x4 --batch-size 16 --seq-len 1024 \
+        --chip v5e
+    python launch/plan_memory.py --model dolly-v2-3b --mesh 4x4 --remat full
+    python launch/plan_memory.py --topology v5e-16        # a tpu_configs preset's settings
+    python launch/plan_memory.py --all-topologies         # every preset + a Markdown table
 
 Compiles the step from shapes alone (nothing is allocated) and prints per-device argument and
 temporary bytes against the chip's HBM; the last line is one JSON object (`argument_bytes`,
 `temp_bytes`, `params`, `devices`, `hbm_bytes`, ...).
 """
 
-import argparse
 import json
 import math
 import os
-import pathlib
 import sys
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-
-from tpu_configs import PRESETS, preset as get_preset  # noqa: E402  (no JAX import)
+from llmcxr_jax import cli
+from llmcxr_jax.configs import MODEL_PRESETS
+from tpu_configs import PRESETS, preset as get_preset  # no JAX import
 
 
 def mesh_device_count(text: str) -> int:
@@ -29,9 +28,10 @@ def mesh_device_count(text: str) -> int:
     try:
         sizes = [int(p) for p in parts]
     except ValueError:
-        raise SystemExit(f"--mesh={text}: sizes must be integers") from None
+        raise cli.UsageError(f"--mesh={text}: sizes must be integers") from None
     if any(s < 1 for s in sizes):
-        raise SystemExit(f"--mesh={text}: give every axis size explicitly (no -1) for planning")
+        raise cli.UsageError(f"--mesh={text}: give every axis size explicitly (no -1) for "
+                             "planning")
     return math.prod(sizes)
 
 
@@ -44,33 +44,44 @@ def simulate_devices(n: int) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", choices=sorted(PRESETS), help="take every setting from this "
-                   "tpu_configs preset (flags given too override it)")
-    p.add_argument("--all-presets", action="store_true",
-                   help="plan every preset (one process each) and print a Markdown table")
-    p.add_argument("--config", help="model preset (llmcxr_jax.configs.MODEL_PRESETS); settings not "
-                   "given default to the v5e-16 preset's")
-    p.add_argument("--mesh", help="mesh, e.g. 4x4 (data x fsdp) or data:1,fsdp:16,tensor:2")
-    p.add_argument("--batch", type=int, help="global batch")
-    p.add_argument("--seq", type=int, help="sequence length")
+    p = cli.parser(__doc__)
+    p.add_argument("--topology", choices=sorted(PRESETS), help="take every setting from this "
+                   "tpu_configs preset (flags given too override it; default: v5e-16's)")
+    p.add_argument("--all-topologies", action="store_true",
+                   help="plan every tpu_configs preset (one process each) and print a Markdown "
+                        "table")
+    p.add_argument("--model", choices=sorted(MODEL_PRESETS),
+                   help="GPT-NeoX preset (default: the topology's)")
+    p.add_argument("--mesh", help="device mesh, every axis explicit: 4x4 (data x fsdp), 2x4x2 "
+                                  "(+ tensor), data:1,fsdp:16,tensor:2 (default: the topology's)")
+    p.add_argument("--batch-size", type=cli.positive_int,
+                   help="global batch, all devices together (default: the topology's)")
+    p.add_argument("--seq-len", type=cli.positive_int,
+                   help="tokens per training sequence (default: the topology's)")
     p.add_argument("--remat", choices=("none", "full", "dots", "dots_with_no_batch_dims"),
-                   help="remat policy of the scanned layers")
-    p.add_argument("--dtype", help="compute dtype (bfloat16 on TPU/GPU)")
-    p.add_argument("--grad-accum", type=int, help="micro-batches per step")
+                   help="remat policy of the scanned layers (default: the topology's)")
+    p.add_argument("--compute-dtype", choices=("float32", "bfloat16"),
+                   help="the dtype the model computes in (default: the topology's)")
+    p.add_argument("--grad-accum", type=cli.positive_int,
+                   help="micro-batches per step (default: the topology's)")
     p.add_argument("--chip", help="target chip for the HBM comparison: v4, v5e, v5p, v6e, h100, "
-                   "h200, a100, or cpu")
+                   "h200, a100, or cpu (default: the topology's)")
     p.add_argument("--param-sharding", choices=("fsdp", "data+fsdp"),
                    help="split the weights and Adam moments over fsdp only (data axis = replicas) "
-                   "or over data x fsdp (ZeRO-3)")
-    p.add_argument("--num-tasks", type=int, default=4)
+                   "or over data x fsdp (ZeRO-3) (default: the topology's)")
+    p.add_argument("--num-tasks", type=cli.positive_int, default=4,
+                   help="task ids the loss tracks separately")
+    for old, new in (("--preset", "--topology"), ("--all-presets", "--all-topologies"),
+                     ("--config", "--model"), ("--batch", "--batch-size"),
+                     ("--seq", "--seq-len"), ("--dtype", "--compute-dtype")):
+        cli.add_alias(p, old, new)
     args = p.parse_args(argv)
 
-    if args.all_presets:
+    if args.all_topologies:
         import subprocess
         rows = []
         for name in PRESETS:
-            out = subprocess.run([sys.executable, __file__, "--preset", name], text=True,
+            out = subprocess.run([sys.executable, __file__, "--topology", name], text=True,
                                  capture_output=True)
             if out.returncode:
                 print(out.stdout + out.stderr, file=sys.stderr)
@@ -82,9 +93,10 @@ def main(argv=None) -> int:
         return 0
 
     # Defaults: the v5e-16 preset (dolly-v2-3b, 4x4, batch 16 x 1024, bf16, its remat policy).
-    settings = get_preset(args.preset or "v5e-16").plan_settings()
-    for flag, key in (("config", "model"), ("mesh", "mesh"), ("batch", "global_batch"),
-                      ("seq", "seq_len"), ("remat", "remat_policy"), ("dtype", "dtype"),
+    settings = get_preset(args.topology or "v5e-16").plan_settings()
+    for flag, key in (("model", "model"), ("mesh", "mesh"), ("batch_size", "global_batch"),
+                      ("seq_len", "seq_len"), ("remat", "remat_policy"),
+                      ("compute_dtype", "dtype"),
                       ("grad_accum", "grad_accum_steps"), ("chip", "chip"),
                       ("param_sharding", "param_sharding")):
         if getattr(args, flag) is not None:
@@ -101,8 +113,8 @@ def main(argv=None) -> int:
         model_cfg = model_preset(settings["model"], dtype=settings["dtype"],
                                  remat_policy=settings["remat_policy"])
         chip = "cpu" if settings["chip"] == "cpu" else flops.resolve_chip(settings["chip"])
-    except (KeyError, ValueError) as err:
-        raise SystemExit(f"plan_memory: {err.args[0] if err.args else err}") from None
+    except (KeyError, ValueError) as err:  # a chip the HBM table does not know
+        raise cli.UsageError(cli.one_line(err)) from None
     train_cfg = TrainConfig(global_batch=settings["global_batch"], seq_len=settings["seq_len"],
                             grad_accum_steps=settings["grad_accum_steps"])
     mesh = mesh_from_flag(settings["mesh"])
@@ -122,4 +134,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main)

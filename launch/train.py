@@ -17,35 +17,28 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import pathlib
-import sys
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-
-from llmcxr_jax.parallel.cpu_devices import split_cpu_into_devices  # noqa: E402
+from llmcxr_jax import cli
+from llmcxr_jax.parallel.cpu_devices import split_cpu_into_devices
 
 split_cpu_into_devices()  # before JAX is imported: one XLA CPU device per core
-
-from llmcxr_jax.parallel.mesh import MeshError, maybe_initialize_distributed  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     from llmcxr_jax.train import run_config as rc
 
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="--set keys and their defaults (phantom preset):\n" + rc.describe_keys())
-    parser.add_argument("--config", default="phantom",
-                        help=f"run preset: {', '.join(sorted(rc.RUN_PRESETS))} (default phantom)")
-    parser.add_argument("--mesh", default=None,
-                        help="device mesh: 4x4 (data x fsdp), 2x4x2 (+tensor), "
-                             "data:2,fsdp:4,tensor:2, or -1 to fill one axis (default: preset's)")
+    parser = cli.parser(__doc__, epilog="--set keys and their defaults (phantom preset):\n"
+                                        + rc.describe_keys())
+    parser.add_argument("--config", default="phantom", choices=sorted(rc.RUN_PRESETS),
+                        help="run preset")
+    cli.add_mesh(parser, None, " (default: the preset's)")
     parser.add_argument("--stage", default="both", choices=("1", "2", "both"),
                         help="which LLM stage(s) to run; stage 2 starts from stage 1's params")
     parser.add_argument("--workdir", default=None,
-                        help="where everything goes (default ./workdir/<config>)")
-    parser.add_argument("--steps", type=int, default=None,
-                        help="train steps of the selected stage(s) (overrides the preset); a "
+                        help="the run's folder: everything goes there, and a rerun resumes it "
+                             "(default ./workdir/<config>)")
+    parser.add_argument("--steps", type=cli.positive_int, default=None,
+                        help="train steps of the selected stage(s) (default: the preset's); a "
                              "finished stage asked for more continues from its last checkpoint")
     parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                         help="override any config field, e.g. --set train.learning_rate=1e-4 "
@@ -55,9 +48,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    maybe_initialize_distributed()
+    from llmcxr_jax.parallel.mesh import maybe_initialize_distributed
     from llmcxr_jax.train import run_config as rc
-    from llmcxr_jax.train.run import SetupError, preflight, run
+    from llmcxr_jax.train.run import preflight, run
+
+    maybe_initialize_distributed()
 
     stages = (1, 2) if args.stage == "both" else (int(args.stage),)
     workdir = args.workdir or f"workdir/{args.config}"
@@ -70,19 +65,13 @@ def main(argv: list[str] | None = None) -> int:
                 loop = rc.stage_loop(cfg, k)
                 cfg = dataclasses.replace(cfg, **{f"stage{k}": dataclasses.replace(
                     loop, steps=args.steps)})
-        # Mesh vs batches, the given data, each finished step's record vs what is asked now:
-        # checked before anything is written, so a mismatch is a one-line error.
-        preflight(cfg, workdir, stages)
-    except (MeshError, KeyError, ValueError) as err:
-        message = err.args[0] if isinstance(err, KeyError) and err.args else err
-        print(f"error: {message}", file=sys.stderr)
-        return 2
-    try:
-        return run(cfg, workdir, stages=stages)
-    except SetupError as err:  # e.g. a tokenizer that is not the init_from model's own
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    except (KeyError, ValueError) as err:  # an unknown --set key, a value of the wrong kind
+        raise cli.UsageError(cli.one_line(err)) from None
+    # Mesh vs devices and batches, the given data, each finished step's record vs what is asked
+    # now: checked before anything is written (MeshError, SetupError, StepConflict: one line).
+    preflight(cfg, workdir, stages)
+    return run(cfg, workdir, stages=stages)  # SetupError: e.g. not init_from's own tokenizer
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main)

@@ -1,7 +1,7 @@
 """Train the VQ-GAN (taming's GAN recipe + the paper's clinical feature loss) on CXR images.
 
-    python launch/train_vqgan.py --images DIR_OR_LIST --workdir W --preset phantom-f8 \
-        --steps 20000 --batch 8 --set disc_start=5000 --set vqgan.n_embed=1024
+    python launch/train_vqgan.py --images DIR_OR_LIST --workdir W --model phantom-f8 \
+        --steps 20000 --batch-size 8 --set disc_start=5000 --set vqgan.n_embed=1024
 
 Resumes from W's latest checkpoint (and W/config.json) when there is one; `--set` then only
 changes what it names. Model fields are set as `vqgan.<field>`, training fields by name (see
@@ -13,57 +13,69 @@ heads from the `lpips` wheel: `pip install --no-deps lpips`). Clinical loss: `--
 package.module:factory`, where `factory()` returns a `llmcxr_jax.vqgan.losses.FeatureNet`.
 """
 
-import argparse
 import importlib
 import pathlib
-import sys
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-
-from llmcxr_jax.parallel.cpu_devices import split_cpu_into_devices  # noqa: E402
+from llmcxr_jax import cli, configs
+from llmcxr_jax.parallel.cpu_devices import split_cpu_into_devices
 
 split_cpu_into_devices()  # before JAX is imported: one XLA CPU device per core
-
-from llmcxr_jax import configs  # noqa: E402
-from llmcxr_jax.data.images import list_images  # noqa: E402
-from llmcxr_jax.vqgan import losses, train  # noqa: E402
-from llmcxr_jax.vqgan.input_pipeline import image_batches  # noqa: E402
 
 
 def load_factory(spec: str):
     """`package.module:function` -> the function (imported, never evaluated from text)."""
     module, _, name = spec.partition(":")
     if not module or not name:
-        raise ValueError(f"--clinical-net {spec!r}: expected package.module:function")
-    return getattr(importlib.import_module(module), name)
+        raise cli.UsageError(f"--clinical-net {spec!r}: expected package.module:function")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as err:
+        raise cli.UsageError(f"--clinical-net {spec}: {cli.one_line(err)}") from None
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images", required=True, help="image directory or a text file of paths")
-    parser.add_argument("--workdir", required=True, type=pathlib.Path)
-    parser.add_argument("--preset", default=None, help="VQ-GAN preset (default: phantom-f8, or "
-                        "the workdir's config when resuming)")
-    parser.add_argument("--steps", type=int, default=None)
-    parser.add_argument("--batch", type=int, default=None, help="global batch size")
-    parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--clinical-net", default=None, metavar="MODULE:FACTORY")
-    parser.add_argument("--no-progress", action="store_true", help="periodic lines, no tqdm bar")
+    parser = cli.parser(__doc__)
+    parser.add_argument("--images", required=True,
+                        help="a folder of images, or a text file of image paths")
+    parser.add_argument("--workdir", required=True, type=pathlib.Path,
+                        help="the run's folder: checkpoints, config.json, the final vqgan/ "
+                             "(resumed if it holds a run)")
+    parser.add_argument("--model", default=None, choices=sorted(configs.VQGAN_PRESETS),
+                        help="VQ-GAN preset (default: phantom-f8, or the workdir's config when "
+                             "resuming)")
+    parser.add_argument("--steps", type=cli.positive_int, default=None,
+                        help="training steps (default: the preset's)")
+    cli.add_batch_size(parser, None, " (default: the preset's)")
+    parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a field: vqgan.<field> for the model, <field> for "
+                             "training (VQGANTrainConfig); repeatable")
+    parser.add_argument("--clinical-net", default=None, metavar="MODULE:FACTORY",
+                        help="a FeatureNet factory for the clinical feature loss (default: none)")
+    cli.add_no_progress(parser)
+    cli.add_alias(parser, "--preset", "--model")
+    cli.add_alias(parser, "--batch", "--batch-size")
     args = parser.parse_args(argv)
 
+    from llmcxr_jax.data.images import list_images
+    from llmcxr_jax.vqgan import losses, train
+    from llmcxr_jax.vqgan.input_pipeline import image_batches
+
     resumed = train.read_run_config(args.workdir)
-    if resumed is not None and args.preset is None:
+    if resumed is not None and args.model is None:
         vq_config, config = resumed
     else:
-        preset = args.preset or "phantom-f8"
-        vq_config, config = configs.vqgan_preset(preset), configs.VQGANTrainConfig(vqgan=preset)
+        model = args.model or "phantom-f8"
+        vq_config, config = configs.vqgan_preset(model), configs.VQGANTrainConfig(vqgan=model)
     sets = list(args.sets)
     if args.steps is not None:
         sets.append(f"steps={args.steps}")
-    if args.batch is not None:
-        sets.append(f"batch_size={args.batch}")
-    vq_config, config = train.apply_overrides(vq_config, config, sets)
+    if args.batch_size is not None:
+        sets.append(f"batch_size={args.batch_size}")
+    try:
+        vq_config, config = train.apply_overrides(vq_config, config, sets)
+    except (KeyError, ValueError) as err:
+        raise cli.UsageError(cli.one_line(err)) from None
+    clinical = load_factory(args.clinical_net) if args.clinical_net else None
 
     paths = list_images(args.images)
     print(f"{len(paths)} image files from {args.images}")
@@ -72,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
     nets = train.FrozenNets(
         perceptual=(losses.lpips_net(config.lpips_vgg_path, config.lpips_heads_path)
                     if config.perceptual_weight > 0 else None),
-        clinical=load_factory(args.clinical_net)() if args.clinical_net else None)
+        clinical=clinical() if clinical else None)
     train.train(vq_config, config, args.workdir, batches, nets=nets, data_iter=batches,
                 progress=not args.no_progress, extra_config={"images": str(args.images)})
     print(f"skipped images: {len(bad.reasons)} files ({bad.skips} skips)")
@@ -81,4 +93,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -17,7 +17,6 @@ import pathlib
 import sys
 import time
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 # tensorboardX imports torch when it can (about 4 s here) only to accept torch tensors; this
 # process never has any, and each resume test starts it four times.
 sys.modules.setdefault("torch", None)  # type: ignore[arg-type]

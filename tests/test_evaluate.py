@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 import eval_workdir
+from llmcxr_jax import cli
 from llmcxr_jax.data import labeler, mimic, procedural_instructions
 from llmcxr_jax.eval import alignment, bootstrap, conditioning
 from llmcxr_jax.eval import classification_metrics as metrics
@@ -291,7 +292,7 @@ def test_bad_workdirs_give_clear_errors(run, tmp_path, capsys):
         "launch_evaluate", pathlib.Path(__file__).resolve().parents[1] / "launch" / "evaluate.py")
     launch_evaluate = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(launch_evaluate)
-    assert launch_evaluate.main(["--workdir", str(no_llm), "--mesh", "1"]) == 2
+    assert cli.call(launch_evaluate.main, ["--workdir", str(no_llm), "--mesh", "1"]) == 1
     assert "holds no LLM" in capsys.readouterr().err
 
 

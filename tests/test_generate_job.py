@@ -8,7 +8,9 @@ instruct (same batch size, prompt bucket and max_new_tokens).
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
 import json
 import pathlib
 
@@ -17,7 +19,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from llmcxr_jax import configs
+from llmcxr_jax import cli, configs
 from llmcxr_jax.configs import ModelConfig
 from llmcxr_jax.data import images as image_lib
 from llmcxr_jax.llm import checkpoint as llm_checkpoint
@@ -209,9 +211,16 @@ def test_vqa_and_instruct(workdir, image_inputs, tmp_path):
 
 
 def _error(capsys_free_argv) -> str:
-    with pytest.raises(SystemExit) as info:
-        GENERATE.main([str(a) for a in capsys_free_argv])
-    return str(info.value)
+    """The one line launch/generate.py prints for a bad input (exit 1, or 2 for a usage error)."""
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr):
+        try:
+            code = cli.call(GENERATE.main, [str(a) for a in capsys_free_argv])
+        except SystemExit as exit_:  # argparse's usage errors
+            code = exit_.code
+    lines = stderr.getvalue().strip().splitlines()
+    assert code in (1, 2) and len(lines) == 1, stderr.getvalue()
+    return lines[0]
 
 
 def test_bad_input_errors_name_the_flag_or_file(workdir, image_inputs, tmp_path):
@@ -219,7 +228,8 @@ def test_bad_input_errors_name_the_flag_or_file(workdir, image_inputs, tmp_path)
     missing = tmp_path / "missing.jsonl"
     assert f"--input {missing}: no such file" in _error([*w, "--task", "report2image",
                                                          "--input", missing])
-    assert "--task 'draw': unknown task" in _error([*w, "--task", "draw", "--report", "x"])
+    assert "argument --task: invalid choice: 'draw'" in _error([*w, "--task", "draw",
+                                                                "--report", "x"])
     assert "--task report2image does not take --image" in _error(
         [*w, "--task", "report2image", "--image", "a.png"])
     bad_json = tmp_path / "bad.jsonl"

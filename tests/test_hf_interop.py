@@ -331,7 +331,7 @@ def test_exported_tokenizer_round_trip(imported: Imported, exported: pathlib.Pat
 
 @pytest.mark.parametrize("imported", [CASES[0]], ids=[CASES[0].name], indirect=True)
 def test_bf16_export_loads(imported: Imported, tmp_path):
-    out = _export(imported, tmp_path / "bf16", "--dtype", "bfloat16")
+    out = _export(imported, tmp_path / "bf16", "--param-dtype", "bfloat16")
     model, info, logged, _ = _from_pretrained_capturing(out)
     assert model.dtype == torch.bfloat16 and _weight_messages(logged) == []
     ids = _ids(np.random.default_rng(2), imported.vocab.n_valid)

@@ -445,8 +445,8 @@ def test_cli_bad_input_writes_nothing(tmp_path):
     src = tmp_path / "in.csv"
     src.write_text("id,text\n1,No effusion.\n")
     out = tmp_path / "out.csv"
-    res = _run(str(src), "--out", str(out))
-    assert res.returncode == 2 and "'report' column" in res.stderr
+    res = _run(str(src), "--out", str(out))  # well-formed, but the file cannot be used: exit 1
+    assert res.returncode == 1 and "'report' column" in res.stderr
     assert list(tmp_path.iterdir()) == [src]
     res = _run(str(tmp_path / "missing.jsonl"), "--out", str(out))
-    assert res.returncode == 2 and "no such file" in res.stderr
+    assert res.returncode == 1 and "no such file" in res.stderr

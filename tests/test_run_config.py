@@ -65,20 +65,20 @@ def test_stage0_base_model_trains_on_text_only():
     assert rc.run_preset("dolly-v2-3b").base_steps == 0  # starts from dolly-v2 instead
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--mesh=4x4"], "--mesh=4x4 needs 16 devices but 2 are available"),
-    (["--config", "nope"], "unknown --config 'nope'"),
-    (["--set", "train.nope=1"], "unknown --set key 'train.nope'"),
-    (["--mesh=2", "--set", "train.global_batch=7"],
+@pytest.mark.parametrize("args,code,message", [  # exit 2: the command line is wrong; 1: cannot run
+    (["--mesh=4x4"], 1, "--mesh=4x4 needs 16 devices but 2 are available"),
+    (["--config", "nope"], 2, "argument --config: invalid choice: 'nope'"),
+    (["--set", "train.nope=1"], 2, "unknown --set key 'train.nope'"),
+    (["--mesh=2", "--set", "train.global_batch=7"], 1,
      "global batch 7 is not divisible by the 2 data-parallel ways"),
 ])
-def test_launch_train_stops_with_a_one_line_error(args, message, tmp_path):
+def test_launch_train_stops_with_a_one_line_error(args, code, message, tmp_path):
     env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu",
            "PATH": "/usr/bin:/bin"}
     proc = subprocess.run([sys.executable, str(REPO / "launch" / "train.py"), "--workdir",
                            str(tmp_path / "w"), *args], capture_output=True, text=True, env=env,
                           timeout=300)
-    assert proc.returncode == 2, proc.stderr
+    assert proc.returncode == code, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], proc.stderr
     assert not (tmp_path / "w").exists()  # nothing written before the configuration is valid

@@ -121,7 +121,7 @@ def test_serving_restores_onto_another_mesh_with_the_same_logits(run_workdir, ex
 def test_bf16_serving_export(run_workdir, tmp_path):
     root, config, host, vocab = run_workdir
     out = tmp_path / "bf16"
-    _export("--workdir", root, "--format", "serving", "--out", out, "--dtype", "bfloat16")
+    _export("--workdir", root, "--format", "serving", "--out", out, "--param-dtype", "bfloat16")
     bundle = serving.load_bundle(out, _submesh("2x2", 4))
     assert bundle.model_config.param_dtype == "bfloat16"
     assert {str(x.dtype) for x in jax.tree.leaves(bundle.params)} == {"bfloat16"}
@@ -179,6 +179,6 @@ def test_errors_name_the_path(run_workdir, exported, tmp_path):
         bundle.require_vqgan("report2image decodes codes")
     with pytest.raises(FileExistsError, match="--overwrite"):
         _export("--workdir", root, "--format", "serving", "--out", exported)
-    with pytest.raises(SystemExit, match="--workdir"):
+    with pytest.raises(serving.BundleError, match="--workdir"):
         _export("--workdir", tmp_path / "nope", "--format", "serving", "--out", tmp_path / "o")
     assert not (tmp_path / "o").exists()

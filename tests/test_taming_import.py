@@ -116,7 +116,7 @@ def _run_import_script(ckpt, yaml_path, out):
     spec = importlib.util.spec_from_file_location("import_taming", REPO / "launch" / "import_taming.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    module.main(["--ckpt", str(ckpt), "--config", str(yaml_path), "--out", str(out)])
+    module.main(["--ckpt", str(ckpt), "--yaml", str(yaml_path), "--out", str(out)])
 
 
 def test_import_matches_taming(reference, tmp_path, capsys):

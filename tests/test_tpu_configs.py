@@ -4,7 +4,7 @@ mesh's batch axes (applied to the dolly-v2-3b run preset as `--set` overrides, a
 and the real train step compiles for it: compile only, with the tiny model in the preset's
 dtype, remat policy and state split, at the preset's global batch and accumulation (sequences of
 at most 256 tokens: the length is not split over the mesh, and shorter compiles faster).
-(The presets' own models are planned, not compiled here: `launch/plan_memory.py --all-presets`.)
+(The presets' own models are planned, not compiled here: `launch/plan_memory.py --all-topologies`.)
 
 One subprocess holds the largest device count and lays each preset's mesh over its first N
 devices (the test suite itself runs on 8)."""

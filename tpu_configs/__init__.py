@@ -30,7 +30,7 @@ class TopologyPreset:
     dtype: str = "bfloat16"  # compute; master weights and Adam moments stay fp32
     grad_accum_steps: int = 1
     param_sharding: str = "data+fsdp"  # llmcxr_jax.parallel.rules.rules_for: ZeRO-3 over data x fsdp
-    # From `python launch/plan_memory.py --preset NAME` (GiB per device; CPU-compiled estimate).
+    # From `python launch/plan_memory.py --topology NAME` (GiB per device; CPU-compiled estimate).
     planned_argument_gib: float | None = None
     planned_temp_gib: float | None = None
 

@@ -20,7 +20,7 @@ TFRecord path and `as_dataset()` need TF):
 
 Without TF, as measured with tfds 4.9.10: text features come back as `bytes` (decode them), the
 image as a uint8 array decoded by PIL (tfds warns that OpenCV is absent; harmless), and preparing a
-builder needs the small `importlib_resources` package (in requirements.txt), which tfds imports
+builder needs the small `importlib_resources` package (in pyproject.toml), which tfds imports
 lazily and which nothing else installs when TF is absent. `as_dataset()` and TFRecord output do
 need TF; nothing here uses them.
 
