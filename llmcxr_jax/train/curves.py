@@ -27,6 +27,7 @@ CURVES_FILE = "curves.png"
 METRICS_FILE = "metrics.jsonl"
 DPI = 100
 PANEL_SIZE = (6.0, 3.6)  # inches: 600 x 360 px per panel at DPI
+MARKED_POINTS = 30  # a series with at most this many points marks each of them
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,9 +144,12 @@ def figure(panels: Sequence[Panel], title: str, columns: int = 2) -> Figure:
     for i, panel in enumerate(panels):
         ax = fig.add_subplot(rows, columns, i + 1)
         for s in panel.series:
-            lone = "o" if s.linestyle == "-" else "s"  # a single point still shows its kind
+            # Few points: each one marked (a point alone between NaN breaks draws no line), by
+            # a shape that tells the line style apart.
+            points = sum(math.isfinite(x) for x in s.steps)
+            marker = ("o" if s.linestyle == "-" else "s") if points <= MARKED_POINTS else None
             ax.plot(s.steps, s.values, linestyle=s.linestyle, label=s.label, color=s.color,
-                    marker=lone if len(s.steps) == 1 else None)
+                    marker=marker, markersize=6 if points == 1 else 3)
         if panel.zero_line:
             ax.axhline(0.0, color="0.6", linewidth=0.8)
         for step in panel.marks:
