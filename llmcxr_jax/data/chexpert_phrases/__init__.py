@@ -1,4 +1,4 @@
-"""The CheXpert labeler's mention and unmention phrase lists (MIT; see README.md and LICENSE)."""
+"""The CheXpert labeler's mention and unmention phrase lists (MIT: README.md, LICENSE.txt)."""
 
 from __future__ import annotations
 
