@@ -76,7 +76,7 @@ def test_lpips_matches_the_lpips_package_with_its_shipped_heads(real_lpips, tmp_
                                       shipped[f"lin{k}.model.1.weight"].numpy().reshape(-1))
 
     rng = np.random.default_rng(2)
-    x = rng.uniform(-1, 1, (3, 48, 48, 3)).astype(np.float32)
+    x = rng.uniform(-1, 1, (2, 32, 32, 3)).astype(np.float32)
     y = np.clip(x + rng.normal(0, 0.3, x.shape), -1, 1).astype(np.float32)
     got = np.asarray(jax.jit(net.distance)(net.params, x, y))
     to_torch = lambda a: torch.from_numpy(a.transpose(0, 3, 1, 2).copy())  # noqa: E731
