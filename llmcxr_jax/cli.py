@@ -73,26 +73,23 @@ def parser(doc: str | None, *, epilog: str | None = None) -> Parser:
     return Parser(description=doc, epilog=epilog, formatter_class=HelpFormatter)
 
 
-def positive_int(text: str) -> int:
-    """An argparse type: an integer >= 1 (a batch size, a step count)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
-    return value
+def int_at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an integer >= `minimum`, else a one-line usage error saying so."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}")
+        return value
+
+    return parse
 
 
-def non_negative_int(text: str) -> int:
-    """An argparse type: an integer >= 0 (a seed, a count where 0 means 'none' or 'all')."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
-    return value
+positive_int = int_at_least(1)  # a batch size, a step count
+non_negative_int = int_at_least(0)  # a seed, a count where 0 means 'none' or 'all'
 
 
 # --- the shared flags (one name, one meaning: the README's flag table) ---
