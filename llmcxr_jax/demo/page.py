@@ -87,6 +87,19 @@ def build_page(session: DemoSession, *, start_seed: int = -1,
         with gr.Accordion("Details: the job's output record (prompt, tokens, codes)", open=False):
             return gr.JSON(show_label=False)
 
+    def text_tab(title, api_name, press, fn, output, build_inputs):
+        """A tab whose task answers in text: the inputs `build_inputs()` makes, then the seed."""
+        with gr.Tab(title):
+            with gr.Row():
+                with gr.Column():
+                    inputs = [*build_inputs(), seed_box()]
+                    button = gr.Button(press, variant="primary", elem_id=f"{api_name}-button")
+                with gr.Column():
+                    text = gr.Textbox(label=output, lines=5, interactive=False,
+                                      placeholder=NOTHING, elem_id=f"{api_name}-text")
+                    used = seed_used(f"{api_name}-seed")
+            button.click(fn, inputs, [text, used, details()], api_name=api_name, **events)
+
     view_help = "upscaled, each pixel a square"
     # Gradio's copies of uploads and results older than an hour are deleted every hour.
     with gr.Blocks(title="LLM-CXR demo", analytics_enabled=False,
@@ -134,38 +147,13 @@ def build_page(session: DemoSession, *, start_seed: int = -1,
             read_button.click(read, [read_image, read_seed],
                               [as_read, written, found, read_seed_used, read_details],
                               api_name="read", **events)
-        with gr.Tab("Ask about an image"):
-            with gr.Row():
-                with gr.Column():
-                    vqa_image = upload("vqa-upload")
-                    question = gr.Textbox(label="Question", value="Is there a pleural effusion?",
-                                          elem_id="vqa-question")
-                    vqa_seed = seed_box()
-                    vqa_button = gr.Button("Ask", variant="primary", elem_id="vqa-button")
-                with gr.Column():
-                    reply = gr.Textbox(label="Answer", lines=4, interactive=False,
-                                       placeholder=NOTHING, elem_id="vqa-answer")
-                    vqa_seed_used = seed_used("vqa-seed")
-            vqa_details = details()
-            vqa_button.click(answer, [vqa_image, question, vqa_seed],
-                             [reply, vqa_seed_used, vqa_details], api_name="answer", **events)
-        with gr.Tab("Instruction"):
-            with gr.Row():
-                with gr.Column():
-                    instruction = gr.Textbox(label="Instruction", lines=2,
-                                             elem_id="instruct-instruction")
-                    context = gr.Textbox(label="Context (optional)", lines=3)
-                    instruct_seed = seed_box()
-                    instruct_button = gr.Button("Answer", variant="primary",
-                                                elem_id="instruct-button")
-                with gr.Column():
-                    response = gr.Textbox(label="Response", lines=6, interactive=False,
-                                          placeholder=NOTHING, elem_id="instruct-response")
-                    instruct_seed_used = seed_used("instruct-seed")
-            instruct_details = details()
-            instruct_button.click(instruct, [instruction, context, instruct_seed],
-                                  [response, instruct_seed_used, instruct_details],
-                                  api_name="instruct", **events)
+        text_tab("Ask about an image", "answer", "Ask", answer, "Answer", lambda: [
+            upload("answer-upload"),
+            gr.Textbox(label="Question", value="Is there a pleural effusion?",
+                       elem_id="answer-question")])
+        text_tab("Instruction", "instruct", "Answer", instruct, "Response", lambda: [
+            gr.Textbox(label="Instruction", lines=2, elem_id="instruct-instruction"),
+            gr.Textbox(label="Context (optional)", lines=3, elem_id="instruct-context")])
     return page
 
 
