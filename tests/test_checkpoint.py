@@ -9,7 +9,9 @@ import signal
 import subprocess
 import sys
 import textwrap
+from typing import Any
 
+import flax
 import flax.linen as nn
 import grain
 import jax
@@ -70,6 +72,31 @@ def test_round_trip_onto_same_and_other_meshes(tmp_path):
             assert jax.tree.leaves(got) == jax.tree.leaves(want), flag
     emb = restored.state.params["embed_in"]["embedding"]
     assert emb.addressable_shards[0].data.shape == (128, 16)  # vocab/tensor 2, embed/fsdp 2
+
+
+@flax.struct.dataclass
+class StateWithRng:
+    """The `TrainState` of checkpoints written before its never-read `rng` field was removed."""
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    rng: jax.Array
+    skipped_steps: jax.Array
+
+
+def test_checkpoint_with_the_old_rng_field_still_restores(tmp_path):
+    mesh = mesh_from_flag("2x4")
+    state = random_state(mesh)
+    replicated = state.step.sharding
+    old = StateWithRng(step=state.step, params=state.params, opt_state=state.opt_state,
+                       rng=jax.device_put(np.array([7, 9], np.uint32), replicated),
+                       skipped_steps=state.skipped_steps)
+    with ckpt.Checkpointer(tmp_path, save_every=1) as ck:
+        ck.save(3, old, meta={"stage": 1})
+    with ckpt.Checkpointer(tmp_path) as ck:
+        restored = ck.restore_latest(ckpt.abstract_train_state(MODEL, TRAIN, mesh))
+    assert isinstance(restored.state, state_lib.TrainState) and restored.step == 3
+    jax.tree.map(np.testing.assert_array_equal, to_numpy(restored.state), to_numpy(state))
 
 
 def test_keep_last_k_and_save_every(tmp_path):

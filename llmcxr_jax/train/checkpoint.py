@@ -2,7 +2,7 @@
 
 Each step directory `WORKDIR/checkpoints/<step>/` holds three items:
 
-- `state`: the `TrainState` (params, Adam moments, step, PRNG key data, skipped-step count), each
+- `state`: the `TrainState` (params, Adam moments, step, skipped-step count), each
   array saved by the processes that own its shards (orbax `StandardSave`), and restored straight
   into whatever shardings the caller asks for (the same mesh or another one);
 - `data`: the grain iterator's position (`grain.checkpoint.CheckpointSave`, one JSON per process);
@@ -26,6 +26,7 @@ from typing import Any, Mapping
 
 import grain
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from etils import epath
 from jax.sharding import Mesh
@@ -39,6 +40,12 @@ log = logging.getLogger(__name__)
 
 ITEMS = ("state", "data", "meta")
 UNREADABLE_SUFFIX = ".unreadable"
+
+
+# Leaves that checkpoints of older versions hold in their `TrainState` and the current one does
+# not: read (the restore target must match the saved tree) and dropped. `rng` was raw PRNG key
+# data that nothing ever read.
+DROPPED_STATE_FIELDS = {"rng": jax.ShapeDtypeStruct((2,), jnp.uint32)}
 
 
 class CheckpointError(RuntimeError):
@@ -67,13 +74,11 @@ def abstract_train_state(model_cfg: ModelConfig, train_cfg: TrainConfig, mesh: M
     The restore target here, and the argument of `.lower()` in memory planning.
     """
     import flax.linen as nn
-    import jax.numpy as jnp
 
     params = nn.unbox(abstract_params(model_cfg))
     opt_state = jax.eval_shape(make_optimizer(train_cfg).init, params)
     scalar = jax.ShapeDtypeStruct((), jnp.int32)
-    shapes = TrainState(step=scalar, params=params, opt_state=opt_state,
-                        rng=jax.ShapeDtypeStruct((2,), jnp.uint32), skipped_steps=scalar)
+    shapes = TrainState(step=scalar, params=params, opt_state=opt_state, skipped_steps=scalar)
     return with_shardings(shapes, state_shardings(model_cfg, train_cfg, mesh, rules))
 
 
@@ -156,12 +161,27 @@ class Checkpointer:
                 data_iter: grain.DatasetIterator | None = None) -> Restored:
         """Restore `step` into `target`'s shardings (`abstract_train_state`), and the iterator's
         position into `data_iter` in place. Raises whatever orbax raises for a damaged step."""
+        dropped = self._dropped_fields(step) if isinstance(target, TrainState) else {}
+        if dropped:  # an older checkpoint: restore its whole tree, then drop the extra leaves
+            replicated = target.step.sharding
+            target = {**{f.name: getattr(target, f.name) for f in dataclasses.fields(target)},
+                      **{k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=replicated)
+                         for k, v in dropped.items()}}
         items: dict[str, Any] = {"state": ocp.args.StandardRestore(target),
                                  "meta": ocp.args.JsonRestore()}
         if data_iter is not None:
             items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
         out = self._manager.restore(step, args=ocp.args.Composite(**items))
-        return Restored(step=step, state=out["state"], meta=dict(out["meta"] or {}))
+        state = out["state"]
+        if dropped:
+            state = TrainState(**{k: v for k, v in state.items() if k not in dropped})
+        return Restored(step=step, state=state, meta=dict(out["meta"] or {}))
+
+    def _dropped_fields(self, step: int) -> dict[str, jax.ShapeDtypeStruct]:
+        """The `DROPPED_STATE_FIELDS` that checkpoint `step`'s saved state holds."""
+        tree = ocp.StandardCheckpointHandler().metadata(self.directory / str(step) / "state").tree
+        return {k: v for k, v in DROPPED_STATE_FIELDS.items()
+                if isinstance(tree, Mapping) and k in tree}
 
     def restore_latest(self, target: TrainState,
                        data_iter: grain.DatasetIterator | None = None) -> Restored | None:

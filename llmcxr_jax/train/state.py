@@ -31,7 +31,6 @@ class TrainState:
     step: jax.Array  # int32 []: optimizer steps taken (skipped ones included)
     params: Any
     opt_state: Any
-    rng: jax.Array  # uint32 [2]: raw key data, so it checkpoints as a plain array
     skipped_steps: jax.Array  # int32 []: steps whose loss or gradients were not finite
 
 
@@ -46,13 +45,13 @@ def state_shardings(model_cfg: ModelConfig, train_cfg: TrainConfig, mesh: Mesh,
     opt_shard = optax.tree_map_params(
         tx, lambda _, s: s, opt_abstract, p_shard,
         transform_non_params=lambda _: replicated)
-    return TrainState(step=replicated, params=p_shard, opt_state=opt_shard, rng=replicated,
+    return TrainState(step=replicated, params=p_shard, opt_state=opt_shard,
                       skipped_steps=replicated)
 
 
-def _new_state(params: Any, tx: optax.GradientTransformation, rng: jax.Array) -> TrainState:
+def _new_state(params: Any, tx: optax.GradientTransformation) -> TrainState:
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                      rng=rng, skipped_steps=jnp.zeros((), jnp.int32))
+                      skipped_steps=jnp.zeros((), jnp.int32))
 
 
 def init_state(model_cfg: ModelConfig, train_cfg: TrainConfig, mesh: Mesh,
@@ -63,9 +62,10 @@ def init_state(model_cfg: ModelConfig, train_cfg: TrainConfig, mesh: Mesh,
     shardings = state_shardings(model_cfg, train_cfg, mesh, rules)
 
     def init(seed: jax.Array) -> TrainState:
-        init_key, state_key = jax.random.split(jax.random.key(seed))
+        # The first of two keys, as before the state lost its unused key: a seed's params stay.
+        init_key = jax.random.split(jax.random.key(seed))[0]
         params = nn.unbox(model.init(init_key, jnp.zeros((1, 8), jnp.int32))["params"])
-        return _new_state(params, tx, jax.random.key_data(state_key))
+        return _new_state(params, tx)
 
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         return jax.jit(init, out_shardings=shardings)(jnp.asarray(train_cfg.seed, jnp.uint32))
@@ -78,9 +78,6 @@ def state_from_params(params: Any, model_cfg: ModelConfig, train_cfg: TrainConfi
     tx = make_optimizer(train_cfg)
     shardings = state_shardings(model_cfg, train_cfg, mesh, rules)
 
-    def build(p: Any, seed: jax.Array) -> TrainState:
-        return _new_state(p, tx, jax.random.key_data(jax.random.key(seed)))
-
     with jax.set_mesh(mesh):
-        return jax.jit(build, out_shardings=shardings, donate_argnums=0)(
-            params, jnp.asarray(train_cfg.seed, jnp.uint32))
+        return jax.jit(lambda p: _new_state(p, tx), out_shardings=shardings,
+                       donate_argnums=0)(params)

@@ -46,7 +46,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from llmcxr_jax import configs
 from llmcxr_jax.configs import VQGANConfig, VQGANTrainConfig
 from llmcxr_jax.data.images import labeled_columns
-from llmcxr_jax.io_utils import atomic_write
+from llmcxr_jax.io_utils import atomic_write, atomic_write_text
 from llmcxr_jax.parallel.mesh import MeshError, mesh_from_flag
 from llmcxr_jax.train import curves
 from llmcxr_jax.train.metrics import MetricsWriter
@@ -438,9 +438,7 @@ def write_run_config(workdir: pathlib.Path, vq_config: VQGANConfig, config: VQGA
                      extra: Mapping[str, Any] | None = None) -> None:
     """WORKDIR/config.json: the resolved configs (plus run facts) a resume needs."""
     data = {"vqgan": configs.to_dict(vq_config), "train": configs.to_dict(config), **(extra or {})}
-    tmp = workdir / "config.json.tmp"
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    tmp.replace(workdir / "config.json")
+    atomic_write_text(workdir / "config.json", json.dumps(data, indent=2) + "\n")
 
 
 def read_run_config(workdir: pathlib.Path) -> tuple[VQGANConfig, VQGANTrainConfig] | None:
