@@ -42,9 +42,9 @@ def main(argv=None) -> int:
     p.add_argument("--classifier", default=d.classifier,
                    help="a CXR classifier checkpoint dir (default WORKDIR/classifier, trained "
                         "if absent)")
-    p.add_argument("--n-test", type=cli.positive_int, default=d.n_test,
-                   help="first N test items (default all)")
-    cli.add_batch_size(p, d.batch_size, " of generation")
+    p.add_argument("--n-test", type=cli.int_at_least(2), default=d.n_test,
+                   help="the first N test items, at least 2 for FID (default: all)")
+    cli.add_batch_size(p, d.batch_size, " (generation)")
     cli.add_seed(p, d.seed, " of generation and the bootstrap")
     p.add_argument("--base", default=d.base,
                    help="base LLM for language retention (default WORKDIR/base, else the run's "
@@ -70,13 +70,15 @@ def main(argv=None) -> int:
                         "the first is the headline (default: the run's `guidance` config "
                         "value); S = 1 is always measured too (eval.json "
                         "report2image.by_guidance)")
+    cli.add_no_progress(p)
     args = p.parse_args(argv)
     options = EvalOptions(
         classifier=args.classifier, n_test=args.n_test, batch_size=args.batch_size,
         seed=args.seed, base=args.base, out=args.out, n_language=args.n_language,
         report_tokens=args.report_tokens, n_show=args.n_show, subset=args.subset,
         report_stage=args.report_stage, mesh=args.mesh,
-        classifier_steps=args.classifier_steps, guidance=args.guidance)
+        classifier_steps=args.classifier_steps, guidance=args.guidance,
+        progress=not args.no_progress)
     result = evaluate(args.workdir, options)
     r2i, i2r, lang = result["report2image"], result["image2report"], result["language"]
     print(json.dumps({

@@ -125,7 +125,7 @@ def add_overwrite(p: argparse.ArgumentParser) -> None:
 
 def add_no_progress(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true",
-                   help="periodic lines instead of progress bars (progress is on by default)")
+                   help="no progress bars (progress is on by default)")
 
 
 class _DeprecatedAlias(argparse.Action):
