@@ -20,6 +20,10 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("qkv", None),
     ("mlp", "tensor"),
     ("layers", None),
+    # The one axis of a 1-D parameter (LayerNorm scales and biases, biases; `layers` aside; see
+    # `parallel.shardings.logical_param_specs`): replicated. Each is a few KB, so splitting it
+    # costs a collective per parameter (forward gather, backward reduction) and saves nothing.
+    ("vector", None),
     # Convolutional parameters (VQ-GAN): output channels over fsdp, the rest replicated.
     ("conv_height", None),
     ("conv_width", None),
@@ -30,6 +34,11 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("batch", ("data", "fsdp")),
     ("length", None),
     ("act_embed", None),
+    # The input embedding's lookup as it comes out of the table ([lookup_batch, length, embed]):
+    # rows over the batch axes the table's `embed` axis does not use (`rules_for`), features
+    # over those it does. Stated so that XLA moves it to ("batch", ..) with one all-to-all;
+    # left to itself it replicates the whole tensor in the backward pass.
+    ("lookup_batch", "data"),
     ("act_heads", "tensor"),
     ("act_kv", None),
     ("act_mlp", "tensor"),
@@ -51,4 +60,6 @@ def rules_for(param_sharding: str = "fsdp") -> tuple[tuple[str, str | tuple[str,
     if param_sharding not in PARAM_SHARDING_MODES:
         raise ValueError(f"param_sharding {param_sharding!r} not in {PARAM_SHARDING_MODES}")
     embed = "fsdp" if param_sharding == "fsdp" else ("data", "fsdp")
-    return tuple((name, embed if name == "embed" else axes) for name, axes in LOGICAL_AXIS_RULES)
+    lookup_batch = "data" if param_sharding == "fsdp" else None
+    changed = {"embed": embed, "lookup_batch": lookup_batch}
+    return tuple((name, changed.get(name, axes)) for name, axes in LOGICAL_AXIS_RULES)

@@ -1,7 +1,9 @@
 """Parameter shardings of the GPT-NeoX model, from its logical axis names and the rules table.
 
 Shapes come from `jax.eval_shape` (nothing is allocated); each parameter's logical names
-(`nn.with_logical_partitioning`) go through `LOGICAL_AXIS_RULES` to a `NamedSharding` on the mesh.
+(`nn.with_logical_partitioning`) go through `LOGICAL_AXIS_RULES` to a `NamedSharding` on the mesh;
+1-D parameters (LayerNorm scales and biases, biases) are named `VECTOR` here, which the rules
+replicate, whatever the model named their axis.
 Meshes themselves are built in `llmcxr_jax.parallel.mesh`.
 """
 
@@ -13,7 +15,7 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh
+from jax.sharding import Mesh, PartitionSpec
 
 from llmcxr_jax.configs import ModelConfig
 from llmcxr_jax.parallel.rules import LOGICAL_AXIS_RULES
@@ -39,9 +41,23 @@ def abstract_params(config: ModelConfig, boxed: bool = False) -> Any:
     return params if boxed else nn.unbox(params)
 
 
+VECTOR = "vector"  # the logical name of a 1-D parameter's axis (replicated by the rules)
+
+
+def _vector_spec(spec: PartitionSpec) -> PartitionSpec:
+    """A parameter with one axis besides `layers` (LayerNorm scales and biases, biases) gets the
+    logical name `VECTOR` on it, whatever the model called it: the rules replicate it."""
+    axes = [i for i, name in enumerate(spec) if name != "layers"]
+    if len(axes) != 1:
+        return spec
+    return PartitionSpec(*(VECTOR if i == axes[0] else name for i, name in enumerate(spec)))
+
+
 def logical_param_specs(config: ModelConfig) -> Any:
-    """Logical `PartitionSpec`s (axis names like "embed", "layers") of every parameter."""
-    return nn.get_partition_spec(abstract_params(config, boxed=True))
+    """Logical `PartitionSpec`s (axis names like "embed", "layers") of every parameter, with
+    1-D parameters' axis renamed `VECTOR`."""
+    specs = nn.get_partition_spec(abstract_params(config, boxed=True))
+    return jax.tree.map(_vector_spec, specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
 
 
 def param_shardings(config: ModelConfig, mesh: Mesh, rules: Rules = LOGICAL_AXIS_RULES) -> Any:
@@ -53,11 +69,10 @@ def abstract_sharded_params(config: ModelConfig, shardings: Any = None, mesh: Me
                             rules: Rules = LOGICAL_AXIS_RULES) -> Any:
     """`ShapeDtypeStruct`s carrying their target sharding (the restore/import target): the given
     `shardings` tree, or the rules' shardings on `mesh`."""
-    boxed = abstract_params(config, boxed=True)
     if shardings is None:
         if mesh is None:
             raise ValueError("give either shardings or a mesh")
-        shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, rules)
+        shardings = param_shardings(config, mesh, rules)
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                        nn.unbox(boxed), shardings)
+                        abstract_params(config), shardings)
 

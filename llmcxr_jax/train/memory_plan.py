@@ -61,6 +61,15 @@ def abstract_batch(train_cfg: TrainConfig, mesh: Mesh) -> dict[str, jax.ShapeDty
                                     sharding=shardings[k]) for k in BATCH_KEYS}
 
 
+def compile_train_step(model_cfg: ModelConfig, train_cfg: TrainConfig, mesh: Mesh, rules: Any,
+                       num_tasks: int = 4) -> jax.stages.Compiled:
+    """The real train step compiled for `mesh` from sharded shapes; nothing is allocated."""
+    state = abstract_train_state(model_cfg, train_cfg, mesh, rules)
+    step = make_train_step(model_cfg, train_cfg, mesh, num_tasks, rules)
+    with jax.set_mesh(mesh):
+        return step.jitted.lower(state, abstract_batch(train_cfg, mesh)).compile()
+
+
 def analytic_state_bytes(model_cfg: ModelConfig, devices: int) -> int:
     """(params + Adam's two moments) in the master dtype, split evenly over the devices."""
     return 3 * total_params(model_cfg) * jnp.dtype(model_cfg.param_dtype).itemsize // devices
@@ -75,11 +84,7 @@ def plan_train_step(model_cfg: ModelConfig, train_cfg: TrainConfig, mesh: Mesh,
     over every batch-parallel device (ZeRO-3), "fsdp" keeps replicas along `data`.
     """
     check_global_batch(train_cfg.global_batch, mesh)
-    rules = rules_for(param_sharding)
-    state = abstract_train_state(model_cfg, train_cfg, mesh, rules)
-    step = make_train_step(model_cfg, train_cfg, mesh, num_tasks, rules)
-    with jax.set_mesh(mesh):
-        compiled = step.jitted.lower(state, abstract_batch(train_cfg, mesh)).compile()
+    compiled = compile_train_step(model_cfg, train_cfg, mesh, rules_for(param_sharding), num_tasks)
     mem = compiled.memory_analysis()
     if mem is None:
         raise RuntimeError(f"XLA gave no memory analysis on {jax.devices()[0].platform}")
