@@ -57,6 +57,13 @@ def parse_args(argv):
     return args
 
 
+def _stop(*_) -> None:
+    """SIGTERM ends the process like Ctrl-C: the page closes and the scratch folder is removed
+    (a second SIGTERM during that cleanup is ignored, so it finishes)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    sys.exit(0)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if importlib.util.find_spec("gradio") is None:
@@ -72,8 +79,7 @@ def main(argv=None) -> int:
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # the page calls no one
     from llmcxr_jax.demo import page as page_lib
 
-    # SIGTERM ends the process like Ctrl-C: the page closes and the scratch folder is removed.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    signal.signal(signal.SIGTERM, _stop)
     with tempfile.TemporaryDirectory(prefix="llmcxr-demo-") as scratch:
         session = DemoSession(bundle, scratch)
         page = page_lib.build_page(session, start_seed=-1 if args.seed is None else args.seed,
