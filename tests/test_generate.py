@@ -19,9 +19,8 @@ from llmcxr_jax.configs import ModelConfig  # noqa: E402
 from llmcxr_jax.llm import hf_mapping  # noqa: E402
 from llmcxr_jax.llm.constraints import (  # noqa: E402
     apply_mask, image_then_end_mask, valid_vocab_mask)
-from llmcxr_jax.llm.generate import (  # noqa: E402
-    DecodeCache, GenerationConfig, forward_cached, generate, unstack_layers)
-from llmcxr_jax.llm.model import GPTNeoX  # noqa: E402
+from llmcxr_jax.llm.generate import GenerationConfig, generate  # noqa: E402
+from llmcxr_jax.llm.model import GPTNeoX, KVCache  # noqa: E402
 
 VOCAB, N_VALID = 256, 250  # 6 padding rows past the real ids
 CONFIG = ModelConfig(vocab_size=VOCAB, hidden_size=64, num_layers=2, num_heads=4,
@@ -96,8 +95,9 @@ def _uncached_greedy(params, config: ModelConfig, ids: np.ndarray, mask: np.ndar
     return np.stack([buffer[row, lengths[row] - n_new:lengths[row]] for row in range(rows)])
 
 
-def test_forward_cached_matches_model():
-    """Prefill of left-padded prompts, then one cached step: the logits of the full model.
+def test_cached_forward_matches_uncached():
+    """Prefill of left-padded prompts, then one cached step: the logits of the same model run
+    without a cache over the whole sequence.
 
     Sequential residual and full rotary here; the other tests use the Pythia form (parallel
     residual, rotary 0.25) against transformers and full recomputation.
@@ -109,25 +109,29 @@ def test_forward_cached_matches_model():
     positions = np.maximum(np.cumsum(mask, 1) - 1, 0)
     batch, length = ids.shape
     new = np.asarray([[3], [17], [101]], np.int32)
+    model = GPTNeoX(config)
 
     @jax.jit
     def cached(params):
-        layers = unstack_layers(params, config.num_layers)
-        first, cache = forward_cached(params, layers, config, ids, positions, mask,
-                                      DecodeCache.init(config, batch, 32), jnp.int32(0))
-        second, cache = forward_cached(params, layers, config, new, positions[:, -1:] + 1,
-                                       np.ones_like(new), cache, jnp.int32(length))
-        return first, second, cache.segment_ids
+        first, cache = model.apply({"params": params}, ids, positions, mask,
+                                   KVCache.init(config, batch, 32))
+        second, cache = model.apply({"params": params}, new, positions[:, -1:] + 1,
+                                    np.ones_like(new), cache, last_only=True)
+        return first, second, cache
 
-    first, second, segments = cached(params)
-    full = jax.jit(lambda p, *a: GPTNeoX(config).apply({"params": p}, *a))(
+    first, second, cache = cached(params)
+    full = jax.jit(lambda p, *a: model.apply({"params": p}, *a))(
         params, np.concatenate([ids, new], 1), np.concatenate([positions, positions[:, -1:] + 1], 1),
         np.concatenate([mask, np.ones_like(new)], 1))
-    np.testing.assert_allclose(np.asarray(first), np.asarray(full[:, -2]), rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(np.asarray(second), np.asarray(full[:, -1]), rtol=1e-5, atol=1e-5)
-    np.testing.assert_array_equal(np.asarray(segments[:, :length + 1]),
+    valid = mask == 1
+    np.testing.assert_allclose(np.asarray(first)[valid], np.asarray(full[:, :-1])[valid],
+                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(second[:, 0]), np.asarray(full[:, -1]),
+                               rtol=1e-5, atol=1e-5)
+    assert int(cache.index) == length + 1
+    np.testing.assert_array_equal(np.asarray(cache.segment_ids[:, :length + 1]),
                                   np.concatenate([mask, np.ones_like(new)], 1))
-    assert not np.asarray(segments[:, length + 1:]).any()
+    assert not np.asarray(cache.segment_ids[:, length + 1:]).any()
 
 
 def test_cached_greedy_equals_uncached_recomputation(reference):

@@ -27,6 +27,7 @@ from jax.sharding import Mesh
 from llmcxr_jax import configs
 from llmcxr_jax.configs import ModelConfig
 from llmcxr_jax.llm.hf_io import replace_dir
+from llmcxr_jax.llm.model import Params
 from llmcxr_jax.parallel import shardings as shardings_lib
 from llmcxr_jax.text.vocab import Vocab
 
@@ -52,7 +53,7 @@ def config_dict(config: ModelConfig, vocab: Vocab) -> dict[str, Any]:
     return {"model": configs.to_dict(config), "vocab": vocab.meta()}
 
 
-def save_llm(workdir: str | pathlib.Path, config: ModelConfig, params: Any, vocab: Vocab, *,
+def save_llm(workdir: str | pathlib.Path, config: ModelConfig, params: Params, vocab: Vocab, *,
              step: int = 0, overwrite: bool = False) -> pathlib.Path:
     """Write a complete LLM workdir (see module docstring); every process must call it."""
     workdir = pathlib.Path(workdir)
@@ -101,7 +102,7 @@ def read_llm_config(workdir: str | pathlib.Path) -> tuple[ModelConfig, Vocab]:
 
 
 def load_llm(workdir: str | pathlib.Path, shardings: Any = None, *, mesh: Mesh | None = None,
-             step: int | None = None) -> tuple[ModelConfig, Any, Vocab]:
+             step: int | None = None) -> tuple[ModelConfig, Params, Vocab]:
     """(config, params, vocab) of a workdir; params restored straight into `shardings`.
 
     Without `shardings`, they follow the logical-axis rules on `mesh` (default: every device on

@@ -1,8 +1,9 @@
 """Batched autoregressive generation with a KV cache, entirely inside `jax.jit`.
 
-One call prefills the left-padded prompts, then a `lax.while_loop` decodes one token per
-iteration with the cache in the loop carry (updated in place) until every sequence has emitted a
-stop token or `max_new_tokens` are done. Nothing returns to the host per token.
+One call of the model (`GPTNeoX` with a `KVCache`, the forward pass training runs) prefills the
+left-padded prompts, then a `lax.while_loop` decodes one token per iteration with the cache in
+the loop carry (updated in place) until every sequence has emitted a stop token or
+`max_new_tokens` are done. Nothing returns to the host per token.
 
 Sampling follows transformers' `generate`: greedy (`do_sample=False`) takes the argmax; sampling
 applies temperature, top-k, top-p (`sampling.py`) and draws from the softmax. A finished sequence
@@ -27,14 +28,13 @@ import functools
 from typing import Any
 
 import flax
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from llmcxr_jax.configs import ModelConfig, round_up
 from llmcxr_jax.llm.constraints import DecodeState, LogitsMaskFn, apply_mask
-from llmcxr_jax.llm.model import MLP, Projection, apply_rotary, attention_mask, rotary_tables
+from llmcxr_jax.llm.model import GPTNeoX, KVCache, Params
 from llmcxr_jax.llm.sampling import fold_in, greedy_tokens, sample_tokens
 
 Array = jax.Array
@@ -74,7 +74,7 @@ class GenerationOutput:
     finished: Array  # [batch] bool: stopped by a stop token (else ran out of max_new_tokens)
 
 
-def generate(params: Any, config: ModelConfig, prompt_ids: Any, prompt_mask: Any, rng: Array,
+def generate(params: Params, config: ModelConfig, prompt_ids: Any, prompt_mask: Any, rng: Array,
              gen: GenerationConfig, *, stop_ids: Any = None, valid_mask: Any = None,
              logits_mask_fn: LogitsMaskFn | None = None, guidance: float = 1.0,
              uncond_ids: Any = None, uncond_mask: Any = None) -> GenerationOutput:
@@ -170,128 +170,28 @@ def _stop_array(stop_ids: Any, batch: int) -> np.ndarray:
     return stops
 
 
-_NEG_INF = -1e30  # as model.py: finite, so fully-masked rows stay NaN-free
-
-
-@flax.struct.dataclass
-class DecodeCache:
-    """Per-layer keys/values as [batch * heads, max_len, head_dim] (slot `index` is next).
-
-    One array per layer (not a stacked, layer-scanned one) with batch and heads merged, so the
-    decode loop updates it in place and the attention dots read it without a copy: XLA on CPU
-    copies a scanned layer's slice, transposes a [batch, slots, heads, dim] cache for the dots,
-    and copies a cache with a size-1 batch dim around the in-place update.
-    """
-
-    k: tuple[Array, ...]
-    v: tuple[Array, ...]
-    segment_ids: Array  # [batch, max_len] int32, 0 = empty or padding
-
-    @classmethod
-    def init(cls, config: ModelConfig, batch: int, max_len: int) -> "DecodeCache":
-        shape = (batch * config.num_heads, max_len, config.head_dim)
-        zeros = tuple(jnp.zeros(shape, config.dtype) for _ in range(config.num_layers))
-        return cls(k=zeros, v=zeros, segment_ids=jnp.zeros((batch, max_len), jnp.int32))
-
-
-def unstack_layers(params: Any, num_layers: int) -> list[Any]:
-    """Per-layer param trees from the scanned (stacked) `layers` params of `GPTNeoX`."""
-    return [jax.tree_util.tree_map(lambda x, i=i: x[i], params["layers"])
-            for i in range(num_layers)]
-
-
-def _merge_heads(x: Array) -> Array:
-    """[batch, length, heads, dim] -> [batch * heads, length, dim]."""
-    b, l, h, d = x.shape
-    return x.transpose(0, 2, 1, 3).reshape(b * h, l, d)
-
-
-def _attend(q: Array, k: Array, v: Array, mask: Array) -> Array:
-    """Softmax attention in fp32 over merged batch*heads: q [n, l, d], k/v [n, s, d], mask [n, l, s]."""
-    scale = q.shape[-1] ** -0.5
-    logits = jnp.einsum("nld,nsd->nls", q, k, preferred_element_type=jnp.float32) * scale
-    weights = jax.nn.softmax(jnp.where(mask, logits, _NEG_INF), axis=-1).astype(v.dtype)
-    return jnp.einsum("nls,nsd->nld", weights, v)
-
-
-def forward_cached(params: Any, layers: list[Any], config: ModelConfig, ids: Array,
-                   positions: Array, segment_ids: Array, cache: DecodeCache,
-                   index: Array) -> tuple[Array, DecodeCache]:
-    """`GPTNeoX` over new tokens written at cache slot `index`; logits of the last one only.
-
-    The same modules and parameters as `GPTNeoX` (tested equal to it), with the layers unrolled
-    over `layers = unstack_layers(params)` and the cache laid out as `DecodeCache`.
-    ids/positions/segment_ids [batch, length] -> (logits [batch, vocab], updated cache).
-    """
-    cfg = config
-    dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
-    batch, length = ids.shape
-    heads, head_dim, hidden = cfg.num_heads, cfg.head_dim, cfg.hidden_size
-    max_len = cache.segment_ids.shape[1]
-
-    def layer_norm(p: Any, x: Array) -> Array:
-        return nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=dtype, param_dtype=pdtype).apply(
-            {"params": p}, x)
-
-    qkv_proj = Projection(cfg, in_shape=(hidden,), out_shape=(heads, 3, head_dim),
-                          in_names=("embed",), out_names=("heads", "qkv", "kv"),
-                          use_bias=cfg.attention_bias)
-    out_proj = Projection(cfg, in_shape=(heads, head_dim), out_shape=(hidden,),
-                          in_names=("heads", "kv"), out_names=("embed",),
-                          use_bias=cfg.attention_bias)
-    x = nn.Embed(cfg.vocab_size, hidden, dtype=dtype, param_dtype=pdtype).apply(
-        {"params": params["embed_in"]}, ids)
-    cos, sin = rotary_tables(positions, cfg.rotary_dim, cfg.rotary_emb_base)
-    kv_segments = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids, (0, index))
-    q_slots = index + jnp.broadcast_to(jnp.arange(length), (batch, length))
-    kv_slots = jnp.broadcast_to(jnp.arange(max_len), (batch, max_len))
-    mask = attention_mask(q_slots, segment_ids, kv_slots, kv_segments)  # [b, 1, l, s]
-    mask = jnp.broadcast_to(mask, (batch, heads, length, max_len)).reshape(
-        batch * heads, length, max_len)
-
-    new_k, new_v = [], []
-    for p, k_cache, v_cache in zip(layers, cache.k, cache.v):
-        qkv = qkv_proj.apply({"params": p["attention"]["query_key_value"]},
-                             layer_norm(p["input_layernorm"], x))
-        q, k, v = qkv[:, :, :, 0], qkv[:, :, :, 1], qkv[:, :, :, 2]
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        k_cache = jax.lax.dynamic_update_slice(
-            k_cache, _merge_heads(k).astype(k_cache.dtype), (0, index, 0))
-        v_cache = jax.lax.dynamic_update_slice(
-            v_cache, _merge_heads(v).astype(v_cache.dtype), (0, index, 0))
-        new_k.append(k_cache)
-        new_v.append(v_cache)
-        attn = _attend(_merge_heads(q), k_cache.astype(dtype), v_cache.astype(dtype), mask)
-        attn = attn.reshape(batch, heads, length, head_dim).transpose(0, 2, 1, 3)
-        attn = out_proj.apply({"params": p["attention"]["dense"]}, attn)
-        mlp = MLP(cfg)
-        if cfg.use_parallel_residual:
-            x = x + attn + mlp.apply({"params": p["mlp"]},
-                                     layer_norm(p["post_attention_layernorm"], x))
-        else:
-            x = x + attn
-            x = x + mlp.apply({"params": p["mlp"]}, layer_norm(p["post_attention_layernorm"], x))
-
-    x = layer_norm(params["final_layer_norm"], x[:, -1])
-    logits = nn.Dense(cfg.vocab_size, use_bias=False, dtype=dtype, param_dtype=pdtype).apply(
-        {"params": params["embed_out"]}, x)
-    return logits, DecodeCache(k=tuple(new_k), v=tuple(new_v), segment_ids=kv_segments)
-
-
 @functools.partial(jax.jit, static_argnames=("config", "gen", "max_len", "logits_mask_fn"))
-def _generate(params: Any, prompt_ids: Array, prompt_mask: Array, rng: Array, stops: Array,
+def _generate(params: Params, prompt_ids: Array, prompt_mask: Array, rng: Array, stops: Array,
               valid_mask: Array, guidance: Array | None, *, config: ModelConfig,
               gen: GenerationConfig, max_len: int,
               logits_mask_fn: LogitsMaskFn | None) -> GenerationOutput:
     """The decode loop. With a `guidance` scale the rows are [prompts; twins] and everything
     per sequence (keys, stops, tokens, hook state) has one row per pair."""
-    rows, length = prompt_ids.shape
+    rows = prompt_ids.shape[0]
     batch = rows if guidance is None else rows // 2
     n_new = gen.max_new_tokens
-    layers = unstack_layers(params, config.num_layers)
+    model = GPTNeoX(config)
+
+    def forward(ids: Array, positions: Array, segment_ids: Array,
+                cache: KVCache) -> tuple[Array, KVCache]:
+        """`GPTNeoX` over new tokens written at `cache.index`: the last one's logits."""
+        logits, cache = model.apply({"params": params}, ids, positions, segment_ids, cache,
+                                    last_only=True)
+        return logits[:, -1], cache
+
     positions = jnp.maximum(jnp.cumsum(prompt_mask, axis=1) - 1, 0).astype(jnp.int32)
-    logits, cache = forward_cached(params, layers, config, prompt_ids, positions, prompt_mask,
-                                   DecodeCache.init(config, rows, max_len), jnp.int32(0))
+    logits, cache = forward(prompt_ids, positions, prompt_mask,
+                            KVCache.init(config, rows, max_len))
 
     def pair_logits(logits: Array) -> Array:
         """[rows, vocab] -> [batch, vocab] fp32: guided `uncond + S * (cond - uncond)`."""
@@ -335,9 +235,8 @@ def _generate(params: Any, prompt_ids: Array, prompt_mask: Array, rng: Array, st
 
     def body(carry):
         step, cache, position, token, tokens, lengths, finished = carry
-        logits, cache = forward_cached(params, layers, config, to_rows(token)[:, None],
-                                       position[:, None], jnp.ones((rows, 1), jnp.int32), cache,
-                                       length + step - 1)
+        logits, cache = forward(to_rows(token)[:, None], position[:, None],
+                                jnp.ones((rows, 1), jnp.int32), cache)
         token, tokens, lengths, finished = choose(step, logits, tokens, lengths, finished)
         return step + 1, cache, position + 1, token, tokens, lengths, finished
 

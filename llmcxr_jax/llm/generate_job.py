@@ -36,16 +36,14 @@ import time
 from typing import Any, Callable, Iterable, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from llmcxr_jax.configs import ModelConfig
 from llmcxr_jax.data import images as image_lib
-from llmcxr_jax.llm import generate as generate_lib
 from llmcxr_jax.llm.constraints import image_then_end_mask
-from llmcxr_jax.llm.generate import GenerationConfig, GenerationOutput
-from llmcxr_jax.llm.inference import REPORT_SAMPLING, left_pad, unconditional_prompt_ids
+from llmcxr_jax.llm.generate import GenerationConfig
+from llmcxr_jax.llm.inference import (REPORT_SAMPLING, generate_rows, row_keys,
+                                      unconditional_prompt_ids)
 from llmcxr_jax.llm.serving import Bundle
 from llmcxr_jax.text import prompts
 from llmcxr_jax.text.vocab import IMAGE_PLACEHOLDER, Vocab
@@ -289,31 +287,6 @@ def phrasing_for(job: JobConfig, seed: int) -> int | None:
 
 
 # --------------------------------------------------------------------------------------------------
-# Generation: one jitted call per batch, one PRNG key per row
-# --------------------------------------------------------------------------------------------------
-
-
-def generate_per_row(params: Any, config: ModelConfig, vocab: Vocab, rows: Sequence[Sequence[int]],
-                     seeds: Sequence[int], gen: GenerationConfig,
-                     logits_mask_fn: Any = None, *, guidance: float = 1.0,
-                     uncond_rows: Sequence[Sequence[int]] | None = None) -> GenerationOutput:
-    """Generate after each prompt in `rows` (token id lists), row i sampling from
-    `jax.random.key(seeds[i])`: a row's tokens do not depend on the other rows. Stops at `### End`;
-    host arrays out. With `guidance` != 1, `uncond_rows` are the prompts' unconditional twins."""
-    if len(rows) != len(seeds):
-        raise ValueError(f"{len(rows)} rows but {len(seeds)} seeds")
-    gen = dataclasses.replace(gen, stop_ids=(vocab.end_id,), pad_id=vocab.pad_id)
-    ids, mask = left_pad(rows, vocab.pad_id)
-    uncond_ids, uncond_mask = left_pad(uncond_rows, vocab.pad_id) if uncond_rows else (None, None)
-    keys = jax.vmap(jax.random.key)(jnp.asarray(np.asarray(seeds, np.uint32)))
-    out = generate_lib.generate(params, config, ids, mask, keys, gen,
-                                valid_mask=vocab.valid_token_mask()[:config.vocab_size],
-                                logits_mask_fn=logits_mask_fn, guidance=guidance,
-                                uncond_ids=uncond_ids, uncond_mask=uncond_mask)
-    return jax.tree.map(np.asarray, jax.device_get(out))
-
-
-# --------------------------------------------------------------------------------------------------
 # Images and codes
 # --------------------------------------------------------------------------------------------------
 
@@ -528,9 +501,10 @@ def _run_batch(bundle: Bundle, batch: list[Item], job: JobConfig, gen: Generatio
     if guidance != 1.0:
         twins = [unconditional_prompt_ids(vocab, p) for p in phrasings]
         twins += [twins[0]] * fill
-    result = generate_per_row(bundle.params, config, vocab, rows + [rows[0]] * fill,
-                              seeds + [seeds[0]] * fill, gen, hook, guidance=guidance,
-                              uncond_rows=twins)
+    # One PRNG key per row: an item's output does not depend on the others in its batch.
+    result = generate_rows(bundle.params, config, vocab, rows + [rows[0]] * fill,
+                           row_keys(seeds + [seeds[0]] * fill), gen, hook, guidance=guidance,
+                           uncond_rows=twins)
     images = None
     if job.task == "report2image":
         drawn = np.stack([vocab.codes_from_ids(t[:n_codes], expected=n_codes)

@@ -49,6 +49,7 @@ from tqdm.auto import tqdm
 from llmcxr_jax.configs import ModelConfig
 from llmcxr_jax.llm import hf_mapping
 from llmcxr_jax.llm.hf_mapping import FlaxPath
+from llmcxr_jax.llm.model import Params
 from llmcxr_jax.parallel import shardings as shardings_lib
 from llmcxr_jax.text import vocab as vocab_lib
 from llmcxr_jax.text.vocab import Vocab
@@ -543,7 +544,7 @@ def _to_host(array: jax.Array) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(array, tiled=True))
 
 
-def export_hf(params: Any, config: ModelConfig, vocab: Vocab, out_dir: str | os.PathLike, *,
+def export_hf(params: Params, config: ModelConfig, vocab: Vocab, out_dir: str | os.PathLike, *,
               max_shard_size: str | int = "2GB", dtype: str = "float32", overwrite: bool = False,
               progress: bool = True) -> pathlib.Path:
     """Write a transformers `GPTNeoXForCausalLM` directory (see module docstring); returns it."""

@@ -9,12 +9,11 @@ similar codes start with similar embeddings and no row is larger than a random o
 
 from __future__ import annotations
 
-from typing import Any
-
 import jax
 import numpy as np
 
 from llmcxr_jax.configs import ModelConfig
+from llmcxr_jax.llm.model import Params
 
 
 def codebook_rows(codebook: np.ndarray, hidden_size: int, scale: float, seed: int = 0
@@ -27,8 +26,8 @@ def codebook_rows(codebook: np.ndarray, hidden_size: int, scale: float, seed: in
     return (rows * (scale / max(float(rows.std()), 1e-8))).astype(np.float32)
 
 
-def with_codebook_embeddings(params: Any, model_cfg: ModelConfig, codebook: np.ndarray,
-                             image_offset: int, seed: int = 0) -> Any:
+def with_codebook_embeddings(params: Params, model_cfg: ModelConfig, codebook: np.ndarray,
+                             image_offset: int, seed: int = 0) -> Params:
     """`params` with the image ids' rows of `embed_in` and columns of `embed_out` set from
     `codebook` (image id = image_offset + code); every other value and every sharding kept."""
     k = codebook.shape[0]

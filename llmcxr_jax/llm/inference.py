@@ -10,14 +10,16 @@ beside it and samples from `uncond + S * (cond - uncond)` (`generate.py`).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from typing import Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from llmcxr_jax.configs import ModelConfig
-from llmcxr_jax.llm.constraints import image_then_end_mask
-from llmcxr_jax.llm.generate import GenerationConfig, generate
+from llmcxr_jax.llm.constraints import LogitsMaskFn, image_then_end_mask
+from llmcxr_jax.llm.generate import GenerationConfig, GenerationOutput, generate
+from llmcxr_jax.llm.model import Params
 from llmcxr_jax.text import prompts
 from llmcxr_jax.text.vocab import Vocab
 
@@ -43,17 +45,29 @@ def unconditional_prompt_ids(vocab: Vocab, phrasing: int | None = 0) -> list[int
     return prompts.report_to_image_prompt_ids(vocab, prompts.NULL_REPORT, phrasing)
 
 
-def _generate_rows(params: Any, config: ModelConfig, vocab: Vocab, rows: list[list[int]],
-                   rng: jax.Array, gen: GenerationConfig, logits_mask_fn: Any = None, *,
-                   guidance: float = 1.0, uncond_rows: list[list[int]] | None = None
-                   ) -> np.ndarray:
+def generate_rows(params: Params, config: ModelConfig, vocab: Vocab,
+                  rows: Sequence[Sequence[int]], rng: jax.Array, gen: GenerationConfig,
+                  logits_mask_fn: LogitsMaskFn | None = None, *, guidance: float = 1.0,
+                  uncond_rows: Sequence[Sequence[int]] | None = None) -> GenerationOutput:
+    """Generate after each prompt in `rows` (token id lists) until `### End`; host arrays out.
+
+    `rng` is one key for the batch, or one key per row (`row_keys`): row i then samples from its
+    own key, so its tokens do not depend on the other rows. With `guidance` != 1, `uncond_rows`
+    are the prompts' unconditional twins.
+    """
     ids, mask = left_pad(rows, vocab.pad_id)
     uncond_ids, uncond_mask = left_pad(uncond_rows, vocab.pad_id) if uncond_rows else (None, None)
     gen = dataclasses.replace(gen, stop_ids=(vocab.end_id,), pad_id=vocab.pad_id)
-    out = generate(params, config, ids, mask, rng, gen, valid_mask=vocab.valid_token_mask(),
+    out = generate(params, config, ids, mask, rng, gen,
+                   valid_mask=vocab.valid_token_mask()[:config.vocab_size],
                    logits_mask_fn=logits_mask_fn, guidance=guidance, uncond_ids=uncond_ids,
                    uncond_mask=uncond_mask)
-    return np.asarray(jax.device_get(out.tokens))
+    return jax.tree.map(np.asarray, jax.device_get(out))
+
+
+def row_keys(seeds: Sequence[int]) -> jax.Array:
+    """One PRNG key per row, `jax.random.key(seeds[i])`, for `generate_rows`."""
+    return jax.vmap(jax.random.key)(jnp.asarray(np.asarray(seeds, np.uint32)))
 
 
 def _text_of(vocab: Vocab, tokens: np.ndarray) -> str:
@@ -64,17 +78,17 @@ def _text_of(vocab: Vocab, tokens: np.ndarray) -> str:
     return vocab.decode(tokens).strip()
 
 
-def reports_from_images(params: Any, config: ModelConfig, vocab: Vocab,
+def reports_from_images(params: Params, config: ModelConfig, vocab: Vocab,
                         codes: Sequence[np.ndarray], rng: jax.Array,
                         gen: GenerationConfig = REPORT_SAMPLING,
                         phrasing: int | None = 0) -> list[str]:
     """image -> report for each image's codes."""
     rows = [prompts.image_to_report_prompt_ids(vocab, c, phrasing) for c in codes]
-    tokens = _generate_rows(params, config, vocab, rows, rng, gen)
+    tokens = generate_rows(params, config, vocab, rows, rng, gen).tokens
     return [_text_of(vocab, t) for t in tokens]
 
 
-def images_from_reports(params: Any, config: ModelConfig, vocab: Vocab, reports: Sequence[str],
+def images_from_reports(params: Params, config: ModelConfig, vocab: Vocab, reports: Sequence[str],
                         rng: jax.Array, tokens_per_image: int = 256,
                         gen: GenerationConfig = GenerationConfig(do_sample=True, top_p=1.0),
                         phrasing: int | None = 0, guidance: float = 1.0) -> np.ndarray:
@@ -84,24 +98,24 @@ def images_from_reports(params: Any, config: ModelConfig, vocab: Vocab, reports:
     twins = [unconditional_prompt_ids(vocab, phrasing)] * len(rows) if guidance != 1.0 else None
     hook = image_then_end_mask(vocab.image_offset, vocab.n_image, vocab.end_id, tokens_per_image)
     gen = dataclasses.replace(gen, max_new_tokens=tokens_per_image + 1)
-    tokens = _generate_rows(params, config, vocab, rows, rng, gen, hook, guidance=guidance,
-                            uncond_rows=twins)
+    tokens = generate_rows(params, config, vocab, rows, rng, gen, hook, guidance=guidance,
+                           uncond_rows=twins).tokens
     return np.stack([vocab.codes_from_ids(t[:tokens_per_image], expected=tokens_per_image)
                      for t in tokens])
 
 
-def answers(params: Any, config: ModelConfig, vocab: Vocab, codes: Sequence[np.ndarray],
+def answers(params: Params, config: ModelConfig, vocab: Vocab, codes: Sequence[np.ndarray],
             questions: Sequence[str], rng: jax.Array,
             gen: GenerationConfig = REPORT_SAMPLING) -> list[str]:
     """VQA: one question per image."""
     rows = [prompts.vqa_prompt_ids(vocab, c, q) for c, q in zip(codes, questions)]
-    return [_text_of(vocab, t) for t in _generate_rows(params, config, vocab, rows, rng, gen)]
+    return [_text_of(vocab, t) for t in generate_rows(params, config, vocab, rows, rng, gen).tokens]
 
 
-def follow_instructions(params: Any, config: ModelConfig, vocab: Vocab,
+def follow_instructions(params: Params, config: ModelConfig, vocab: Vocab,
                         instructions: Sequence[str], contexts: Sequence[str | None] | None,
                         rng: jax.Array, gen: GenerationConfig = REPORT_SAMPLING) -> list[str]:
     """Plain text instructions in dolly's format."""
     contexts = contexts or [None] * len(instructions)
     rows = [prompts.instruction_prompt_ids(vocab, i, c) for i, c in zip(instructions, contexts)]
-    return [_text_of(vocab, t) for t in _generate_rows(params, config, vocab, rows, rng, gen)]
+    return [_text_of(vocab, t) for t in generate_rows(params, config, vocab, rows, rng, gen).tokens]

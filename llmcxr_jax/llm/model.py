@@ -1,28 +1,23 @@
-"""GPT-NeoX in Flax linen, layer-scanned, with logical axis names and an optional KV cache.
+"""GPT-NeoX in Flax linen: the one forward pass that training, prefill and decoding all run.
 
-Parameter layout follows transformers' `GPTNeoXForCausalLM` so import/export is a reshape:
+`GPTNeoX(config)(input_ids, positions, segment_ids)` returns logits. Given a `KVCache` it also
+writes the new tokens' keys and values at `cache.index` and returns `(logits, new_cache)`: one
+call prefills a prompt, a call with one token per row is a decode step (`generate.py`). Without
+a cache (training, scoring) the layers run under `nn.scan` over their stacked parameters
+(optionally rematerialised); with one they run unrolled, each layer on its slice of the same
+parameters and its own cache array, so a decode loop updates every layer's cache in place.
 
-    embed_in/embedding                         [vocab, embed]
-    layers/input_layernorm/{scale,bias}        [layers, embed]
-    layers/post_attention_layernorm/{...}      [layers, embed]
-    layers/attention/query_key_value/kernel    [layers, embed, heads, 3, head_dim]  (HF's per-head
-    layers/attention/query_key_value/bias      [layers, heads, 3, head_dim]          q,k,v interleave)
-    layers/attention/dense/{kernel,bias}       [layers, heads, head_dim, embed], [layers, embed]
-    layers/mlp/dense_h_to_4h/{kernel,bias}     [layers, embed, mlp], [layers, mlp]
-    layers/mlp/dense_4h_to_h/{kernel,bias}     [layers, mlp, embed], [layers, embed]
-    final_layer_norm/{scale,bias}              [embed]
-    embed_out/kernel                           [embed, vocab]
-
-Attention masking is expressed with segment ids (0 = padding, never attended) plus causality over
-buffer slots, which covers plain padding, packed examples and the KV cache with left padding alike.
-Rotary positions are given separately (`positions`), so packed segments and left-padded prompts
-each start at position 0.
+The parameter tree (`Params`) follows transformers' `GPTNeoXForCausalLM`, so import/export is a
+reshape. Attention masking is expressed with segment ids (0 = padding, never attended) plus
+causality over buffer slots, which covers plain padding, packed examples and the cache with left
+padding alike. Rotary positions are given separately (`positions`), so packed segments and
+left-padded prompts each start at position 0.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, TypedDict
 
 import flax
 import flax.linen as nn
@@ -35,30 +30,82 @@ Array = jax.Array
 _NEG_INF = -1e30  # finite, so fully-masked (padding) rows stay NaN-free
 
 
+class LayerNormParams(TypedDict):
+    scale: Array  # [embed]
+    bias: Array  # [embed]
+
+
+class ProjectionParams(TypedDict, total=False):
+    kernel: Array  # [*in_shape, *out_shape]
+    bias: Array  # [*out_shape]; absent without a bias
+
+
+class AttentionParams(TypedDict):
+    query_key_value: ProjectionParams  # [embed, heads, 3, head_dim]: HF's per-head q,k,v interleave
+    dense: ProjectionParams  # [heads, head_dim, embed]
+
+
+class MLPParams(TypedDict):
+    dense_h_to_4h: ProjectionParams  # [embed, mlp]
+    dense_4h_to_h: ProjectionParams  # [mlp, embed]
+
+
+class LayerParams(TypedDict):
+    """One layer's parameters; in `Params.layers` every leaf has a leading [layers] axis."""
+
+    input_layernorm: LayerNormParams
+    post_attention_layernorm: LayerNormParams
+    attention: AttentionParams
+    mlp: MLPParams
+
+
+class Params(TypedDict):
+    """`GPTNeoX`'s parameter tree (flax's params dict, unboxed): the names and shapes the
+    checkpoints, the HF mapping and the serving exports store."""
+
+    embed_in: dict[str, Array]  # {"embedding": [vocab, embed]}
+    layers: LayerParams  # stacked over layers
+    final_layer_norm: LayerNormParams
+    embed_out: ProjectionParams  # {"kernel": [embed, vocab]}
+
+
 @flax.struct.dataclass
 class KVCache:
     """Keys and values of every layer for `max_len` buffer slots.
 
-    `segment_ids[b, s]` is the segment of the token in slot s (0 = empty or padding); `index` is the
-    next slot to write. All sequences of a batch share `index` (prompts are left-padded).
+    One array per layer, [batch * heads, max_len, head_dim], rather than one stacked over layers
+    and [batch, slots, heads, dim]: a decode loop then updates each in place and the attention
+    reads it without a copy (XLA on CPU copies a scanned layer's slice, transposes a
+    slots-before-heads cache for the dots, and copies a cache with a size-1 batch dim around the
+    in-place update). `segment_ids[b, s]` is the segment of the token in slot s (0 = empty or
+    padding); `index` is the next slot to write, shared by all rows (prompts are left-padded).
     """
 
-    k: Array  # [layers, batch, max_len, heads, head_dim]
-    v: Array
+    k: tuple[Array, ...]
+    v: tuple[Array, ...]
     segment_ids: Array  # [batch, max_len] int32
     index: Array  # [] int32
 
     @classmethod
-    def init(cls, config: ModelConfig, batch: int, max_len: int, dtype: Any = None) -> "KVCache":
-        dtype = jnp.dtype(dtype or config.dtype)
-        shape = (config.num_layers, batch, max_len, config.num_heads, config.head_dim)
-        return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
-                   segment_ids=jnp.zeros((batch, max_len), jnp.int32),
+    def init(cls, config: ModelConfig, batch: int, max_len: int) -> "KVCache":
+        shape = (batch * config.num_heads, max_len, config.head_dim)
+        zeros = tuple(jnp.zeros(shape, config.dtype) for _ in range(config.num_layers))
+        return cls(k=zeros, v=zeros, segment_ids=jnp.zeros((batch, max_len), jnp.int32),
                    index=jnp.zeros((), jnp.int32))
 
     @property
     def max_len(self) -> int:
         return self.segment_ids.shape[1]
+
+
+@flax.struct.dataclass
+class LayerInputs:
+    """What every layer reads besides the residual stream: the same for all layers of a call."""
+
+    cos: Array  # [batch, length, rotary_dim]
+    sin: Array
+    mask: Array  # [batch, 1, length, kv slots] bool (`attention_mask`)
+    cache_index: Array | None = None  # [] int32: the first new token's cache slot (cached calls)
 
 
 def _dense_init(config: ModelConfig, names: tuple[str | None, ...]) -> Any:
@@ -100,12 +147,12 @@ def attention_mask(q_slots: Array, q_segments: Array, kv_slots: Array, kv_segmen
 
 
 def dot_product_attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
-    """Softmax attention in fp32; q [b, q, h, d], k/v [b, kv, h, d], mask [b, 1, q, kv]."""
+    """Softmax attention in fp32; q [b, h, q, d], k/v [b, h, kv, d], mask [b, 1, q, kv]."""
     scale = q.shape[-1] ** -0.5
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+    logits = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
     logits = jnp.where(mask, logits, _NEG_INF)
     weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+    return jnp.einsum("bhqk,bhkd->bhqd", weights, v)
 
 
 def causal_blocked_attention(q: Array, k: Array, v: Array, mask: Array, chunk: int) -> Array:
@@ -114,13 +161,13 @@ def causal_blocked_attention(q: Array, k: Array, v: Array, mask: Array, chunk: i
     masks the rest anyway. Fewer FLOPs and softmax work than one dense masked product; equal
     outputs on every row that attends to anything (fully masked padding rows are garbage in both).
     """
-    length = q.shape[1]
+    length = q.shape[2]
     outs = []
     for start in range(0, length, chunk):
         end = min(start + chunk, length)
-        outs.append(dot_product_attention(q[:, start:end], k[:, :end], v[:, :end],
+        outs.append(dot_product_attention(q[:, :, start:end], k[:, :, :end], v[:, :, :end],
                                           mask[:, :, start:end, :end]))
-    return jnp.concatenate(outs, axis=1)
+    return jnp.concatenate(outs, axis=2)
 
 
 class Projection(nn.Module):
@@ -131,8 +178,8 @@ class Projection(nn.Module):
     The product itself is one 2-D matmul, [tokens, prod(in_shape)] x [prod(in_shape),
     prod(out_shape)]: x's leading axes merge into one (batch is the major one, so its sharding
     carries over), and so do the kernel's. XLA:CPU computes the weight gradient of a 2-D dot
-    much faster than that of a dot contracting over both batch and length (pythia-70m's LM head
-    fwd+bwd on one core: 10.3 s vs 12.2 s); on TPU and GPU the reshapes are free.
+    faster than that of a dot contracting over both batch and length (`bench/train_step.py`);
+    on TPU and GPU the reshapes are free.
     """
 
     config: ModelConfig
@@ -158,13 +205,26 @@ class Projection(nn.Module):
         return y.reshape(lead + self.out_shape)
 
 
+def _heads_first(x: Array) -> Array:
+    """[batch, length, heads, dim] -> [batch, heads, length, dim] (the attention's layout)."""
+    return x.transpose(0, 2, 1, 3)
+
+
+def _write_cache(cache: Array, new: Array, index: Array) -> Array:
+    """`new` [batch, heads, length, dim] into `cache` [batch * heads, max_len, dim] at `index`."""
+    b, h, length, d = new.shape
+    return jax.lax.dynamic_update_slice(cache, new.reshape(b * h, length, d).astype(cache.dtype),
+                                        (0, index, 0))
+
+
 class Attention(nn.Module):
+    """Self-attention of the new tokens: over themselves, or over the cache they are written to."""
+
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x: Array, cos: Array, sin: Array, q_slots: Array, segment_ids: Array,
-                 k_cache: Array | None, v_cache: Array | None, kv_segments: Array | None,
-                 cache_index: Array | None) -> tuple[Array, tuple[Array, Array] | None]:
+    def __call__(self, x: Array, inputs: LayerInputs, kv: tuple[Array, Array] | None = None
+                 ) -> tuple[Array, tuple[Array, Array] | None]:
         cfg = self.config
         dtype = jnp.dtype(cfg.dtype)
         qkv = Projection(cfg, in_shape=(cfg.hidden_size,),
@@ -173,26 +233,23 @@ class Attention(nn.Module):
                          use_bias=cfg.attention_bias, name="query_key_value")(x)
         q, k, v = qkv[:, :, :, 0], qkv[:, :, :, 1], qkv[:, :, :, 2]
         q = nn.with_logical_constraint(q, ("batch", "length", "act_heads", "act_kv"))
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-
-        if k_cache is None:
-            kv_slots, kv_segments = q_slots, segment_ids
-            new_cache = None
+        q, k = apply_rotary(q, inputs.cos, inputs.sin), apply_rotary(k, inputs.cos, inputs.sin)
+        q, k, v = _heads_first(q), _heads_first(k), _heads_first(v)
+        if kv is not None:
+            kv = (_write_cache(kv[0], k, inputs.cache_index),
+                  _write_cache(kv[1], v, inputs.cache_index))
+            batch, heads = q.shape[:2]
+            k, v = (c.reshape(batch, heads, *c.shape[1:]).astype(dtype) for c in kv)
+            out = dot_product_attention(q, k, v, inputs.mask)
+        elif 0 < cfg.attention_chunk < q.shape[2]:
+            out = causal_blocked_attention(q, k, v, inputs.mask, cfg.attention_chunk)
         else:
-            start = (0, cache_index, 0, 0)
-            k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), start)
-            v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), start)
-            kv_slots = jnp.broadcast_to(jnp.arange(k.shape[1]), (k.shape[0], k.shape[1]))
-            new_cache = (k, v)
-        mask = attention_mask(q_slots, segment_ids, kv_slots, kv_segments)
-        if k_cache is None and 0 < cfg.attention_chunk < q.shape[1]:
-            out = causal_blocked_attention(q, k, v, mask, cfg.attention_chunk)
-        else:
-            out = dot_product_attention(q, k.astype(dtype), v.astype(dtype), mask)
+            out = dot_product_attention(q, k, v, inputs.mask)
         out = Projection(cfg, in_shape=(cfg.num_heads, cfg.head_dim),
                          out_shape=(cfg.hidden_size,), in_names=("heads", "kv"),
-                         out_names=("embed",), use_bias=cfg.attention_bias, name="dense")(out)
-        return out, new_cache
+                         out_names=("embed",), use_bias=cfg.attention_bias,
+                         name="dense")(_heads_first(out))
+        return out, kv
 
 
 class MLP(nn.Module):
@@ -216,18 +273,17 @@ def _layer_norm(cfg: ModelConfig, name: str) -> nn.LayerNorm:
 
 
 class Block(nn.Module):
-    """One GPT-NeoX layer; the scan carry is the residual stream, the cache slices are scanned."""
+    """One GPT-NeoX layer: (residual stream, layer inputs, this layer's cache or None) ->
+    (residual stream, updated cache or None)."""
 
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x: Array, k_cache: Array | None, v_cache: Array | None, cos: Array,
-                 sin: Array, q_slots: Array, segment_ids: Array, kv_segments: Array | None,
-                 cache_index: Array | None) -> tuple[Array, tuple[Array, Array] | None]:
+    def __call__(self, x: Array, inputs: LayerInputs, kv: tuple[Array, Array] | None = None
+                 ) -> tuple[Array, tuple[Array, Array] | None]:
         cfg = self.config
-        attn_out, new_cache = Attention(cfg, name="attention")(
-            _layer_norm(cfg, "input_layernorm")(x), cos, sin, q_slots, segment_ids, k_cache,
-            v_cache, kv_segments, cache_index)
+        attn_out, kv = Attention(cfg, name="attention")(
+            _layer_norm(cfg, "input_layernorm")(x), inputs, kv)
         mlp = MLP(cfg, name="mlp")
         if cfg.use_parallel_residual:
             x = x + attn_out + mlp(_layer_norm(cfg, "post_attention_layernorm")(x))
@@ -235,7 +291,7 @@ class Block(nn.Module):
             x = x + attn_out
             x = x + mlp(_layer_norm(cfg, "post_attention_layernorm")(x))
         x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
-        return x, new_cache
+        return x, kv
 
 
 def _remat_policy(name: str) -> Any:
@@ -247,26 +303,27 @@ def _remat_policy(name: str) -> Any:
 
 
 class GPTNeoX(nn.Module):
-    """GPT-NeoX causal LM.
+    """GPT-NeoX causal LM (module docstring).
 
-    Call with `input_ids` [batch, length]; `positions` (rotary positions, default 0..length-1) and
-    `segment_ids` (0 = padding, default all 1) of the same shape. Without `cache` it returns logits
-    [batch, length, vocab]; with a `KVCache` it writes the new tokens at `cache.index` and returns
-    `(logits, new_cache)`.
+    `input_ids` [batch, length]; `positions` (rotary positions, default 0..length-1) and
+    `segment_ids` (0 = padding, default all 1) of the same shape. Returns logits
+    [batch, length, vocab] (`last_only`: [batch, 1, vocab], all a prefill needs), and with a
+    `cache` also the cache with these tokens written at `cache.index`.
     """
 
     config: ModelConfig
 
     @nn.compact
     def __call__(self, input_ids: Array, positions: Array | None = None,
-                 segment_ids: Array | None = None,
-                 cache: KVCache | None = None) -> Array | tuple[Array, KVCache]:
+                 segment_ids: Array | None = None, cache: KVCache | None = None, *,
+                 last_only: bool = False) -> Array | tuple[Array, KVCache]:
         cfg = self.config
         batch, length = input_ids.shape
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
         if segment_ids is None:
             segment_ids = jnp.ones((batch, length), jnp.int32)
+        segment_ids = segment_ids.astype(jnp.int32)
 
         embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=jnp.dtype(cfg.dtype),
                          param_dtype=jnp.dtype(cfg.param_dtype),
@@ -274,45 +331,53 @@ class GPTNeoX(nn.Module):
         x = embed(input_ids)
         x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
         cos, sin = rotary_tables(positions, cfg.rotary_dim, cfg.rotary_emb_base)
+        slots = jnp.broadcast_to(jnp.arange(length), (batch, length))
 
         if cache is None:
-            q_slots = jnp.broadcast_to(jnp.arange(length), (batch, length))
-            k_cache = v_cache = kv_segments = cache_index = None
+            mask = attention_mask(slots, segment_ids, slots, segment_ids)
+            block = Block
+            if cfg.remat_policy != "none":
+                block = nn.remat(Block, policy=_remat_policy(cfg.remat_policy), prevent_cse=False)
+            layers = nn.scan(
+                block, variable_axes={"params": 0}, split_rngs={"params": True},
+                in_axes=nn.broadcast, length=cfg.num_layers,
+                unroll=1 if cfg.scan_layers else cfg.num_layers,
+                metadata_params={nn.PARTITION_NAME: "layers"})(cfg, name="layers")
+            x, _ = layers(x, LayerInputs(cos=cos, sin=sin, mask=mask))
         else:
-            q_slots = cache.index + jnp.broadcast_to(jnp.arange(length), (batch, length))
-            kv_segments = jax.lax.dynamic_update_slice(
-                cache.segment_ids, segment_ids.astype(jnp.int32), (0, cache.index))
-            k_cache, v_cache, cache_index = cache.k, cache.v, cache.index
+            # The same `Block` on each layer's slice of the scanned parameters, unrolled: every
+            # layer keeps its own cache array (`KVCache`).
+            kv_segments = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids,
+                                                       (0, cache.index))
+            kv_slots = jnp.broadcast_to(jnp.arange(cache.max_len), (batch, cache.max_len))
+            mask = attention_mask(cache.index + slots, segment_ids, kv_slots, kv_segments)
+            inputs = LayerInputs(cos=cos, sin=sin, mask=mask, cache_index=cache.index)
+            stacked = nn.unbox(self.variables["params"]["layers"])
+            block = Block(cfg, parent=None)
+            keys, values = [], []
+            for i, kv in enumerate(zip(cache.k, cache.v)):
+                layer = jax.tree.map(lambda p, i=i: p[i], stacked)
+                x, (k, v) = block.apply({"params": layer}, x, inputs, kv)
+                keys.append(k)
+                values.append(v)
+            cache = KVCache(k=tuple(keys), v=tuple(values), segment_ids=kv_segments,
+                            index=cache.index + length)
 
-        block = Block
-        if cfg.remat_policy != "none":
-            block = nn.remat(Block, policy=_remat_policy(cfg.remat_policy), prevent_cse=False)
-        cache_axis = nn.broadcast if cache is None else 0
-        layers = nn.scan(
-            block, variable_axes={"params": 0}, split_rngs={"params": True},
-            in_axes=(cache_axis, cache_axis) + (nn.broadcast,) * 6, length=cfg.num_layers,
-            unroll=1 if cfg.scan_layers else cfg.num_layers,
-            metadata_params={nn.PARTITION_NAME: "layers"})(cfg, name="layers")
-        x, new_kv = layers(x, k_cache, v_cache, cos, sin, q_slots, segment_ids, kv_segments,
-                           cache_index)
-
+        if last_only:
+            x = x[:, -1:]
         x = _layer_norm(cfg, "final_layer_norm")(x)
         logits = Projection(cfg, in_shape=(cfg.hidden_size,), out_shape=(cfg.vocab_size,),
                             in_names=("embed",), out_names=("vocab",), use_bias=False,
                             name="embed_out")(x)
         logits = nn.with_logical_constraint(logits, ("batch", "length", "act_vocab"))
-        if cache is None:
-            return logits
-        new_cache = KVCache(k=new_kv[0], v=new_kv[1], segment_ids=kv_segments,
-                            index=cache.index + length)
-        return logits, new_cache
+        return logits if cache is None else (logits, cache)
 
 
-def init_params(config: ModelConfig, rng: Array, length: int = 8) -> Any:
+def init_params(config: ModelConfig, rng: Array, length: int = 8) -> Params:
     """Unboxed params (no sharding); see llmcxr_jax.parallel for sharded initialisation."""
     ids = jnp.zeros((1, length), jnp.int32)
     return nn.unbox(GPTNeoX(config).init(rng, ids))["params"]
 
 
-def count_params(params: Any) -> int:
+def count_params(params: Params) -> int:
     return sum(int(x.size) for x in jax.tree_util.tree_leaves(params))

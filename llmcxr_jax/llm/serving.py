@@ -38,6 +38,7 @@ from jax.sharding import Mesh
 from llmcxr_jax.configs import ModelConfig, VQGANConfig
 from llmcxr_jax.llm import checkpoint as llm_checkpoint
 from llmcxr_jax.llm.hf_io import replace_dir
+from llmcxr_jax.llm.model import Params
 from llmcxr_jax.parallel import shardings as shardings_lib
 from llmcxr_jax.parallel.rules import LOGICAL_AXIS_RULES
 from llmcxr_jax.text.vocab import Vocab
@@ -69,7 +70,7 @@ class Bundle:
     path: pathlib.Path  # what was opened
     llm_dir: pathlib.Path  # the LLM workdir inside it
     model_config: ModelConfig
-    params: Any
+    params: Params
     vocab: Vocab
     step: int
     vqgan_dir: pathlib.Path | None = None
@@ -249,7 +250,7 @@ def _resolve_step(llm_dir: pathlib.Path, step: int | None) -> int:
 # --------------------------------------------------------------------------------------------------
 
 
-def cast_params(params: Any, dtype: str) -> Any:
+def cast_params(params: Params, dtype: str) -> Params:
     """Every floating param cast to `dtype` (shardings kept)."""
     if dtype not in PARAM_DTYPES:
         raise ValueError(f"param dtype {dtype!r} not in {PARAM_DTYPES}")
@@ -258,7 +259,7 @@ def cast_params(params: Any, dtype: str) -> Any:
         lambda x: x.astype(target) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
 
 
-def export_serving(out: str | pathlib.Path, config: ModelConfig, params: Any, vocab: Vocab, *,
+def export_serving(out: str | pathlib.Path, config: ModelConfig, params: Params, vocab: Vocab, *,
                    vqgan_dir: str | pathlib.Path | None = None, param_dtype: str | None = None,
                    step: int = 0, source: str = "", overwrite: bool = False,
                    guidance: float = 1.0) -> pathlib.Path:
