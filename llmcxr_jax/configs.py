@@ -101,8 +101,8 @@ def extended_vocab_rows(n_text: int = DOLLY_TEXT_IDS, n_image: int = IMAGE_CODES
 
 _PYTHIA = dict(max_position_embeddings=2048, rotary_pct=0.25, use_parallel_residual=True)
 _EXT = extended_vocab_rows()  # 51,328 rows for the dolly-v2 tokenizer + 1,024 image ids
-# The small presets unroll their few layers: compiles stay short, and the layer scan's per-layer
-# slicing and stacking cost XLA:CPU ~9 % of pythia-70m's train step (bench/train_step.py).
+# The small presets unroll their few layers: compiles stay short, and XLA:CPU spends a measurable
+# part of the train step on the layer scan's per-layer slicing and stacking (README, Performance).
 _UNROLLED = dict(scan_layers=False)
 
 MODEL_PRESETS: dict[str, ModelConfig] = {
@@ -213,7 +213,8 @@ VQGAN_PRESETS: dict[str, VQGANConfig] = {
     "phantom-f8": VQGANConfig(resolution=128, ch=64, ch_mult=(1, 1, 2, 4), num_res_blocks=1,
                               attn_resolutions=(16,), z_channels=64, embed_dim=64),
     # The phantom default on a CPU: 64 px, f4, 16x16 = 256 tokens, 1,024 codes. Channels
-    # 32/64/64 and no attention: ~0.55x the CPU time per step of (1, 2, 4) with attention at 16.
+    # 32/64/64 and no attention: cheaper per step on a CPU than (1, 2, 4) with attention at 16
+    # (README, Performance).
     "phantom-f4": VQGANConfig(resolution=64, ch=32, ch_mult=(1, 2, 2), num_res_blocks=1,
                               attn_resolutions=(), z_channels=64, embed_dim=64),
     # A coarser phantom grid: 64 px, f8, 8x8 = 64 tokens of 1,024 codes (a quarter of the LLM

@@ -5,8 +5,8 @@ ports of transformers' `TemperatureLogitsWarper`, `TopKLogitsWarper` and `TopPLo
 (min_tokens_to_keep=1, filter value -inf), applied in transformers' order: temperature, top-k,
 top-p. `top_k=0` and `top_p=1.0` disable a filter.
 
-`top_p_filter` needs a full sort of the vocabulary, which XLA on CPU does slowly (~20 ms for 51k
-logits). `sample_tokens` therefore samples from exactly the same distribution without sorting:
+`top_p_filter` needs a full sort of the vocabulary, which XLA on CPU does slowly (README,
+Performance). `sample_tokens` therefore samples from exactly the same distribution without sorting:
 
 1. draw a candidate from the (temperature, top-k) distribution by inverse-CDF sampling over
    blocks of the vocabulary (one uniform per row, one pass over the logits);

@@ -1,9 +1,8 @@
 """One XLA CPU device per core, set up before JAX is imported (launch scripts only).
 
 XLA:CPU runs one program per device and keeps most of its work (convolutions, fusions) on one
-thread per device, so a single CPU device leaves cores idle: on the 2-core reference machine the
-phantom-f4 VQ-GAN step takes 1.88 s on one device and 0.99 s data-parallel over two, and the
-tiny LLM step 1.03 s vs 0.84 s. Splitting the host into devices is the same mechanism the tests
+thread per device, so a single CPU device leaves cores idle (the VQ-GAN and LLM steps measured
+both ways: README, Performance). Splitting the host into devices is the same mechanism the tests
 use to simulate a mesh (`--xla_force_host_platform_device_count`); it affects only the CPU
 platform, so it is harmless on a GPU or TPU host, where the accelerator stays the default backend.
 
