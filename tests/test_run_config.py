@@ -33,6 +33,33 @@ def test_bad_overrides_name_the_key(item, message):
         rc.apply_overrides(rc.run_preset("phantom"), [item])
 
 
+@pytest.mark.parametrize("key,source", [
+    ("data.seq_len", "train.seq_len"), ("data.global_batch", "train.global_batch"),
+    ("data.tokens_per_image", "the VQ-GAN"), ("data.codebook_size", "the VQ-GAN"),
+    ("data.stage", "the stage"), ("train.total_steps", "stage1.steps"),
+    ("model.vocab_size", "vocab_text_ids"),
+])
+def test_derived_keys_are_refused_naming_their_source(key, source):
+    with pytest.raises(ValueError, match=f"--set {key}: derived, not settable: it follows .*"
+                                         f"{source}"):
+        rc.apply_overrides(rc.run_preset("phantom"), [f"{key}=64"])
+
+
+def test_a_set_value_is_what_runs():
+    """What a user sets reaches the resolved config unchanged; derived values follow it."""
+    cfg = rc.resolve(rc.apply_overrides(rc.run_preset("tiny"), [
+        "train.seq_len=256", "train.global_batch=32", "stage1.steps=7", "vocab_text_ids=1000"]))
+    vq = rc.configs.vqgan_preset(cfg.vqgan.vqgan)
+    assert (cfg.train.seq_len, cfg.data.seq_len, cfg.data.global_batch) == (256, 256, 32)
+    assert (cfg.data.tokens_per_image, cfg.data.codebook_size) == (vq.tokens_per_image,
+                                                                  vq.n_embed)
+    assert cfg.train.total_steps == 7
+    assert cfg.model.vocab_size == -(-(1000 + vq.n_embed) // 128) * 128
+    # With a given tokenizer the embedding rows are the user's to set (and resolve keeps them).
+    given = rc.apply_overrides(rc.run_preset("tiny"), ["tokenizer=t.json", "model.vocab_size=640"])
+    assert rc.resolve(given).model.vocab_size == 640
+
+
 def test_unknown_preset_lists_the_known_ones():
     with pytest.raises(KeyError, match="known presets: .*phantom.*tiny"):
         rc.run_preset("gpt-5")
@@ -69,6 +96,8 @@ def test_stage0_base_model_trains_on_text_only():
     (["--mesh=4x4"], 1, "--mesh=4x4 needs 16 devices but 2 are available"),
     (["--config", "nope"], 2, "argument --config: invalid choice: 'nope'"),
     (["--set", "train.nope=1"], 2, "unknown --set key 'train.nope'"),
+    (["--set", "data.seq_len=64"], 2, "--set data.seq_len: derived, not settable: it follows "
+                                      "train.seq_len"),
     (["--mesh=2", "--set", "train.global_batch=7"], 1,
      "global batch 7 is not divisible by the 2 data-parallel ways"),
 ])

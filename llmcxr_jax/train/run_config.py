@@ -63,6 +63,20 @@ class RunConfig:
 IMAGE_EMBEDDINGS = ("random", "codebook")
 
 
+# Fields that follow others, with where each comes from: `resolve` computes them, and `--set` on
+# one is an error naming that source (a value set there would be overwritten, or disagree).
+DERIVED = {
+    "data.global_batch": "train.global_batch",
+    "data.seq_len": "train.seq_len",
+    "data.tokens_per_image": "the VQ-GAN (vqgan.vqgan, or the one in vqgan_dir)",
+    "data.codebook_size": "the VQ-GAN (vqgan.vqgan, or the one in vqgan_dir)",
+    "data.stage": "the stage (stage_data: 1 = FINDINGS + IMPRESSION, 2 = IMPRESSION)",
+    "train.total_steps": "each stage's length (base_steps, stage1.steps, stage2.steps)",
+}
+# Derived only while the run trains its own BPE (`tokenizer` empty).
+VOCAB_SIZE_KEY = "model.vocab_size"
+VOCAB_SIZE_SOURCE = "vocab_text_ids + the VQ-GAN's codebook (padded to 128) when tokenizer is empty"
+
 _SECTIONS = {"model": ModelConfig, "train": TrainConfig, "data": DataConfig, "stage1": LoopConfig,
              "stage2": LoopConfig, "world": WorldConfig, "vqgan": VQGANTrainConfig}
 _TOP_LEVEL = tuple(f.name for f in dataclasses.fields(RunConfig) if f.name not in _SECTIONS)
@@ -83,8 +97,7 @@ def _phantom(model: str, *, n_studies: int, stage1_steps: int, stage2_steps: int
         # Both directions of every pair (the original alternates one per pair): twice the pairs
         # per pass for the price of drawing them once. 10 % of report -> image examples carry
         # the null report, so guidance (`guidance`) has an unconditional branch to contrast with.
-        data=DataConfig(seq_len=seq_len, global_batch=batch, weights=(0.4, 0.4, 0.2, 0.0),
-                        direction="both", null_report_rate=0.1),
+        data=DataConfig(weights=(0.4, 0.4, 0.2, 0.0), direction="both", null_report_rate=0.1),
         stage1=LoopConfig(steps=stage1_steps, log_every=10, eval_every=eval_every,
                           eval_batches=2, checkpoint_every=100, keep_checkpoints=2),
         stage2=LoopConfig(steps=stage2_steps, log_every=10, eval_every=eval_every,
@@ -136,7 +149,7 @@ RUN_PRESETS["dolly-v2-3b"] = dataclasses.replace(
     model=configs.model_preset("dolly-v2-3b", dtype="bfloat16", remat_policy="full"),
     train=TrainConfig(learning_rate=5e-6, warmup_steps=50, schedule="constant",
                       total_steps=10_000, global_batch=16, seq_len=1024),
-    data=DataConfig(seq_len=1024, global_batch=16),
+    data=DataConfig(),
     stage1=LoopConfig(steps=10_000, log_every=10, eval_every=500, eval_batches=8,
                       checkpoint_every=500, keep_checkpoints=3),
     stage2=LoopConfig(steps=2_000, log_every=10, eval_every=250, eval_batches=8,
@@ -175,11 +188,15 @@ def _parse_value(raw: str, current: Any, key: str) -> Any:
 
 
 def apply_overrides(cfg: RunConfig, overrides: Sequence[str]) -> RunConfig:
-    """`section.field=value` (or a top-level `field=value`) overrides, each checked by name."""
+    """`section.field=value` (or a top-level `field=value`) overrides, each checked by name; a
+    derived key (`DERIVED`) is refused with the name of what it follows."""
+    keys = [item.partition("=")[0].strip() for item in overrides]
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep:
             raise ValueError(f"--set {item!r}: expected key=value")
+        if key in DERIVED:
+            raise ValueError(f"--set {key}: derived, not settable: it follows {DERIVED[key]}")
         section, _, field = key.partition(".")
         if not field:
             if section not in _TOP_LEVEL:
@@ -199,13 +216,17 @@ def apply_overrides(cfg: RunConfig, overrides: Sequence[str]) -> RunConfig:
             raise ValueError(f"unknown --set key {key!r}; {section} keys: {names}")
         value = _parse_value(raw, getattr(sub, field), key)
         cfg = dataclasses.replace(cfg, **{section: dataclasses.replace(sub, **{field: value})})
+    if VOCAB_SIZE_KEY in keys and not cfg.tokenizer:
+        raise ValueError(f"--set {VOCAB_SIZE_KEY}: derived, not settable: it follows "
+                         f"{VOCAB_SIZE_SOURCE}")
     return cfg
 
 
 def resolve(cfg: RunConfig, vqgan: VQGANConfig | None = None) -> RunConfig:
-    """Fill fields that follow others: the data's batch and length follow `train`; the tokens per
-    image and codebook size follow the VQ-GAN (`vqgan`, default: the preset trained here); the
-    optimizer's schedule length follows stage 1's steps; and when the run trains its own BPE, the
+    """The config as it runs, with the `DERIVED` fields computed (none of them can be `--set`):
+    the data's batch and length follow `train`; the tokens per image and codebook size follow the
+    VQ-GAN (`vqgan`, default: the preset trained here); the optimizer's schedule length follows
+    stage 1's steps (`stage_train`: each stage's own); and when the run trains its own BPE, the
     embedding rows follow from its text ids + the codebook (padded to 128)."""
     vqgan = vqgan or configs.vqgan_preset(cfg.vqgan.vqgan)
     data = dataclasses.replace(cfg.data, global_batch=cfg.train.global_batch,
