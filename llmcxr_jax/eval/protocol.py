@@ -59,6 +59,7 @@ from llmcxr_jax.eval import classifier as clf
 from llmcxr_jax.eval import fid as fid_lib
 from llmcxr_jax.eval import text_metrics
 from llmcxr_jax.eval import train_classifier as train_clf
+from llmcxr_jax.io_utils import atomic_write_text
 from llmcxr_jax.llm import inference, serving
 from llmcxr_jax.llm.generate import GenerationConfig
 from llmcxr_jax.parallel import shardings as shardings_lib
@@ -559,9 +560,7 @@ def evaluate(workdir: str | pathlib.Path, options: EvalOptions = EvalOptions(),
     timing["total_s"] = time.perf_counter() - t0
     result["timing"] = {k: round(v, 2) for k, v in timing.items()}
     result = classification_metrics.finite_or_none(result)
-    tmp = out / (EVAL_FILE + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    tmp.replace(out / EVAL_FILE)
+    atomic_write_text(out / EVAL_FILE, json.dumps(result, indent=2) + "\n")
     say(f"eval: {out / EVAL_FILE} and {out / eval_report.REPORT_FILE} "
         f"({timing['total_s']:.0f} s)")
     return result
