@@ -326,6 +326,9 @@ class DataConfig:
     # by `prompts.NULL_REPORT`, so the model also learns the unconditional image distribution
     # that guided generation (`--guidance`) contrasts with. 0 = every example conditioned.
     null_report_rate: float = 0.0
+    # A source (CSV, report folder, image codes, JSONL) with more than this fraction of bad,
+    # skipped records stops the run before training: a wrong delimiter or folder, not noise.
+    max_skip_fraction: float = 0.05
     seed: int = 0
     read_threads: int = 0  # grain ReadOptions.num_threads (0 measured fastest for this pipeline)
     prefetch_buffer: int = 64  # grain ReadOptions.prefetch_buffer_size (used with threads > 0)
@@ -342,6 +345,8 @@ class DataConfig:
             raise ValueError(f"image_loss_weight must be > 0, got {self.image_loss_weight}")
         if not 0.0 <= self.null_report_rate < 1.0:
             raise ValueError(f"null_report_rate must be in [0, 1), got {self.null_report_rate}")
+        if not 0.0 <= self.max_skip_fraction <= 1.0:
+            raise ValueError(f"max_skip_fraction must be in [0, 1], got {self.max_skip_fraction}")
         if self.seq_len < 2 or self.global_batch < 1:
             raise ValueError(f"seq_len {self.seq_len} must be >= 2 and global_batch "
                              f"{self.global_batch} >= 1")

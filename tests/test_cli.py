@@ -81,6 +81,7 @@ def _bad_inputs(tmp: pathlib.Path) -> dict[str, tuple[list[str], int, str]]:
         "train_vqgan": (["--images", "i", "--workdir", str(tmp / "w"), "--set", "nope=1"],
                         2, "--set nope"),
         "generate": (["--workdir", "w", "--task", "draw"], 2, "--task"),
+        "multiprocess": (["--processes", "2", "--", str(missing)], 2, "after --"),
         # well-formed, but it cannot run here (exit 1)
         "evaluate": (["--workdir", str(missing)], 1, str(missing)),
         "demo": (["--workdir", str(missing)], 1, str(missing)),  # a BundleError

@@ -331,7 +331,8 @@ def test_load_sources_from_a_world(tmp_path, vocab):
                     "question": "Is there cardiomegaly?", "answer": "No."}) + "\n")
     codes = random_codes(["d01", "d02", "d03", "d04"], n=N_CODES)
     cfg = _cfg(world=str(root), instructions=str(tmp_path / "dolly.jsonl"),
-               vqa=str(tmp_path / "vqa.jsonl"), weights=(0.3, 0.3, 0.2, 0.2))
+               vqa=str(tmp_path / "vqa.jsonl"), weights=(0.3, 0.3, 0.2, 0.2),
+               max_skip_fraction=0.5)  # the 2-line dolly file is half bad on purpose
     sources = P.load_sources(cfg, codes=codes)
     # alternate: sorted pairs d01 (0: image2report), d02 (1: report2image), d03 (2), d04 (3).
     assert [r["id"] for r in sources.records["image2report"]] == ["d01", "d03"]

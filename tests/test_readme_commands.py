@@ -60,6 +60,7 @@ def train_shrink(command: "Command") -> list[str]:
 # docstring) and has no CI-sized run.
 SHRINK: dict[str, Any] = {
     "launch/train.py": train_shrink,
+    "launch/multiprocess.py": train_shrink,  # its train.py run (2 processes), shrunk the same way
     # 2 test items, a 2-step classifier, 2 language items, 8-token reports, no image grid.
     "launch/evaluate.py": ["--n-test", "2", "--classifier-steps", "2", "--n-language", "2",
                            "--report-tokens", "8", "--n-show", "0"],

@@ -47,13 +47,13 @@ def read_dolly(path: str | pathlib.Path) -> tuple[list[DollyRecord], SkipCounter
             fields = {k: _text_field(obj, k) for k in ("instruction", "response", "context",
                                                       "category")}
         except TypeError as e:
-            skips.add("bad_field_type", f"{where} ({e.args[0]})")
+            skips.add("bad_field_type", f"{where} ({e.args[0]})", str(path))
             continue
         if not fields["instruction"]:
-            skips.add("missing_instruction", where)
+            skips.add("missing_instruction", where, str(path))
             continue
         if not fields["response"]:
-            skips.add("missing_response", where)
+            skips.add("missing_response", where, str(path))
             continue
         records.append(DollyRecord(fields["instruction"], fields["response"],
                                    fields["context"] or "", fields["category"] or ""))

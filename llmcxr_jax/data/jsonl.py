@@ -20,16 +20,18 @@ def iter_jsonl(path: str | pathlib.Path, skips: SkipCounter) -> Iterator[tuple[i
     if not path.is_file():
         raise FileNotFoundError(f"JSONL file {path} does not exist")
     opener = gzip.open if path.suffix == ".gz" else open
+    source = str(path)
     with opener(path, "rt", encoding="utf-8", errors="replace") as f:
         for line_no, line in enumerate(f, start=1):
             if not line.strip():
                 continue
+            skips.saw(source)
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError:
-                skips.add("not_json", f"{path.name}:{line_no}")
+                skips.add("not_json", f"{path.name}:{line_no}", source)
                 continue
             if not isinstance(obj, dict):
-                skips.add("not_object", f"{path.name}:{line_no}")
+                skips.add("not_object", f"{path.name}:{line_no}", source)
                 continue
             yield line_no, obj

@@ -53,6 +53,7 @@ SPLIT_COLUMNS = ("dicom_id", "study_id", "subject_id", "split")
 METADATA_COLUMNS = ("dicom_id", "subject_id", "study_id", "ViewPosition", "StudyDate", "StudyTime")
 FRONTAL_VIEWS = ("PA", "AP")
 SPLITS = ("train", "validate", "test")
+CODES_SOURCE = "image codes (data.codes)"  # the source named when many images have no usable codes
 
 
 # --------------------------------------------------------------------------------------------------
@@ -84,6 +85,7 @@ def read_csv_rows(path: str | pathlib.Path, required: Sequence[str], skips: Skip
     with `file:line`.
     """
     path = pathlib.Path(path)
+    source = str(path)
     with _open_text(path) as f:
         reader = csv.reader(f)
         try:
@@ -101,13 +103,15 @@ def read_csv_rows(path: str | pathlib.Path, required: Sequence[str], skips: Skip
             except StopIteration:
                 return
             except csv.Error as e:  # e.g. a NUL byte or an unterminated quote
-                skips.add("malformed_csv_row", f"{path.name}:{reader.line_num} ({e})")
+                skips.saw(source)
+                skips.add("malformed_csv_row", f"{path.name}:{reader.line_num} ({e})", source)
                 continue
             line = reader.line_num
             if not fields:  # blank line
                 continue
+            skips.saw(source)
             if len(fields) != len(header) or any(not fields[i].strip() for i in need):
-                skips.add("malformed_csv_row", f"{path.name}:{line}")
+                skips.add("malformed_csv_row", f"{path.name}:{line}", source)
                 continue
             yield line, {name: fields[i].strip() for name, i in index.items()}
 
@@ -136,7 +140,8 @@ def read_split(root: str | pathlib.Path, skips: SkipCounter) -> dict[str, SplitR
     out: dict[str, SplitRow] = {}
     for line, row in read_csv_rows(path, SPLIT_COLUMNS, skips):
         if row["split"] not in SPLITS:
-            skips.add("malformed_csv_row", f"{path.name}:{line} (split {row['split']!r})")
+            skips.add("malformed_csv_row", f"{path.name}:{line} (split {row['split']!r})",
+                      str(path))
             continue
         out[row["dicom_id"]] = SplitRow(row["dicom_id"], row["subject_id"], row["study_id"],
                                         row["split"])
@@ -154,7 +159,8 @@ def read_metadata(root: str | pathlib.Path, skips: SkipCounter) -> dict[str, Met
         try:
             date, time = int(float(row["StudyDate"])), float(row["StudyTime"])
         except ValueError:
-            skips.add("malformed_csv_row", f"{path.name}:{line} (StudyDate/StudyTime)")
+            skips.add("malformed_csv_row", f"{path.name}:{line} (StudyDate/StudyTime)",
+                      str(path))
             continue
         out[row["dicom_id"]] = MetadataRow(row["dicom_id"], row["subject_id"], row["study_id"],
                                            row["ViewPosition"], date, time)
@@ -340,7 +346,8 @@ def load_mimic(root: str | pathlib.Path, codes: Mapping[str, np.ndarray], *, sta
             if err:
                 bad_codes[d] = err
     for d, err in sorted(bad_codes.items()):
-        skips.add(err, d)
+        skips.saw(CODES_SOURCE)
+        skips.add(err, d, CODES_SOURCE)
 
     records: list[MimicRecord] = []
     parsed: dict[tuple[str, str], tuple[str, str]] = {}  # per study: (status, text), parsed once
@@ -349,16 +356,18 @@ def load_mimic(root: str | pathlib.Path, codes: Mapping[str, np.ndarray], *, sta
         if stage == 2 and dicom_id not in stage2_subset:
             skips.add("not_in_stage2_subset")
             continue
+        skips.saw(CODES_SOURCE)
         if dicom_id not in codes:
-            skips.add("codes_missing", dicom_id)
+            skips.add("codes_missing", dicom_id, CODES_SOURCE)
             continue
         path = report_path(reports, row.subject_id, row.study_id)
         key = (row.subject_id, row.study_id)
         if key not in parsed:
             parsed[key] = _read_and_parse(path, stage)
         status, report = parsed[key]
+        skips.saw(str(reports))
         if status != "ok":
-            skips.add(status, str(path))
+            skips.add(status, str(path), str(reports))
             continue
         records.append(MimicRecord(dicom_id, row.subject_id, row.study_id, row.split, report,
                                    np.asarray(codes[dicom_id], dtype=np.uint16), pair_index))
@@ -383,12 +392,13 @@ def load_images(root: str | pathlib.Path, codes: Mapping[str, np.ndarray], *,
         if subset is not None and dicom_id not in subset:
             skips.add("not_in_stage2_subset")
             continue
+        skips.saw(CODES_SOURCE)
         if dicom_id not in codes:
-            skips.add("codes_missing", dicom_id)
+            skips.add("codes_missing", dicom_id, CODES_SOURCE)
             continue
         err = code_error(codes[dicom_id], tokens_per_image, codebook_size)
         if err:
-            skips.add(err, dicom_id)
+            skips.add(err, dicom_id, CODES_SOURCE)
             continue
         records.append(MimicRecord(dicom_id, row.subject_id, row.study_id, row.split, "",
                                    np.asarray(codes[dicom_id], dtype=np.uint16), pair_index))

@@ -113,7 +113,8 @@ def flat_codes(codes_dir: str) -> dict[str, np.ndarray]:
 def load_sources(cfg: DataConfig, codes: Mapping[str, np.ndarray] | None = None) -> Sources:
     """Reads the files `cfg` names for the tasks with a positive weight.
 
-    `codes` (dicom_id -> codes) defaults to `vqgan.encode.load_codes(cfg.codes)`.
+    `codes` (dicom_id -> codes) defaults to `vqgan.encode.load_codes(cfg.codes)`. A source with
+    more than `cfg.max_skip_fraction` bad records raises `skips.TooManySkipped` naming it.
     """
     weights = cfg.task_weights()
     skips = SkipCounter(f"data sources (stage {cfg.stage})")
@@ -154,6 +155,7 @@ def load_sources(cfg: DataConfig, codes: Mapping[str, np.ndarray] | None = None)
         joined, s = vqa.join_vqa(recs, images.by_study())
         skips.update(s)
         records["vqa"] = vqa_records(joined)
+    skips.check_fraction(cfg.max_skip_fraction)  # before "no usable records": it says why
     empty = [t for t in weights if not records.get(t)]
     if empty:
         raise ValueError(f"no usable records for task(s) {empty} (weights {cfg.weights}); "

@@ -61,14 +61,14 @@ def read_vqa(path: str | pathlib.Path) -> tuple[list[VQARecord], SkipCounter]:
         where = f"{path.name}:{line_no}"
         subject, study = _id(obj.get("subject_id")), _id(obj.get("study_id"))
         if subject is None or study is None:
-            skips.add("missing_ids", where)
+            skips.add("missing_ids", where, str(path))
             continue
         question, answer = obj.get("question"), obj.get("answer")
         if not isinstance(question, str) or not question.strip():
-            skips.add("missing_question", where)
+            skips.add("missing_question", where, str(path))
             continue
         if not isinstance(answer, str) or not answer.strip():
-            skips.add("missing_answer", where)
+            skips.add("missing_answer", where, str(path))
             continue
         out.append(VQARecord(subject, study, question, answer, _id(obj.get("dicom_id")) or ""))
     return out, skips

@@ -30,7 +30,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from llmcxr_jax.configs import ModelConfig
 from llmcxr_jax.llm.model import GPTNeoX
@@ -161,11 +161,16 @@ def _row_nll_fn(model_cfg: ModelConfig, mesh: Mesh | None, rules: Any) -> Any:
     from llmcxr_jax.data.pipeline import batch_sharding
 
     rows = batch_sharding(mesh)
-    jitted = jax.jit(row_nll, in_shardings=(None, rows, rows, rows, rows))
+    jitted = jax.jit(row_nll, in_shardings=(None, rows, rows, rows, rows),
+                     out_shardings=NamedSharding(mesh, PartitionSpec()))
 
-    def run(*args):
+    def run(params, *arrays):
+        # The same host arrays on every process (the pairs are not host-sharded): each process
+        # places the rows its devices hold; the sums come back whole to every process.
+        placed = [jax.make_array_from_callback(a.shape, rows, lambda index, a=a: a[index])
+                  for a in arrays]
         with jax.set_mesh(mesh):
-            return jitted(*args)
+            return jitted(params, *placed)
     return run
 
 

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Mapping, Sequence
+import sys
+import traceback
+from typing import Any, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -125,24 +127,84 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 _DISTRIBUTED_ENV = ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS", "MEGASCALE_COORDINATOR_ADDRESS",
                     "TPU_WORKER_HOSTNAMES", "SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE")
+# Set by `launch/multiprocess.py` (or by hand) for processes that JAX cannot detect on its own:
+# with JAX_COORDINATOR_ADDRESS they name the process count and this process's index.
+NUM_PROCESSES_ENV = "JAX_NUM_PROCESSES"
+PROCESS_ID_ENV = "JAX_PROCESS_ID"
+# Seconds without a heartbeat after which the coordination service declares a process dead and
+# the others stop with an error instead of waiting in a collective (JAX's default: 100).
+HEARTBEAT_TIMEOUT_ENV = "LLMCXR_HEARTBEAT_TIMEOUT_S"
+
+
+def distributed_args(environ: Mapping[str, str] = os.environ) -> dict[str, object] | None:
+    """`jax.distributed.initialize` keyword arguments the environment asks for, or None for a
+    single-process run. Explicit processes (JAX_COORDINATOR_ADDRESS + JAX_NUM_PROCESSES +
+    JAX_PROCESS_ID) are passed as given; otherwise JAX detects the cluster (TPU pod, SLURM, MPI)."""
+    def number(name: str) -> int | None:
+        raw = environ.get(name, "")
+        if not raw:
+            return None
+        try:
+            return int(raw)
+        except ValueError:
+            raise ValueError(f"{name}={raw!r}: expected an integer") from None
+
+    args: dict[str, object] = {}
+    heartbeat = number(HEARTBEAT_TIMEOUT_ENV)
+    if heartbeat is not None:
+        args["heartbeat_timeout_seconds"] = heartbeat
+    n, index = number(NUM_PROCESSES_ENV), number(PROCESS_ID_ENV)
+    if n is not None or index is not None:
+        if n is None or index is None or not environ.get("JAX_COORDINATOR_ADDRESS"):
+            raise ValueError(f"{NUM_PROCESSES_ENV}, {PROCESS_ID_ENV} and JAX_COORDINATOR_ADDRESS "
+                             f"go together (e.g. launch/multiprocess.py sets all three)")
+        if not 0 <= index < n:
+            raise ValueError(f"{PROCESS_ID_ENV}={index} is not in [0, {NUM_PROCESSES_ENV}={n})")
+        return {"coordinator_address": environ["JAX_COORDINATOR_ADDRESS"], "num_processes": n,
+                "process_id": index, **args}
+    wanted = any(environ.get(k) for k in _DISTRIBUTED_ENV)
+    hostnames = environ.get("TPU_WORKER_HOSTNAMES", "")
+    if "TPU_WORKER_HOSTNAMES" in environ and "," not in hostnames:
+        wanted = any(environ.get(k) for k in _DISTRIBUTED_ENV if k != "TPU_WORKER_HOSTNAMES")
+    return args if wanted else None
 
 
 def maybe_initialize_distributed() -> bool:
-    """`jax.distributed.initialize()` on a multi-host TPU slice or when the environment says so.
+    """`jax.distributed.initialize()` on a multi-host TPU slice or when the environment says so
+    (`distributed_args`); CPU collectives go over gloo, so local processes on one machine
+    (`launch/multiprocess.py`) take the same code path as the hosts of a pod.
 
-    Must run before any other JAX call. Returns whether it initialised. A single-host run (the
-    default here, and every test) does nothing.
+    Must run before any other JAX call. Returns whether it initialised. A single-process run
+    does nothing.
     """
-    wanted = any(os.environ.get(k) for k in _DISTRIBUTED_ENV)
-    hostnames = os.environ.get("TPU_WORKER_HOSTNAMES", "")
-    if "TPU_WORKER_HOSTNAMES" in os.environ and "," not in hostnames:
-        wanted = any(os.environ.get(k) for k in _DISTRIBUTED_ENV if k != "TPU_WORKER_HOSTNAMES")
-    if not wanted:
+    args = distributed_args()
+    if args is None:
         return False
-    jax.distributed.initialize()
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU backend only
+    jax.distributed.initialize(**args)
+    sys.excepthook = _exit_without_shutdown_barrier
     return True
+
+
+def _exit_without_shutdown_barrier(kind: type, value: BaseException, tb: Any) -> None:
+    """A process that crashes leaves at once: `jax.distributed.shutdown` at exit would wait for
+    the others, which wait in a collective for it; gone, the coordination service declares it
+    dead within the heartbeat timeout and stops the others with an error."""
+    traceback.print_exception(kind, value, tb)
+    sys.stderr.flush()
+    sys.stdout.flush()
+    os._exit(1)
 
 
 def is_main_process() -> bool:
     """Only process 0 writes logs, metrics and config files."""
     return jax.process_index() == 0
+
+
+def sync_processes(name: str) -> None:
+    """Every process waits here until all have arrived (a no-op with one process): e.g. the
+    others wait while process 0 writes files they read next."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)

@@ -94,12 +94,10 @@ def gap_pair_sets(train_sources: pipeline_lib.Sources,
                   eval_sources: pipeline_lib.Sources | None, n: int, seed: int = 0
                   ) -> dict[str, tuple[str, list[dict]]]:
     """`gap/<direction>/<train|heldout>` -> (direction, up to `n` pairs in a seeded order) for
-    every direction the sources hold pairs of: fixed per run."""
+    every direction the sources hold pairs of: fixed per run, and the same on every process
+    (the sources are not host-sharded), so each gap is one global program all processes run."""
     sets: dict[str, tuple[str, list[dict]]] = {}
     if n <= 0:
-        return sets
-    if jax.process_count() > 1:  # host-local batches; multi-host gap evaluation is not built yet
-        log.warning("conditioning gap: not measured with %d processes", jax.process_count())
         return sets
     for split, sources in (("train", train_sources), ("heldout", eval_sources)):
         for direction in conditioning.DIRECTIONS:
