@@ -73,7 +73,7 @@ def step_2x4():
 
 
 def test_collectives_scale_with_layers_not_with_small_params(step_2x4):
-    base, _ = step_2x4
+    base, warnings = step_2x4
     # Twice the layers, two fewer parameters per layer (the attention biases).
     other, _ = _compile_2x4(dataclasses.replace(MODEL, num_layers=4, attention_bias=False))
 
@@ -87,6 +87,28 @@ def test_collectives_scale_with_layers_not_with_small_params(step_2x4):
     # and reduces all its gradients in one reduce-scatter and two all-reduces (over data, and
     # the replicated 1-D params' over all devices).
     assert kinds(base, 2) == ["all-gather"] * 8 + ["all-reduce"] * 2 + ["reduce-scatter"]
+    # The embedding lookup's backward no longer replicates a whole activation tensor.
+    assert warnings == 0
+
+
+def test_bytes_sent_match_the_shardings(step_2x4):
+    """Bytes per device from the parameter shapes (f32): on data=2 x fsdp=4, every weight
+    matrix is all-gathered over fsdp for the forward and the backward (the LM head once: it is
+    not rematerialised), its gradient reduce-scattered over fsdp and its shard all-reduced over
+    data; the input embedding moves activations instead of its table."""
+    summary = coll.summarize(step_2x4[0])
+    named = {jax.tree_util.keystr(path): p.size * 4 for path, p in
+             jax.tree_util.tree_leaves_with_path(shardings_lib.abstract_params(MODEL))}
+    head, table = named["['embed_out']['kernel']"], named["['embed_in']['embedding']"]
+    layers = sum(b for name, b in named.items() if "kernel" in name and "layers" in name)
+    vectors = sum(b for name, b in named.items() if "norm" in name or name.endswith("['bias']"))
+    assert summary.bytes_sent["all-gather"] == pytest.approx((2 * layers + head) * 3 / 4,
+                                                             rel=0.01)
+    assert summary.bytes_sent["reduce-scatter"] == pytest.approx((layers + head) * 3 / 4,
+                                                                 rel=0.01)
+    data_reduce = 2 * (layers + head + table) / 4 * 1 / 2
+    assert data_reduce < summary.bytes_sent["all-reduce"] <= data_reduce + 2 * vectors * 7 / 8 \
+        + 1024  # loss sums and metrics
 
 
 def test_checkpoint_with_old_shardings_restores_onto_new(tmp_path):
