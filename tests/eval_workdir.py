@@ -18,6 +18,7 @@ from llmcxr_jax.eval import classifier as clf
 from llmcxr_jax.llm.checkpoint import save_llm
 from llmcxr_jax.parallel import mesh as mesh_lib
 from llmcxr_jax.parallel import shardings as shardings_lib
+from llmcxr_jax.run_layout import RunLayout
 from llmcxr_jax.text.bpe import train_bpe
 from llmcxr_jax.train import run as run_lib
 from llmcxr_jax.train import run_config as rc
@@ -42,7 +43,7 @@ def random_params(config: ModelConfig, seed: int = 0):
 
 def build(root: pathlib.Path) -> pathlib.Path:
     root.mkdir(parents=True, exist_ok=True)
-    paths = run_lib.Paths(root)
+    paths = RunLayout(root)
     write_world(paths.world, WORLD, workers=1, progress=False)
     vq_cfg = configs.vqgan_preset("test-tiny")
     save_vqgan(paths.vqgan_run / "vqgan", vq_cfg, vqgan_init(vq_cfg, seed=1))

@@ -27,7 +27,7 @@ from llmcxr_jax.llm import serving
 from llmcxr_jax.parallel.mesh import mesh_from_flag
 from llmcxr_jax.text import prompts
 from llmcxr_jax.vqgan.checkpoint import load_vqgan
-from llmcxr_jax.vqgan.encode import load_codes
+from llmcxr_jax.vqgan.encode import Codec, load_codes
 
 # Report -> image at guidance 2 (the headline) and 1.
 OPTIONS = dict(batch_size=4, n_language=4, report_tokens=12, n_show=2, mesh="1", guidance=(2.0,))
@@ -94,7 +94,7 @@ def test_report2image_metrics_recompute_from_the_classifier(run):
     codes = pred["generated_codes"]
     assert codes.shape == (result["n_test"], vq_cfg.tokens_per_image)
     assert codes.min() >= 0 and codes.max() < vq_cfg.n_embed
-    decoder = protocol.Decoder(vq_cfg, vq_params, 4, jax.devices()[:1])
+    decoder = Codec(vq_cfg, vq_params, 4).decode
     probs = clf.predict_proba(cls_cfg, cls_params, decoder(codes))
     np.testing.assert_allclose(probs, pred["probs_generated"], atol=1e-5)
     # ... and of the real images' reconstructions for the upper bound.

@@ -12,6 +12,7 @@ from PIL import Image
 
 from llmcxr_jax.data import images as images_lib
 from llmcxr_jax.data import mimic
+from llmcxr_jax.run_layout import RunLayout
 from llmcxr_jax.train import curves
 from llmcxr_jax.train import run as run_lib
 from llmcxr_jax.train import run_config as rc
@@ -117,7 +118,7 @@ def test_samples_grid_is_labelled_and_samples_md_links_the_training_pictures(tmp
     import eval_workdir
 
     root = eval_workdir.build(tmp_path / "run")
-    paths = run_lib.Paths(root)
+    paths = RunLayout(root)
     _write_metrics(paths.stage(1), RECORDS)
     curves.write_stage_curves(paths.stage(1), 1)
     cfg = rc.from_json((root / "config.json").read_text())

@@ -19,6 +19,7 @@ import pytest
 
 from llmcxr_jax.configs import TrainConfig
 from llmcxr_jax.parallel.mesh import MeshError
+from llmcxr_jax.run_layout import RunLayout
 from llmcxr_jax.train import run as run_lib
 from llmcxr_jax.train import run_config as rc
 from llmcxr_jax.train import step_record
@@ -78,7 +79,7 @@ def test_steps_without_a_record_are_reused_with_a_note_and_derived_steps_are_red
 # ---- the run's plan over a workdir -------------------------------------------------------------
 
 
-def _fake_finished_stage(paths: run_lib.Paths, k: int, steps: int) -> None:
+def _fake_finished_stage(paths: RunLayout, k: int, steps: int) -> None:
     (paths.stage(k) / "checkpoints" / str(steps)).mkdir(parents=True)
     (paths.stage(k) / DONE_FILE).write_text(json.dumps({"step": steps}))
 
@@ -89,7 +90,7 @@ def _plan(cfg, paths, stages=(1, 2)):
 
 def test_plan_reuses_continues_or_refuses_each_step(tmp_path):
     cfg = rc.apply_overrides(rc.run_preset("tiny"), ["stage1.steps=12", "stage2.steps=12"])
-    paths = run_lib.Paths(tmp_path)
+    paths = RunLayout(tmp_path)
     plan = _plan(cfg, paths)
     assert {n: d.action for n, d in plan.decisions.items()} == {
         "world": "new", "vqgan": "new", "tokenizer": "new", "codes": "new", "stage1": "new",
@@ -152,7 +153,7 @@ def test_plan_reuses_continues_or_refuses_each_step(tmp_path):
 
 def test_a_workdir_from_before_records_keeps_working(tmp_path):
     cfg = rc.apply_overrides(rc.run_preset("tiny"), ["stage1.steps=12"])
-    paths = run_lib.Paths(tmp_path)
+    paths = RunLayout(tmp_path)
     paths.world.mkdir()
     (paths.world / "phantom_world.json").write_text("{}")
     _fake_finished_stage(paths, 1, 12)
@@ -266,3 +267,7 @@ def test_stage_2_alone_after_stage_1_with_a_base_model(tmp_path):
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "stage 2: done at step 1" in proc.stdout
     assert "stage 0" not in proc.stdout  # the base model is neither rerun nor reloaded
+    # Stage 1 gives its final params and nothing else: its data are not read.
+    assert "stage 1: reused at step 1" in proc.stdout
+    assert not [line for line in proc.stdout.splitlines()
+                if line.startswith("stage 1:") and "training records" in line], proc.stdout

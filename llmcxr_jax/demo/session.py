@@ -140,7 +140,7 @@ class DemoSession:
         self.say = say
         self._lock = threading.Lock()
         self._jobs = itertools.count()
-        self._codec: generate_job.ImageCodec | None = None
+        self._codec: Any = None  # the VQ-GAN codec, made on first use
 
     @property
     def guidance(self) -> float:
@@ -214,6 +214,6 @@ class DemoSession:
     def _as_read(self, codes: list[int]) -> np.ndarray:
         with self._lock:
             if self._codec is None:
-                self._codec = generate_job.ImageCodec(self.bundle)
+                self._codec = generate_job.image_codec(self.bundle)
             image = self._codec.decode(np.asarray([codes], np.int32))[0]
         return upscale(image_lib.to_uint8(image), self.view_size)

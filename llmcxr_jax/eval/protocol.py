@@ -47,7 +47,6 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec
 
 from llmcxr_jax.data import images as images_lib
 from llmcxr_jax.data import labeler, mimic
@@ -64,6 +63,7 @@ from llmcxr_jax.llm import inference, serving
 from llmcxr_jax.llm.generate import GenerationConfig
 from llmcxr_jax.parallel import shardings as shardings_lib
 from llmcxr_jax.parallel.mesh import mesh_from_flag
+from llmcxr_jax.run_layout import RunLayout
 from llmcxr_jax.text import prompts
 from llmcxr_jax.vqgan import encode as encode_lib
 
@@ -126,7 +126,7 @@ class EvalOptions:
 
 @dataclasses.dataclass(frozen=True)
 class RunInputs:
-    root: pathlib.Path
+    run: RunLayout
     world: pathlib.Path
     codes: pathlib.Path
     instructions: pathlib.Path | None  # the training instructions (for the held-out draw)
@@ -135,8 +135,13 @@ class RunInputs:
     report_stage: int
 
 
-def _run_config(root: pathlib.Path) -> dict[str, Any]:
-    path = root / "config.json"
+    @property
+    def root(self) -> pathlib.Path:
+        return self.run.root
+
+
+def _run_config(run: RunLayout) -> dict[str, Any]:
+    path = run.config
     if not path.is_file():
         return {}
     try:
@@ -148,22 +153,22 @@ def _run_config(root: pathlib.Path) -> dict[str, Any]:
 
 def resolve_inputs(workdir: str | pathlib.Path, options: EvalOptions) -> RunInputs:
     """The world, codes and training instructions of a run workdir, with clear errors."""
-    root = pathlib.Path(workdir)
+    run = RunLayout(pathlib.Path(workdir))
+    root = run.root
     if not root.is_dir():
         raise EvalInputError(f"--workdir {root} does not exist or is not a directory")
-    cfg = _run_config(root)
+    cfg = _run_config(run)
     data = cfg.get("data") or {}
-    world = root / "world" if (root / "world").is_dir() else (
-        pathlib.Path(data["world"]) if data.get("world") else None)
-    if world is None or not world.is_dir():
+    world = run.world_for(data.get("world") or "")
+    if not world.is_dir():
         raise EvalInputError(
-            f"{root}: no world to evaluate on: {root / 'world'} does not exist and "
-            f"{root / 'config.json'} names no existing data.world (got {data.get('world')!r})")
+            f"{root}: no world to evaluate on: {run.world} does not exist and "
+            f"{run.config} names no existing data.world (got {data.get('world')!r})")
     try:
         mimic.find_csv(world, mimic.SPLIT_CSV)
     except FileNotFoundError as e:
         raise EvalInputError(f"world {world} has no split CSV: {e}") from None
-    codes = pathlib.Path(data["codes"]) if data.get("codes") else root / "codes"
+    codes = run.codes_for(data.get("codes") or "")
     if encode_lib.read_index(codes) is None:
         raise EvalInputError(f"{codes} holds no image codes (no {encode_lib.INDEX_FILE}); run "
                              f"launch/train.py (it encodes the world) or launch/encode_images.py")
@@ -172,7 +177,7 @@ def resolve_inputs(workdir: str | pathlib.Path, options: EvalOptions) -> RunInpu
         instructions = world / "instructions.jsonl"
     world_cfg = cfg.get("world") or {}
     stage = options.report_stage or (2 if (cfg.get("stage2") or {}).get("steps", 1) > 0 else 1)
-    return RunInputs(root=root, world=world, codes=codes, instructions=instructions,
+    return RunInputs(run=run, world=world, codes=codes, instructions=instructions,
                      world_seed=int(world_cfg.get("seed", 0)),
                      init_from=str(cfg.get("init_from") or ""), report_stage=stage)
 
@@ -256,7 +261,7 @@ def classifier_for(inputs: RunInputs, options: EvalOptions, image_size: int, say
             raise EvalInputError(f"--classifier {directory}: no {clf.CONFIG_FILE} there (a "
                                  f"launch/train_classifier.py output is expected)")
     else:
-        directory = inputs.root / "classifier"
+        directory = inputs.run.classifier
         complete = all((directory / f).is_file() for f in (clf.CONFIG_FILE, clf.PARAMS_FILE))
         if not complete:
             say(f"classifier: none in {directory}; training one on {inputs.world} (train split, "
@@ -275,7 +280,7 @@ def classifier_for(inputs: RunInputs, options: EvalOptions, image_size: int, say
 def base_model(inputs: RunInputs, options: EvalOptions, finetuned: serving.Bundle, mesh: Any,
                say: Say) -> tuple[str, Any, Any, Any]:
     """(source, config, params, vocab) of the base model (see `EvalOptions.base`)."""
-    for source in (options.base, str(inputs.root / "base"), inputs.init_from):
+    for source in (options.base, str(inputs.run.base), inputs.init_from):
         if not source:
             continue
         path = pathlib.Path(source)
@@ -340,31 +345,6 @@ def prompt_bucket(lengths: Sequence[int], multiple: int = 64) -> int:
     return -(-max(lengths) // multiple) * multiple
 
 
-class Decoder:
-    """VQ-GAN codes [N, h * w] -> images [N, H, W, 3] in [-1, 1], jitted, fixed batch, on
-    `devices` (default all)."""
-
-    def __init__(self, config: Any, params: Any, batch_size: int,
-                 devices: Sequence[Any] | None = None):
-        self.config = config
-        self.mesh = jax.make_mesh((len(devices),), (encode_lib.DATA_AXIS,),
-                                  axis_types=(jax.sharding.AxisType.Auto,),
-                                  devices=list(devices)) if devices else encode_lib.device_mesh()
-        self.params = jax.device_put(params, NamedSharding(self.mesh, PartitionSpec()))
-        self.fn = encode_lib.make_decode_fn(config, self.mesh)  # cached per (config, mesh)
-        self.batch = encode_lib.padded_batch_size(batch_size, self.mesh)
-
-    def __call__(self, codes: np.ndarray) -> np.ndarray:
-        codes = np.asarray(codes).reshape(len(codes), self.config.latent_size, -1)
-        out = []
-        for start in range(0, len(codes), self.batch):
-            chunk = codes[start:start + self.batch]
-            grid = np.zeros((self.batch,) + codes.shape[1:], np.int32)
-            grid[:len(chunk)] = chunk
-            out.append(np.asarray(jax.device_get(self.fn(self.params, grid)))[:len(chunk)])
-        return np.concatenate(out)
-
-
 @functools.lru_cache(maxsize=None)
 def _classifier_forward(config: clf.ClassifierConfig) -> Callable:
     """jitted (params, images) -> [B, L + F]: sigmoid probabilities then features."""
@@ -410,7 +390,7 @@ def evaluate(workdir: str | pathlib.Path, options: EvalOptions = EvalOptions(),
     t0 = time.perf_counter()
     timing: dict[str, float] = {}
     inputs = resolve_inputs(workdir, options)
-    out = pathlib.Path(options.out) if options.out else inputs.root / "eval"
+    out = pathlib.Path(options.out) if options.out else inputs.run.eval
     mesh = _mesh(options.mesh)
     try:
         bundle = serving.load_bundle(inputs.root, mesh)
@@ -426,7 +406,7 @@ def evaluate(workdir: str | pathlib.Path, options: EvalOptions = EvalOptions(),
                        options, say)
     records = [it.record for it in items]
     key_r2i, key_i2r, key_lang = jax.random.split(jax.random.key(options.seed), 3)
-    decoder = Decoder(vq_cfg, vq_params, options.batch_size, list(mesh.devices.flat))
+    decoder = encode_lib.Codec(vq_cfg, vq_params, options.batch_size).decode
     timing["setup_s"] = time.perf_counter() - t0
 
     # 1. report -> image ---------------------------------------------------------------------------
@@ -470,7 +450,7 @@ def evaluate(workdir: str | pathlib.Path, options: EvalOptions = EvalOptions(),
                          "project); the FID above is in the CXR classifier's feature space",
         "classifier": str(cls_dir), "tokens_per_image": vq_cfg.tokens_per_image,
         "guidance": scales[0],
-        "null_report_rate": (_run_config(inputs.root).get("data") or {}).get("null_report_rate")})
+        "null_report_rate": (_run_config(inputs.run).get("data") or {}).get("null_report_rate")})
     by_guidance = {scales[0]: (r2i, gen_codes, probs_gen)}
     for scale in scales[1:]:
         scale_codes = images_at(scale)
@@ -577,7 +557,7 @@ def conditioning_gaps(inputs: RunInputs, bundle: Any, test_records: Sequence[mim
     `ci95`: on the test items, and on a seeded sample of as many of the train pairs the final
     stage trained in that direction (its report section and direction rule); pairs longer than
     the run's seq_len are left out, as training drops them."""
-    cfg = _run_config(inputs.root)
+    cfg = _run_config(inputs.run)
     data = cfg.get("data") or {}
     seq_len = (cfg.get("train") or {}).get("seq_len") or data.get("seq_len")
     train = mimic.load_mimic(inputs.world, codes, stage=inputs.report_stage, splits=("train",),

@@ -35,11 +35,10 @@ import pathlib
 import time
 from typing import Any, Callable, Iterable, Sequence
 
-import jax
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec
 
 from llmcxr_jax.data import images as image_lib
+from llmcxr_jax.io_utils import atomic_write, atomic_write_text
 from llmcxr_jax.llm.constraints import image_then_end_mask
 from llmcxr_jax.llm.generate import GenerationConfig
 from llmcxr_jax.llm.inference import (REPORT_SAMPLING, generate_rows, row_keys,
@@ -291,40 +290,14 @@ def phrasing_for(job: JobConfig, seed: int) -> int | None:
 # --------------------------------------------------------------------------------------------------
 
 
-class ImageCodec:
-    """VQ-GAN encode/decode in device-sharded batches (params replicated), padded to at least
-    `batch_size` rows so a smaller last batch reuses the compiled function."""
+def image_codec(bundle: Bundle, batch_size: int = 1) -> Any:
+    """The bundle's VQ-GAN as a `vqgan.encode.Codec` (batches of `batch_size` rows), or None
+    when the bundle has none."""
+    if bundle.vqgan_config is None or bundle.vqgan_params is None:
+        return None
+    from llmcxr_jax.vqgan.encode import Codec
 
-    def __init__(self, bundle: Bundle, batch_size: int = 1):
-        from llmcxr_jax.vqgan import encode as encode_lib
-
-        self.config = bundle.vqgan_config
-        self.available = bundle.vqgan_config is not None and bundle.vqgan_params is not None
-        self.where = bundle.path
-        self.batch_size = batch_size
-        self._encode_lib = encode_lib
-        if self.available:
-            self.mesh = encode_lib.device_mesh()
-            self.params = jax.device_put(bundle.vqgan_params,
-                                         NamedSharding(self.mesh, PartitionSpec()))
-
-    def _batched(self, fn: Any, x: np.ndarray) -> np.ndarray:
-        n = len(x)
-        batch = self._encode_lib.padded_batch_size(max(n, self.batch_size), self.mesh)
-        padded = np.zeros((batch, *x.shape[1:]), x.dtype)
-        padded[:n] = x
-        return np.asarray(jax.device_get(fn(self.params, padded)))[:n]
-
-    def encode(self, images: np.ndarray) -> np.ndarray:
-        """[B, H, W, 3] in [-1, 1] -> flat codes int32 [B, tokens_per_image]."""
-        fn = self._encode_lib.make_encode_fn(self.config, self.mesh)
-        return self._batched(fn, images.astype(np.float32)).reshape(len(images), -1)
-
-    def decode(self, codes: np.ndarray) -> np.ndarray:
-        """Flat codes [B, tokens_per_image] -> images [B, H, W, 3] in [-1, 1]."""
-        side = self.config.latent_size
-        fn = self._encode_lib.make_decode_fn(self.config, self.mesh)
-        return self._batched(fn, np.asarray(codes, np.int32).reshape(len(codes), side, side))
+    return Codec(bundle.vqgan_config, bundle.vqgan_params, batch_size)
 
 
 def read_codes_file(path: pathlib.Path, n_codes: int | None, n_image: int) -> np.ndarray:
@@ -358,9 +331,10 @@ def read_codes_file(path: pathlib.Path, n_codes: int | None, n_image: int) -> np
     return arr.astype(np.int32)
 
 
-def codes_of(items: Sequence[Item], codec: ImageCodec, n_image: int,
-             n_codes: int | None) -> list[np.ndarray]:
-    """Each item's image as flat codes: read from .npy/.npz, or encoded by the VQ-GAN."""
+def codes_of(items: Sequence[Item], codec: Any, n_image: int, n_codes: int | None,
+             where: pathlib.Path) -> list[np.ndarray]:
+    """Each item's image as flat codes: read from .npy/.npz, or encoded by `codec` (the VQ-GAN
+    of the model folder `where`; None: it has none)."""
     out: list[np.ndarray | None] = [None] * len(items)
     to_encode: list[tuple[int, np.ndarray]] = []
     for i, item in enumerate(items):
@@ -370,15 +344,15 @@ def codes_of(items: Sequence[Item], codec: ImageCodec, n_image: int,
                 raise InputError(f"{item.source}: codes file {path} not found")
             out[i] = read_codes_file(path, n_codes, n_image)
             continue
-        if not codec.available:
-            raise InputError(f"{item.source}: {path} is an image, but {codec.where} holds no "
+        if codec is None:
+            raise InputError(f"{item.source}: {path} is an image, but {where} holds no "
                              f"VQ-GAN to encode it; pass --vqgan DIR or give .npy codes")
         try:
             to_encode.append((i, image_lib.load_image(path, codec.config.resolution)))
         except image_lib.ImageError as e:
             raise InputError(f"{item.source}: {e}") from None
     if to_encode:
-        codes = codec.encode(np.stack([x for _, x in to_encode]))
+        codes = codec.encode(np.stack([x for _, x in to_encode])).reshape(len(to_encode), -1)
         for (i, _), c in zip(to_encode, codes):
             out[i] = c
     return out  # type: ignore[return-value]
@@ -441,11 +415,10 @@ def run_job(bundle: Bundle, items: Sequence[Item], job: JobConfig, out: str | pa
     guidance = 1.0
     if job.task == "report2image":
         guidance = bundle.guidance if job.guidance is None else job.guidance
-    codec = ImageCodec(bundle, job.batch_size)
+    codec = image_codec(bundle, job.batch_size)
     out.mkdir(parents=True, exist_ok=True)
     if job.task == "report2image":
         (out / IMAGES_DIR).mkdir(exist_ok=True)
-    tmp = out / (OUTPUTS_FILE + ".tmp")
     grid: list[np.ndarray] = []
     n_batches = -(-len(items) // job.batch_size)
     start = time.perf_counter()
@@ -453,18 +426,22 @@ def run_job(bundle: Bundle, items: Sequence[Item], job: JobConfig, out: str | pa
     say(f"generate: {len(items)} {job.task} item(s) in {n_batches} batch(es) of "
         f"{job.batch_size} from {bundle.path} ({bundle.kind}, step {bundle.step})"
         + (f", guidance {guidance:g}" if job.task == "report2image" else ""))
-    with open(tmp, "w") as f:
-        for b, batch in enumerate(_batches(items, job.batch_size), start=1):
-            records = _run_batch(bundle, batch, job, gen, hook, guidance, codec, n_codes, out,
-                                 grid)
-            for record in records:
-                f.write(json.dumps(record) + "\n")
-                finished += record["finished"]
-            f.flush()
-            done = min(b * job.batch_size, len(items))
-            say(f"batch {b}/{n_batches}: {done}/{len(items)} items, "
-                f"{time.perf_counter() - start:.1f} s")
-    tmp.replace(out / OUTPUTS_FILE)
+
+    def write_outputs(tmp: str) -> None:  # one line per item, as each batch finishes
+        nonlocal finished
+        with open(tmp, "w") as f:
+            for b, batch in enumerate(_batches(items, job.batch_size), start=1):
+                records = _run_batch(bundle, batch, job, gen, hook, guidance, codec, n_codes,
+                                     out, grid)
+                for record in records:
+                    f.write(json.dumps(record) + "\n")
+                    finished += record["finished"]
+                f.flush()
+                done = min(b * job.batch_size, len(items))
+                say(f"batch {b}/{n_batches}: {done}/{len(items)} items, "
+                    f"{time.perf_counter() - start:.1f} s")
+
+    atomic_write(out / OUTPUTS_FILE, write_outputs)
     if grid:
         image_lib.save_png(out / GRID_FILE, image_lib.image_grid(np.stack(grid)))
     summary = {"task": job.task, "items": len(items), "finished": finished,
@@ -472,19 +449,19 @@ def run_job(bundle: Bundle, items: Sequence[Item], job: JobConfig, out: str | pa
     job_record = {"model": str(bundle.path), "kind": bundle.kind, "step": bundle.step,
                   "job": dataclasses.asdict(job), "generation": dataclasses.asdict(gen),
                   "tokens_per_image": n_codes, "guidance": guidance, **summary}
-    (out / JOB_FILE).write_text(json.dumps(job_record, indent=2) + "\n")
+    atomic_write_text(out / JOB_FILE, json.dumps(job_record, indent=2) + "\n")
     say(f"generate: wrote {out / OUTPUTS_FILE}"
         + (f", {len(items)} PNGs in {out / IMAGES_DIR} and {out / GRID_FILE}" if grid else ""))
     return summary
 
 
 def _run_batch(bundle: Bundle, batch: list[Item], job: JobConfig, gen: GenerationConfig,
-               hook: Any, guidance: float, codec: ImageCodec, n_codes: int | None,
+               hook: Any, guidance: float, codec: Any, n_codes: int | None,
                out: pathlib.Path, grid: list[np.ndarray]) -> list[dict[str, Any]]:
     vocab, config = bundle.vocab, bundle.model_config
     codes: list[np.ndarray | None] = [None] * len(batch)
     if job.task in ("image2report", "vqa"):
-        codes = codes_of(batch, codec, vocab.n_image, n_codes)
+        codes = codes_of(batch, codec, vocab.n_image, n_codes, bundle.path)
     seeds = [item_seed(job.seed, item.index) for item in batch]
     phrasings = [phrasing_for(job, s) for s in seeds]
     texts, rows = [], []

@@ -41,13 +41,12 @@ from llmcxr_jax.llm.hf_io import replace_dir
 from llmcxr_jax.llm.model import Params
 from llmcxr_jax.parallel import shardings as shardings_lib
 from llmcxr_jax.parallel.rules import LOGICAL_AXIS_RULES
+from llmcxr_jax.run_layout import RunLayout
 from llmcxr_jax.text.vocab import Vocab
 
 SERVING_FORMAT = "llmcxr_jax.serving.v1"
 SERVING_KEY = "serving"
 VQGAN_DIR = "vqgan"
-RUN_LLM_DIR = "llm"  # a training run's final LLM (llmcxr_jax.train.run.Paths.llm)
-RUN_VQGAN_DIR = ("vqgan_run", "vqgan")  # a training run's VQ-GAN (Paths.vqgan_run / "vqgan")
 PARAM_DTYPES = ("float32", "bfloat16")
 KINDS = ("run", "llm", "serving")
 
@@ -114,18 +113,17 @@ def _has_vqgan(path: pathlib.Path) -> bool:
     return (path / CONFIG_FILE).is_file() and (path / PARAMS_FILE).is_file()
 
 
-def _run_vqgan_dir(root: pathlib.Path) -> pathlib.Path | None:
-    """A training run's VQ-GAN: its config's `vqgan_dir` when set, else vqgan_run/vqgan."""
+def _run_vqgan_dir(run: RunLayout) -> pathlib.Path | None:
+    """A training run's VQ-GAN: its config's `vqgan_dir` when set, else the one it trained."""
     from llmcxr_jax.vqgan.encode import resolve_vqgan_dir
 
     try:
-        given = json.loads((root / "config.json").read_text()).get("vqgan_dir", "")
+        given = json.loads(run.config.read_text()).get("vqgan_dir", "")
     except (OSError, ValueError, AttributeError):
         given = ""
     if given:
         return resolve_vqgan_dir(given)
-    path = root.joinpath(*RUN_VQGAN_DIR)
-    return path if _has_vqgan(path) else None
+    return run.vqgan if _has_vqgan(run.vqgan) else None
 
 
 def _default_guidance(kind: str, root: pathlib.Path, llm_dir: pathlib.Path) -> float:
@@ -133,7 +131,7 @@ def _default_guidance(kind: str, root: pathlib.Path, llm_dir: pathlib.Path) -> f
     `serving.guidance`, else 1."""
     if kind == "llm":
         return 1.0
-    path = root / "config.json" if kind == "run" else llm_dir / llm_checkpoint.CONFIG_FILE
+    path = RunLayout(root).config if kind == "run" else llm_dir / llm_checkpoint.CONFIG_FILE
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -155,19 +153,20 @@ def locate(path: str | pathlib.Path) -> tuple[str, pathlib.Path, pathlib.Path | 
                           f"workdir or a serving folder)")
     if not root.is_dir():
         raise BundleError(f"{root} is a file, not a model folder")
-    if _is_llm_dir(root / RUN_LLM_DIR):
-        return "run", root / RUN_LLM_DIR, _run_vqgan_dir(root)
+    run = RunLayout(root)
+    if _is_llm_dir(run.llm):
+        return "run", run.llm, _run_vqgan_dir(run)
     if _is_llm_dir(root):
         data = json.loads((root / llm_checkpoint.CONFIG_FILE).read_text())
         vqgan = root / VQGAN_DIR
         kind = "serving" if SERVING_KEY in data else "llm"
         return kind, root, vqgan if _has_vqgan(vqgan) else None
-    if (root / "config.json").is_file() and (root / "stage1").exists():
+    if run.is_run():
         raise BundleError(f"{root} is a training-run workdir without a final LLM: "
-                          f"{root / RUN_LLM_DIR / 'config.json'} is missing (run launch/train.py "
+                          f"{run.llm / llm_checkpoint.CONFIG_FILE} is missing (run launch/train.py "
                           f"until both stages finish)")
     raise BundleError(f"{root} holds no LLM: neither {root / 'config.json'} (an LLM workdir or "
-                      f"serving folder) nor {root / RUN_LLM_DIR / 'config.json'} (a training run) "
+                      f"serving folder) nor {run.llm / llm_checkpoint.CONFIG_FILE} (a training run) "
                       f"is an LLM config")
 
 

@@ -31,6 +31,7 @@ from jax.sharding import Mesh
 from llmcxr_jax.configs import DataConfig, ModelConfig, TrainConfig
 from llmcxr_jax.data import pipeline as pipeline_lib
 from llmcxr_jax.eval import conditioning
+from llmcxr_jax.io_utils import atomic_write_text
 from llmcxr_jax.parallel.mesh import check_global_batch, is_main_process
 from llmcxr_jax.parallel.rules import LOGICAL_AXIS_RULES
 from llmcxr_jax.text.vocab import Vocab
@@ -213,9 +214,7 @@ def run_stage(stage: int, *, model_cfg: ModelConfig, train_cfg: TrainConfig,
         logger.close()
     if status == "done" and is_main_process():
         curves.write_stage_curves(stage_dir, stage)  # curves.png: loss, lr, tokens/s, gaps
-        tmp = done.with_suffix(".tmp")
         finite = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
                   for k, v in summary.items()}  # strict JSON: no NaN (tasks absent from a stage)
-        tmp.write_text(json.dumps(finite, indent=2, sort_keys=True, allow_nan=False))
-        tmp.rename(done)
+        atomic_write_text(done, json.dumps(finite, indent=2, sort_keys=True, allow_nan=False))
     return StageResult(stage, status, step, state.params, summary)

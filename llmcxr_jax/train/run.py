@@ -49,6 +49,7 @@ from llmcxr_jax.llm.checkpoint import (TOKENIZER_DIR, CheckpointError, load_llm,
 from llmcxr_jax.parallel.mesh import (check_global_batch, is_main_process, mesh_from_flag,
                                       sync_processes)
 from llmcxr_jax.parallel.rules import rules_for
+from llmcxr_jax.run_layout import RunLayout
 from llmcxr_jax.text.bpe import train_bpe
 from llmcxr_jax.text.vocab import TOKENIZER_FILE, Vocab, load_vocab, tokenizer_difference
 from llmcxr_jax.train import curves
@@ -67,58 +68,20 @@ log = logging.getLogger(__name__)
 Say = Callable[[str], None]
 
 
-@dataclasses.dataclass(frozen=True)
-class Paths:
-    root: pathlib.Path
-
-    @property
-    def world(self) -> pathlib.Path:
-        return self.root / "world"
-
-    @property
-    def tokenizer(self) -> pathlib.Path:
-        return self.root / "tokenizer"
-
-    @property
-    def vqgan_run(self) -> pathlib.Path:
-        return self.root / "vqgan_run"
-
-    @property
-    def codes(self) -> pathlib.Path:
-        return self.root / "codes"
-
-    def stage(self, k: int) -> pathlib.Path:
-        return self.root / f"stage{k}"
-
-    @property
-    def llm(self) -> pathlib.Path:
-        return self.root / "llm"
-
-    @property
-    def base(self) -> pathlib.Path:
-        return self.root / "base"
-
-    @property
-    def samples(self) -> pathlib.Path:
-        return self.root / "samples"
-
-
-def write_config(cfg: rc.RunConfig, root: pathlib.Path, say: Say) -> None:
+def write_config(cfg: rc.RunConfig, paths: RunLayout, say: Say) -> None:
     """WORKDIR/config.json (atomically); warn about keys that differ from an earlier run's."""
-    path = root / "config.json"
+    path = paths.config
     if path.exists():
         diffs = rc.check_against(cfg, json.loads(path.read_text()))
         if diffs:
             say(f"note: config differs from {path} in {diffs}; each step checked the settings "
                 f"it depends on against its {step_record.RECORD_FILE}")
     if is_main_process():
-        root.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(rc.to_json(cfg))
-        tmp.rename(path)
+        paths.root.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, rc.to_json(cfg))
 
 
-def world_dir(cfg: rc.RunConfig, paths: Paths, say: Say, plan: "Plan") -> pathlib.Path:
+def world_dir(cfg: rc.RunConfig, paths: RunLayout, say: Say, plan: "Plan") -> pathlib.Path:
     """The data root: the given `data.world`, or a phantom world made (once) in the workdir."""
     if cfg.world is None:
         return pathlib.Path(cfg.data.world)  # preflight checked that it is given
@@ -152,7 +115,7 @@ class SetupError(ValueError):
     prints it as one line and exits 2."""
 
 
-def vocabulary(cfg: rc.RunConfig, paths: Paths, world: pathlib.Path, say: Say) -> Vocab:
+def vocabulary(cfg: rc.RunConfig, paths: RunLayout, world: pathlib.Path, say: Say) -> Vocab:
     """The run's vocabulary, made once and saved in WORKDIR/tokenizer/: with `init_from`, the
     imported LLM's own (its weights learned that id -> text mapping); else the given tokenizer +
     specials; else a byte-level BPE trained on the world's text."""
@@ -243,13 +206,13 @@ def held_out_images(world: pathlib.Path, size: int, n: int = 4) -> np.ndarray | 
     return np.stack(images) if images else None
 
 
-def vqgan_dir(cfg: rc.RunConfig, paths: Paths, world: pathlib.Path, say: Say, plan: "Plan"
+def vqgan_dir(cfg: rc.RunConfig, paths: RunLayout, world: pathlib.Path, say: Say, plan: "Plan"
               ) -> pathlib.Path:
     """The VQ-GAN to tokenise images with: the given one, or one trained (once) on the world.
     Its data axis takes the most devices that divide its batch (`vqgan.mesh_data=-1`)."""
     if cfg.vqgan_dir:
         return pathlib.Path(cfg.vqgan_dir)
-    final = paths.vqgan_run / "vqgan"
+    final = paths.vqgan
     decision = plan.decisions["vqgan"]
     if decision.action in ("reuse", "legacy"):
         say(f"vqgan: reusing {final}")
@@ -281,7 +244,7 @@ def vqgan_dir(cfg: rc.RunConfig, paths: Paths, world: pathlib.Path, say: Say, pl
     return final
 
 
-def image_codes(cfg: rc.RunConfig, paths: Paths, world: pathlib.Path, vq_dir: pathlib.Path,
+def image_codes(cfg: rc.RunConfig, paths: RunLayout, world: pathlib.Path, vq_dir: pathlib.Path,
                 say: Say, plan: "Plan") -> pathlib.Path:
     """Codes of every image of the world (resumable: images already encoded are skipped; codes
     of an earlier VQ-GAN, e.g. before `vqgan.steps` grew, are replaced)."""
@@ -352,7 +315,7 @@ def initial_params(cfg: rc.RunConfig, mesh: Any, vocab: Vocab) -> Any:
     return load_llm(cfg.init_from, shardings)[1]
 
 
-def base_model(cfg: rc.RunConfig, paths: Paths, world: pathlib.Path, codes: pathlib.Path,
+def base_model(cfg: rc.RunConfig, paths: RunLayout, world: pathlib.Path, codes: pathlib.Path,
                code_table: Any, vocab: Vocab, mesh: Any, say: Say,
                watcher: PreemptionWatcher | None, plan: "Plan") -> Any:
     """Stage 0: `base_steps` of text-only training on the world's instructions, from random
@@ -389,7 +352,7 @@ def with_image_embeddings(cfg: rc.RunConfig, params: Any, mesh: Any, vq_dir: pat
                                     seed=cfg.train.seed)
 
 
-def llm_stages(cfg: rc.RunConfig, paths: Paths, world: pathlib.Path, codes: pathlib.Path,
+def llm_stages(cfg: rc.RunConfig, paths: RunLayout, world: pathlib.Path, codes: pathlib.Path,
                vocab: Vocab, mesh: Any, stages: tuple[int, ...], say: Say,
                watcher: PreemptionWatcher | None, plan: "Plan",
                vq_dir: pathlib.Path) -> StageResult | None:
@@ -400,27 +363,37 @@ def llm_stages(cfg: rc.RunConfig, paths: Paths, world: pathlib.Path, codes: path
                          f"text + {vocab.n_image} image ids, padded to 128) but model.vocab_size "
                          f"is {cfg.model.vocab_size}: set --set model.vocab_size="
                          f"{vocab.embed_rows} or use a matching tokenizer")
-    code_table = pipeline_lib.flat_codes(str(codes))
     result: StageResult | None = None
     params = None
+    # Each stage loads only what it uses: its data only when it trains, its starting params
+    # (init_from, the base model, the codebook rows, stage 1's) only when it has no checkpoint
+    # of its own to resume from.
+    trains = {k: plan.decisions[f"stage{k}"].action not in ("reuse", "legacy") for k in (1, 2)
+              if f"stage{k}" in plan.decisions}
+    afresh = {k: trains[k] and _latest_checkpoint(paths.stage(k) / "checkpoints") is None
+              for k in trains}
+    # Stage 1 runs when asked to train or to give the final model; its finished params are read
+    # only when stage 2 starts from them.
+    needed = {1: (1 in stages and (trains[1] or 2 not in stages)) or afresh.get(2, False),
+              2: 2 in stages}
+    code_table = (pipeline_lib.flat_codes(str(codes))
+                  if any(trains[k] for k in trains if needed[k]) else None)
     for stage in (1, 2):
-        if stage not in stages and not (stage == 1 and 2 in stages):
+        if not needed[stage]:
             continue
-        if stage == 1 and 1 not in stages and not (paths.stage(1) / DONE_FILE).exists():
-            raise ValueError(f"--stage 2 needs stage 1's final params, but {paths.stage(1)} has "
-                             f"no {DONE_FILE}: run --stage 1 (or both) first")
         train_data = data_for(cfg, stage, world, codes, ("train",))
-        eval_data = data_for(cfg, stage, world, codes, ("validate",))
-        train_sources = training_sources(train_data, code_table)
-        say(f"stage {stage}: {train_sources.sizes()} training records; "
-            f"{train_sources.skips.summary()}")
-        try:
-            eval_sources = pipeline_lib.load_sources(eval_data, code_table)
-        except ValueError as err:  # a tiny world may hold no usable held-out pair
-            say(f"stage {stage}: no held-out evaluation ({err})")
-            eval_sources = None
-        if stage == 1 and (1 not in stages or (paths.stage(1) / DONE_FILE).exists()):
-            init = None  # stage 1 is reused or continued from its own checkpoints
+        train_sources = eval_sources = None
+        if trains[stage]:
+            train_sources = training_sources(train_data, code_table)
+            say(f"stage {stage}: {train_sources.sizes()} training records; "
+                f"{train_sources.skips.summary()}")
+            try:
+                eval_sources = pipeline_lib.load_sources(
+                    data_for(cfg, stage, world, codes, ("validate",)), code_table)
+            except ValueError as err:  # a tiny world may hold no usable held-out pair
+                say(f"stage {stage}: no held-out evaluation ({err})")
+        if not afresh[stage]:
+            init = None  # reused, or resumed / continued from the stage's own checkpoints
         elif stage == 1:
             init = initial_params(cfg, mesh, vocab)
             if init is None and cfg.base_steps > 0:
@@ -468,7 +441,7 @@ def uses_base_model(cfg: rc.RunConfig) -> bool:
     return cfg.base_steps > 0 and not cfg.init_from
 
 
-def step_specs(cfg: rc.RunConfig, paths: Paths) -> list[StepSpec]:
+def step_specs(cfg: rc.RunConfig, paths: RunLayout) -> list[StepSpec]:
     """The run's steps in order, each with the config sections its output depends on, flattened
     to `--set` keys (whole sections: fields added to them later are compared too)."""
     flat = step_record.flatten
@@ -572,7 +545,7 @@ class Plan:
         return steps
 
 
-def plan_steps(cfg: rc.RunConfig, paths: Paths, stages: tuple[int, ...]) -> Plan:
+def plan_steps(cfg: rc.RunConfig, paths: RunLayout, stages: tuple[int, ...]) -> Plan:
     """Before any work: what this run does with each of its steps, from each step's STEP.json and
     what the run asks of it (`step_record.decide`). A step holding other work than the run asks
     for is a SetupError naming the settings (recorded and asked)."""
@@ -640,7 +613,7 @@ def plan_steps(cfg: rc.RunConfig, paths: Paths, stages: tuple[int, ...]) -> Plan
 
 
 def preflight(cfg: rc.RunConfig, workdir: str | pathlib.Path, stages: tuple[int, ...] = (1, 2)
-              ) -> tuple[rc.RunConfig, Paths, Any, Plan]:
+              ) -> tuple[rc.RunConfig, RunLayout, Any, Plan]:
     """Everything a run checks before any work (it writes nothing): the data and VQ-GAN it is
     given, the mesh against the LLM's and the VQ-GAN's batches, and each step's record against
     what this run asks of it. A problem is a SetupError or MeshError of one line naming the
@@ -653,7 +626,7 @@ def preflight(cfg: rc.RunConfig, workdir: str | pathlib.Path, stages: tuple[int,
     except (FileNotFoundError, ValueError) as err:
         raise SetupError(f"vqgan_dir: {err}") from None
     cfg = rc.resolve(cfg, vq_cfg)
-    paths = Paths(pathlib.Path(workdir))
+    paths = RunLayout(pathlib.Path(workdir))
     mesh = mesh_from_flag(cfg.mesh)
     check_global_batch(cfg.train.global_batch, mesh, flag="--set train.global_batch")
     plan = plan_steps(cfg, paths, stages)
@@ -711,7 +684,7 @@ def run(cfg: rc.RunConfig, workdir: str | pathlib.Path, *, stages: tuple[int, ..
     after saving). `preflight` runs first: a configuration that cannot run, or a step that holds
     other work than asked for, raises before anything is written."""
     cfg, paths, mesh, plan = preflight(cfg, workdir, stages)
-    write_config(cfg, paths.root, say)
+    write_config(cfg, paths, say)
     for note in plan.notes():
         say(note)
     say(f"workdir {paths.root}; mesh {dict(mesh.shape)} on {mesh.devices.size} "
@@ -729,13 +702,11 @@ def run(cfg: rc.RunConfig, workdir: str | pathlib.Path, *, stages: tuple[int, ..
         if result is None:
             say("preempted: checkpoint saved; run the same command again to resume")
             return 0
-    if 2 in stages or stages == (1,):
-        if not (paths.llm / "config.json").exists() or result.status != "reused":
-            save_llm(paths.llm, cfg.model, result.params, vocab, step=result.step,
-                     overwrite=True)
-        say(f"llm: final model in {paths.llm}")
-        if cfg.samples > 0:
-            write_samples(cfg, paths, world, vq_dir, vocab, result.params, say)
+    if not (paths.llm / "config.json").exists() or result.status != "reused":
+        save_llm(paths.llm, cfg.model, result.params, vocab, step=result.step, overwrite=True)
+    say(f"llm: final model in {paths.llm}")
+    if cfg.samples > 0:
+        write_samples(cfg, paths, world, vq_dir, vocab, result.params, say)
     say(f"done in {time.perf_counter() - start:.0f} s. workdir {paths.root}: config.json, "
         f"world/, vqgan_run/, codes/, stage1/, stage2/ (metrics.jsonl, tensorboard/), llm/, "
         f"samples/")
@@ -747,21 +718,10 @@ def run(cfg: rc.RunConfig, workdir: str | pathlib.Path, *, stages: tuple[int, ..
 # --------------------------------------------------------------------------------------------------
 
 
-def decode_images(vq_dir: pathlib.Path, codes: np.ndarray) -> np.ndarray:
-    """Images [B, H, W, 3] in [-1, 1] from flat codes [B, h * w]."""
-    mesh = encode_lib.device_mesh()
-    vq_cfg, vq_params, _ = encode_lib.load_model(vq_dir, mesh)
-    batch = encode_lib.padded_batch_size(len(codes), mesh)
-    grid = np.zeros((batch, vq_cfg.latent_size, vq_cfg.latent_size), np.int32)
-    grid[:len(codes)] = np.asarray(codes).reshape(len(codes), vq_cfg.latent_size, -1)
-    images = encode_lib.make_decode_fn(vq_cfg, mesh)(vq_params, grid)
-    return np.asarray(jax.device_get(images))[:len(codes)]
-
-
 GRID_CELL = 256  # px per image in samples/grid.png
 
 
-def training_pictures(paths: Paths) -> list[str]:
+def training_pictures(paths: RunLayout) -> list[str]:
     """samples.md lines linking the pictures the run's steps drew (those that exist)."""
     pictures = [("VQ-GAN training curves", paths.vqgan_run / curves.CURVES_FILE),
                 ("VQ-GAN reconstructions of held-out images",
@@ -773,7 +733,7 @@ def training_pictures(paths: Paths) -> list[str]:
     return ["## Training", "", *lines] if lines else []
 
 
-def write_samples(cfg: rc.RunConfig, paths: Paths, world: pathlib.Path, vq_dir: pathlib.Path,
+def write_samples(cfg: rc.RunConfig, paths: RunLayout, world: pathlib.Path, vq_dir: pathlib.Path,
                   vocab: Vocab, params: Any, say: Say) -> None:
     """A few test-split reports -> images and images -> reports: samples/grid.png (each row: the
     original image, its VQ-GAN reconstruction, the image drawn from its report; labelled, shown
@@ -795,8 +755,9 @@ def write_samples(cfg: rc.RunConfig, paths: Paths, world: pathlib.Path, vq_dir: 
                                           guidance=cfg.guidance)
     if not is_main_process():
         return  # every process generated (the programs are global); one decodes and writes
-    real = decode_images(vq_dir, np.stack([r.codes for r in test]))
-    fake = decode_images(vq_dir, drawn)
+    codec = encode_lib.Codec.load(vq_dir, batch_size=len(test))
+    real = codec.decode(np.stack([r.codes for r in test]))
+    fake = codec.decode(drawn)
     paths.samples.mkdir(parents=True, exist_ok=True)
     size = vqgan_config(cfg).resolution
     columns = [("VQ-GAN reconstruction", real), (f"from its report (guidance {cfg.guidance:g})",

@@ -118,6 +118,47 @@ def load_model(vqgan: str | pathlib.Path, mesh: Mesh) -> tuple[VQGANConfig, Any,
     return config, jax.device_put(params, NamedSharding(mesh, P())), vqgan_dir
 
 
+class Codec:
+    """A VQ-GAN's encode and decode of host arrays: rows in fixed-size batches sharded over a 1-D
+    `data` mesh (default `device_mesh()`), params replicated, the last batch zero-padded, so one
+    compilation serves every call. The one batching path of training samples, generation, the
+    evaluation and the codes drivers."""
+
+    def __init__(self, config: VQGANConfig, params: Any, batch_size: int = 1,
+                 mesh: Mesh | None = None):
+        self.config = config
+        self.mesh = mesh if mesh is not None else device_mesh()
+        self.params = jax.device_put(params, NamedSharding(self.mesh, P()))
+        self.batch = padded_batch_size(batch_size, self.mesh)
+
+    @classmethod
+    def load(cls, vqgan: str | pathlib.Path, batch_size: int = 1) -> "Codec":
+        """From a VQ-GAN training / import workdir or checkpoint directory."""
+        mesh = device_mesh()
+        config, params, _ = load_model(vqgan, mesh)
+        return cls(config, params, batch_size, mesh)
+
+    def _batched(self, fn: Callable[[Any, Any], jax.Array], x: np.ndarray) -> np.ndarray:
+        out = []
+        for start in range(0, len(x), self.batch):
+            chunk = x[start:start + self.batch]
+            padded = np.zeros((self.batch, *x.shape[1:]), x.dtype)
+            padded[:len(chunk)] = chunk
+            out.append(np.asarray(jax.device_get(fn(self.params, padded)))[:len(chunk)])
+        return np.concatenate(out)
+
+    def encode(self, images: np.ndarray) -> np.ndarray:
+        """Images [N, H, W, 3] in [-1, 1] -> code indices int32 [N, h, w]."""
+        return self._batched(make_encode_fn(self.config, self.mesh),
+                             np.asarray(images, np.float32))
+
+    def decode(self, codes: np.ndarray) -> np.ndarray:
+        """Codes [N, h, w] or flat [N, h * w] -> images float32 [N, H, W, 3] in [-1, 1]."""
+        side = self.config.latent_size
+        codes = np.asarray(codes, np.int32).reshape(len(codes), side, side)
+        return self._batched(make_decode_fn(self.config, self.mesh), codes)
+
+
 # --------------------------------------------------------------------------------------------------
 # The codes directory
 # --------------------------------------------------------------------------------------------------
@@ -231,8 +272,9 @@ def encode_images(vqgan: str | pathlib.Path, sources: str | pathlib.Path | Seque
                   log: Callable[[str], None] = print) -> dict[str, Any]:
     """Encode every image of `sources` (directory, list file, or paths) into the codes directory
     `out`. Resumable; unreadable images are skipped and listed in failed.json. Returns a summary."""
-    mesh = device_mesh()
-    config, params, vqgan_dir = load_model(vqgan, mesh)
+    vqgan_dir = resolve_vqgan_dir(vqgan)
+    codec = Codec.load(vqgan_dir, batch_size)
+    config = codec.config
     if config.n_embed > 65536:
         raise ValueError(f"n_embed {config.n_embed} does not fit uint16 codes")
     header = {"vqgan": configs.to_dict(config), "params_sha256": params_digest(vqgan_dir),
@@ -254,8 +296,7 @@ def encode_images(vqgan: str | pathlib.Path, sources: str | pathlib.Path | Seque
         else:
             todo.append((image_id, p))
 
-    batch = padded_batch_size(batch_size, mesh)
-    encode = make_encode_fn(config, mesh)
+    batch = codec.batch
     size = config.resolution
     bar = None
     if progress:
@@ -267,11 +308,8 @@ def encode_images(vqgan: str | pathlib.Path, sources: str | pathlib.Path | Seque
 
     def run_batch(items):
         nonlocal n_ok
-        x = np.zeros((batch, size, size, 3), np.float32)
-        for i, (_, _, img) in enumerate(items):
-            x[i] = img
-        codes = np.asarray(jax.device_get(encode(params, x)))
-        for (image_id, p, _), c in zip(items, codes[:len(items)]):
+        codes = codec.encode(np.stack([img for _, _, img in items]))
+        for (image_id, p, _), c in zip(items, codes):
             writer.add(image_id, c, str(p))
         n_ok += len(items)
 
@@ -330,8 +368,8 @@ def decode_codes(vqgan: str | pathlib.Path, codes_dir: str | pathlib.Path,
                  grid_size: int = 64, progress: bool = True,
                  log: Callable[[str], None] = print) -> dict[str, Any]:
     """Decode codes to one PNG per image id in `out`, plus `grid.png` of the first `grid_size`."""
-    mesh = device_mesh()
-    config, params, _ = load_model(vqgan, mesh)
+    codec = Codec.load(vqgan, batch_size)
+    config = codec.config
     codes = load_codes(codes_dir)
     ids = sorted(codes) if ids is None else list(ids)
     missing = [i for i in ids if i not in codes]
@@ -344,8 +382,7 @@ def decode_codes(vqgan: str | pathlib.Path, codes_dir: str | pathlib.Path,
                              f"wants {latent}")
     out = pathlib.Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    batch = padded_batch_size(batch_size, mesh)
-    decode = make_decode_fn(config, mesh)
+    batch = codec.batch
     grid: list[np.ndarray] = []
     bar = None
     if progress:
@@ -353,9 +390,7 @@ def decode_codes(vqgan: str | pathlib.Path, codes_dir: str | pathlib.Path,
         bar = tqdm(total=len(ids), unit="img", dynamic_ncols=True, desc="decode")
     for start in range(0, len(ids), batch):
         chunk = ids[start:start + batch]
-        c = np.zeros((batch, *latent), np.int32)
-        c[:len(chunk)] = np.stack([codes[i] for i in chunk])
-        imgs = np.asarray(jax.device_get(decode(params, c)))[:len(chunk)]
+        imgs = codec.decode(np.stack([codes[i] for i in chunk]))
         for image_id, img in zip(chunk, imgs):
             image_lib.save_png(out / f"{image_id}.png", img)
             if len(grid) < grid_size:
