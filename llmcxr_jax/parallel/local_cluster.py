@@ -61,9 +61,10 @@ def describe_exit(code: int) -> str:
 
 
 def _pump(stream: IO[str], prefix: str, out: IO[str], lock: threading.Lock) -> None:
+    """Copy a process's output to `out` line by line, each line prefixed."""
     for line in stream:
         with lock:
-            out.write(f"{prefix}{line if line.endswith(chr(10)) else line + chr(10)}")
+            out.write(prefix + line.rstrip("\n") + "\n")
             out.flush()
 
 
