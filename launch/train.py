@@ -43,6 +43,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                         help="override any config field, e.g. --set train.learning_rate=1e-4 "
                              "(see the list below)")
+    cli.add_no_progress(parser)
     return parser.parse_args(argv)
 
 
@@ -70,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     # Mesh vs devices and batches, the given data, each finished step's record vs what is asked
     # now: checked before anything is written (MeshError, SetupError, StepConflict: one line).
     preflight(cfg, workdir, stages)
-    return run(cfg, workdir, stages=stages)  # SetupError: e.g. not init_from's own tokenizer
+    # SetupError: e.g. a tokenizer that is not init_from's own
+    return run(cfg, workdir, stages=stages, progress=not args.no_progress)
 
 
 if __name__ == "__main__":

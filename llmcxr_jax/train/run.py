@@ -81,7 +81,8 @@ def write_config(cfg: rc.RunConfig, paths: RunLayout, say: Say) -> None:
         atomic_write_text(path, rc.to_json(cfg))
 
 
-def world_dir(cfg: rc.RunConfig, paths: RunLayout, say: Say, plan: "Plan") -> pathlib.Path:
+def world_dir(cfg: rc.RunConfig, paths: RunLayout, say: Say, plan: "Plan",
+              progress: bool = True) -> pathlib.Path:
     """The data root: the given `data.world`, or a phantom world made (once) in the workdir."""
     if cfg.world is None:
         return pathlib.Path(cfg.data.world)  # preflight checked that it is given
@@ -90,7 +91,7 @@ def world_dir(cfg: rc.RunConfig, paths: RunLayout, say: Say, plan: "Plan") -> pa
         return paths.world
     say(f"world: drawing {cfg.world.n_studies} phantom studies at {cfg.world.size} px")
     if is_main_process():  # the others wait for it: one world on a shared disk
-        summary = write_world(paths.world, cfg.world)  # atomic
+        summary = write_world(paths.world, cfg.world, progress=progress)  # atomic
         plan.finish("world")
         say(f"world: {summary.get('images', '?')} images in {paths.world}")
     sync_processes("llmcxr_world")
@@ -206,8 +207,8 @@ def held_out_images(world: pathlib.Path, size: int, n: int = 4) -> np.ndarray | 
     return np.stack(images) if images else None
 
 
-def vqgan_dir(cfg: rc.RunConfig, paths: RunLayout, world: pathlib.Path, say: Say, plan: "Plan"
-              ) -> pathlib.Path:
+def vqgan_dir(cfg: rc.RunConfig, paths: RunLayout, world: pathlib.Path, say: Say, plan: "Plan",
+              progress: bool = True) -> pathlib.Path:
     """The VQ-GAN to tokenise images with: the given one, or one trained (once) on the world.
     Its data axis takes the most devices that divide its batch (`vqgan.mesh_data=-1`)."""
     if cfg.vqgan_dir:
@@ -236,8 +237,8 @@ def vqgan_dir(cfg: rc.RunConfig, paths: RunLayout, world: pathlib.Path, say: Say
                                  seed=cfg.vqgan.seed, read_threads=cfg.vqgan.read_threads)
     plan.start("vqgan")
     vqgan_train.train(vq_cfg, cfg.vqgan, paths.vqgan_run, batches, data_iter=batches,
-                      mesh=vqgan_train.data_mesh(n_data), progress=is_main_process(), log=say,
-                      preview=held_out_images(world, vq_cfg.resolution))
+                      mesh=vqgan_train.data_mesh(n_data), progress=progress and is_main_process(),
+                      log=say, preview=held_out_images(world, vq_cfg.resolution))
     plan.finish("vqgan")
     if bad.reasons:
         say(f"vqgan: skipped {len(bad.reasons)} unreadable images")
@@ -245,7 +246,7 @@ def vqgan_dir(cfg: rc.RunConfig, paths: RunLayout, world: pathlib.Path, say: Say
 
 
 def image_codes(cfg: rc.RunConfig, paths: RunLayout, world: pathlib.Path, vq_dir: pathlib.Path,
-                say: Say, plan: "Plan") -> pathlib.Path:
+                say: Say, plan: "Plan", progress: bool = True) -> pathlib.Path:
     """Codes of every image of the world (resumable: images already encoded are skipped; codes
     of an earlier VQ-GAN, e.g. before `vqgan.steps` grew, are replaced)."""
     if cfg.data.codes:
@@ -258,7 +259,7 @@ def image_codes(cfg: rc.RunConfig, paths: RunLayout, world: pathlib.Path, vq_dir
     if is_main_process():  # per-image work on process 0's devices; the others wait for it
         images = split_images(world, ("train", "validate", "test"))
         plan.start("codes")
-        encode_lib.encode_images(vq_dir, images, paths.codes, log=say)
+        encode_lib.encode_images(vq_dir, images, paths.codes, progress=progress, log=say)
         plan.finish("codes")
     sync_processes("llmcxr_codes")
     return paths.codes
@@ -679,9 +680,10 @@ def planned_stage(stage: int, cfg: rc.RunConfig, plan: Plan, say: Say, **kwargs:
 
 
 def run(cfg: rc.RunConfig, workdir: str | pathlib.Path, *, stages: tuple[int, ...] = (1, 2),
-        say: Say = print) -> int:
+        say: Say = print, progress: bool = True) -> int:
     """Every step of the run in `workdir`; returns a process exit code (0 also when preempted,
-    after saving). `preflight` runs first: a configuration that cannot run, or a step that holds
+    after saving); `progress` draws the world's, the VQ-GAN's and the encoder's progress bars.
+    `preflight` runs first: a configuration that cannot run, or a step that holds
     other work than asked for, raises before anything is written."""
     cfg, paths, mesh, plan = preflight(cfg, workdir, stages)
     write_config(cfg, paths, say)
@@ -691,12 +693,12 @@ def run(cfg: rc.RunConfig, workdir: str | pathlib.Path, *, stages: tuple[int, ..
         f"{jax.devices()[0].platform} device(s)")
     start = time.perf_counter()
     with PreemptionWatcher() as watcher:
-        world = world_dir(cfg, paths, say, plan)
-        vq_dir = vqgan_dir(cfg, paths, world, say, plan)
+        world = world_dir(cfg, paths, say, plan, progress)
+        vq_dir = vqgan_dir(cfg, paths, world, say, plan, progress)
         vocab = vocabulary(cfg, paths, world, say)
         if plan.decisions["tokenizer"].action == "new":
             plan.finish("tokenizer")
-        codes = image_codes(cfg, paths, world, vq_dir, say, plan)
+        codes = image_codes(cfg, paths, world, vq_dir, say, plan, progress)
         result = llm_stages(cfg, paths, world, codes, vocab, mesh, stages, say, watcher, plan,
                             vq_dir)
         if result is None:
