@@ -19,9 +19,10 @@ The ideal bytes per device for the layout's parameter shardings (ring algorithms
 for the forward and again for the backward, in the compute dtype, and its gradient reduce-scattered
 once; the input embedding moves its activations instead (one all-to-all each way); weights
 replicated along a batch axis all-reduce their (sharded) gradient there. Tensor parallel - the
-per-layer activation all-reduces (one per residual branch sum: 1 with GPT-NeoX's parallel
-residual, 2 without, forward, again when remat recomputes the forward, and backward), plus one
-each for the embedding lookup and the LM head's input gradient.
+per-layer activation all-reduces (Megatron's: forward, the block's output, once with GPT-NeoX's
+parallel residual when both branches are summed first, twice without; backward, the input
+gradients of the qkv and h_to_4h projections; a remat recompute needs none), plus one each for
+the embedding lookup and the LM head's input gradient.
 
 The roofline projection (labelled so: nothing ran on these chips) takes the per-device FLOPs, HBM
 bytes and bytes sent and divides by the chip's published peak bf16 FLOP/s, HBM bandwidth and
@@ -142,8 +143,10 @@ def ideal_bytes(model_cfg, train_cfg, mesh, rules) -> dict[str, float]:
             out["all-reduce"] += 2 * nbytes / gathered * share(replicas)
     t = sizes["tensor"]
     if t > 1:
-        branches = 1 if model_cfg.use_parallel_residual else 2
-        per_layer = branches * (2 + (model_cfg.remat_policy != "none"))
+        # Forward: the block's output (both branches summed first under the parallel residual);
+        # backward: the input gradient of each column-split projection (qkv, h_to_4h). A remat
+        # recompute needs none: the block's output is not needed for its gradients.
+        per_layer = (1 if model_cfg.use_parallel_residual else 2) + 2
         n_allreduce = model_cfg.num_layers * per_layer + 2
         out["all-reduce"] += n_allreduce * 2 * tokens * hidden * compute * share(t)
     return out
