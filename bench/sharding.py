@@ -80,9 +80,9 @@ def mesh_devices(text: str) -> int:
     try:
         sizes = [int(p) for p in parts]
     except ValueError:
-        raise SystemExit(f"--mesh={text}: sizes must be integers") from None
+        raise ValueError(f"--mesh={text}: sizes must be integers") from None
     if any(s < 1 for s in sizes):
-        raise SystemExit(f"--mesh={text}: give every axis size explicitly (no -1)")
+        raise ValueError(f"--mesh={text}: give every axis size explicitly (no -1)")
     return math.prod(sizes)
 
 
@@ -277,7 +277,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     layouts = args.mesh or list(DEFAULT_LAYOUTS)
     for mesh in layouts:
-        mesh_devices(mesh)
+        try:
+            mesh_devices(mesh)
+        except ValueError as e:
+            p.error(str(e))
     results = []
     for mesh in layouts:
         print(f"compiling {args.config} on {mesh} ...", file=sys.stderr, flush=True)
