@@ -347,11 +347,8 @@ def collectives(hlo_text: str, n_devices: int) -> list[Collective]:
                     _from_bf16(uses, operand) or
                     (bool(sinks) and all(_converts_to_bf16(*s) for s in sinks)))
                 itemsize = 2 if bf16 else _DTYPE_BYTES[array.dtype]
-                elements = array.elements
-                if kind == "all-gather":  # bytes of the result
-                    pass
-                elif kind == "reduce-scatter":
-                    elements *= n
+                # An all-gather moves its result's bytes, a reduce-scatter its operand's.
+                elements = array.elements * (n if kind == "reduce-scatter" else 1)
                 moved.append(elements * itemsize)
                 scattered.append(kind == "all-reduce" and bool(sinks) and all(
                     _slices_to(*s, array.elements, n, uses) for s in sinks))
