@@ -8,6 +8,7 @@ Every config is a frozen dataclass of plain values, so it serialises to JSON (`t
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Any, Mapping, TypeVar
 
 T = TypeVar("T")
@@ -21,6 +22,40 @@ def round_up(n: int, multiple: int) -> int:
 def to_dict(cfg: Any) -> dict[str, Any]:
     """A JSON-ready dict of a (possibly nested) config dataclass; tuples become lists."""
     return dataclasses.asdict(cfg)
+
+
+def parse_value(raw: str, current: Any, key: str) -> Any:
+    """A `--set key=raw` value typed after the field's current value: booleans as true/false/1/0,
+    tuples as `1,2` or JSON lists, None-valued fields as JSON (else the text)."""
+    try:
+        if isinstance(current, bool):
+            if raw.lower() not in ("true", "false", "1", "0"):
+                raise ValueError(raw)
+            return raw.lower() in ("true", "1")
+        if isinstance(current, int):
+            return int(raw)
+        if isinstance(current, float):
+            return float(raw)
+        if isinstance(current, tuple):
+            return tuple(json.loads(raw if raw.startswith("[") else f"[{raw}]"))
+    except (ValueError, json.JSONDecodeError):
+        raise ValueError(f"--set {key}={raw}: expected a value like {current!r}") from None
+    if current is None:
+        try:
+            return json.loads(raw)
+        except json.JSONDecodeError:
+            return raw
+    return raw
+
+
+def with_override(cfg: T, field: str, raw: str, key: str) -> T:
+    """`cfg` (a config dataclass) with `field` set from the `--set key=raw` text: the one override
+    mechanism of every entry point. An unknown field is a ValueError naming the known ones."""
+    names = [f.name for f in dataclasses.fields(cfg)]
+    if field not in names:
+        where = key.rpartition(".")[0] or type(cfg).__name__
+        raise ValueError(f"unknown --set key {key!r}; {where} keys: {names}")
+    return dataclasses.replace(cfg, **{field: parse_value(raw, getattr(cfg, field), key)})
 
 
 def from_dict(cls: type[T], data: Mapping[str, Any]) -> T:

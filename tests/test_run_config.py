@@ -43,6 +43,8 @@ def test_derived_keys_are_refused_naming_their_source(key, source):
     with pytest.raises(ValueError, match=f"--set {key}: derived, not settable: it follows .*"
                                          f"{source}"):
         rc.apply_overrides(rc.run_preset("phantom"), [f"{key}=64"])
+    listed = [line.split("=")[0] for line in rc.describe_keys().splitlines()]  # --help's list
+    assert (key in listed) == (key == "model.vocab_size")  # settable only with a tokenizer
 
 
 def test_a_set_value_is_what_runs():

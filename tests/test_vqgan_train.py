@@ -302,5 +302,9 @@ def test_overrides():
     assert (cfg.steps, cfg.dead_code_restart, vq.n_embed, vq.ch_mult, cfg.lpips_vgg_path) == (
         7, True, 64, (1, 2), "/x/vgg.pth")
     assert configs.VQGANTrainConfig(batch_size=4).lr == pytest.approx(4.5e-6 * 4)
-    with pytest.raises(KeyError, match="unknown VQGANTrainConfig field"):
+    with pytest.raises(ValueError, match="unknown --set key 'nope'; VQGANTrainConfig keys: "):
         train.apply_overrides(vq, cfg, ["nope=1"])
+    with pytest.raises(ValueError, match="unknown --set key 'vqgan.nope'; vqgan keys: .*n_embed"):
+        train.apply_overrides(vq, cfg, ["vqgan.nope=1"])
+    with pytest.raises(ValueError, match="--set steps=ten: expected a value like"):
+        train.apply_overrides(vq, cfg, ["steps=ten"])

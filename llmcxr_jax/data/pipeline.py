@@ -50,12 +50,12 @@ from typing import Any, Callable, Mapping, Sequence
 import grain
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh, NamedSharding
 
 from llmcxr_jax.configs import DATA_TASKS, DataConfig
 from llmcxr_jax.data import dolly, mimic, vqa
 from llmcxr_jax.data.skips import SkipCounter
-from llmcxr_jax.parallel.rules import LOGICAL_AXIS_RULES
+from llmcxr_jax.parallel.shardings import batch_sharding, batch_ways
 from llmcxr_jax.text import prompts
 from llmcxr_jax.text.vocab import Vocab
 
@@ -419,19 +419,6 @@ def _seed(seed: int, task: int, purpose: int) -> int:
 # --------------------------------------------------------------------------------------------------
 
 
-def batch_axes(mesh: Mesh) -> tuple[str, ...]:
-    """Mesh axes the `batch` logical axis maps to (from `parallel/rules.py`), present in `mesh`."""
-    rule = dict(LOGICAL_AXIS_RULES)["batch"]
-    axes = (rule,) if isinstance(rule, str) else tuple(rule or ())
-    return tuple(a for a in axes if a in mesh.axis_names)
-
-
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """Rows over the batch axes, the sequence whole: P(batch_axes, None)."""
-    axes = batch_axes(mesh)
-    return NamedSharding(mesh, PartitionSpec(axes if axes else None, None))
-
-
 class GlobalBatchIterator(grain.DatasetIterator):
     """Per-host numpy batches -> global `jax.Array`s (`make_array_from_process_local_data`).
 
@@ -444,7 +431,7 @@ class GlobalBatchIterator(grain.DatasetIterator):
         super().__init__(local)
         self._sharding = sharding
         self._global_batch = global_batch
-        n = int(np.prod([sharding.mesh.shape[a] for a in batch_axes(sharding.mesh)] or [1]))
+        n = batch_ways(sharding.mesh)
         if global_batch % n:
             raise ValueError(f"global batch {global_batch} is not divisible by the {n} devices of "
                              f"the mesh's batch axes {batch_axes(sharding.mesh)}")
@@ -476,6 +463,6 @@ def describe(pipeline: Pipeline, sources: Sources) -> str:
 
 __all__ = ["TASKS", "BATCH_KEYS", "Sources", "Pipeline", "DropCounter", "GlobalBatchIterator",
            "load_sources", "build_pipeline", "to_training_batch", "pad_to_row", "padding_fraction",
-           "batch_sharding", "batch_axes", "pair_records", "instruction_records", "vqa_records",
+           "pair_records", "instruction_records", "vqa_records",
            "shard_for_process", "per_host_batch", "describe"]
 

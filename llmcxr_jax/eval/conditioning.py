@@ -35,6 +35,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from llmcxr_jax.configs import ModelConfig
 from llmcxr_jax.llm.model import GPTNeoX
 from llmcxr_jax.parallel.rules import LOGICAL_AXIS_RULES
+from llmcxr_jax.parallel.shardings import batch_sharding, batch_ways
 from llmcxr_jax.text import prompts
 from llmcxr_jax.text.vocab import Vocab
 from llmcxr_jax.train.loss import token_nll_and_correct
@@ -158,8 +159,6 @@ def _row_nll_fn(model_cfg: ModelConfig, mesh: Mesh | None, rules: Any) -> Any:
 
     if mesh is None:
         return jax.jit(row_nll)
-    from llmcxr_jax.data.pipeline import batch_sharding
-
     rows = batch_sharding(mesh)
     jitted = jax.jit(row_nll, in_shardings=(None, rows, rows, rows, rows),
                      out_shardings=NamedSharding(mesh, PartitionSpec()))
@@ -178,9 +177,7 @@ def _batch_rows(mesh: Mesh | None, batch_size: int) -> int:
     """`batch_size` rounded up to a multiple of the mesh's batch-axis devices."""
     if mesh is None:
         return batch_size
-    from llmcxr_jax.data.pipeline import batch_axes
-
-    n = int(np.prod([mesh.shape[a] for a in batch_axes(mesh)] or [1]))
+    n = batch_ways(mesh)
     return -(-batch_size // n) * n
 
 

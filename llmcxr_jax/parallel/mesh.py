@@ -116,11 +116,6 @@ def check_global_batch(global_batch: int, mesh: Mesh, flag: str | None = None) -
                         f"{hint}")
 
 
-def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
-    """Leading (batch) axis over data x fsdp, the rest replicated."""
-    return NamedSharding(mesh, PartitionSpec(("data", "fsdp"), *([None] * (ndim - 1))))
-
-
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 

@@ -4,6 +4,7 @@ Shapes come from `jax.eval_shape` (nothing is allocated); each parameter's logic
 (`nn.with_logical_partitioning`) go through `LOGICAL_AXIS_RULES` to a `NamedSharding` on the mesh;
 1-D parameters (LayerNorm scales and biases, biases) are named `VECTOR` here, which the rules
 replicate, whatever the model named their axis.
+Batches (`batch_sharding`): rows over the mesh axes the rules give the `batch` logical axis.
 Meshes themselves are built in `llmcxr_jax.parallel.mesh`.
 """
 
@@ -15,7 +16,8 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh, PartitionSpec
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from llmcxr_jax.configs import ModelConfig
 from llmcxr_jax.parallel.rules import LOGICAL_AXIS_RULES
@@ -76,3 +78,21 @@ def abstract_sharded_params(config: ModelConfig, shardings: Any = None, mesh: Me
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                         abstract_params(config), shardings)
 
+
+def batch_axes(mesh: Mesh, rules: Rules = LOGICAL_AXIS_RULES) -> tuple[str, ...]:
+    """Mesh axes the `batch` logical axis maps to (the rules table), those present in `mesh`."""
+    rule = dict(rules)["batch"]
+    axes = (rule,) if isinstance(rule, str) else tuple(rule or ())
+    return tuple(a for a in axes if a in mesh.axis_names)
+
+
+def batch_ways(mesh: Mesh) -> int:
+    """Devices a batch's rows are split over: the product of the batch axes' sizes."""
+    return int(np.prod([mesh.shape[a] for a in batch_axes(mesh)] or [1]))
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
+    """The one batch layout of training, evaluation and data loading: the leading (row) axis over
+    the batch axes, the other `ndim - 1` axes whole."""
+    axes = batch_axes(mesh)
+    return NamedSharding(mesh, PartitionSpec(axes if axes else None, *([None] * (ndim - 1))))

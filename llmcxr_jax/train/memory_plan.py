@@ -18,11 +18,12 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from llmcxr_jax.configs import ModelConfig, TrainConfig
+from llmcxr_jax.data.pipeline import BATCH_KEYS
 from llmcxr_jax.parallel.mesh import check_global_batch
 from llmcxr_jax.parallel.rules import rules_for
 from llmcxr_jax.train.checkpoint import abstract_train_state
 from llmcxr_jax.train.flops import total_params
-from llmcxr_jax.train.step import BATCH_KEYS, batch_shardings, make_train_step
+from llmcxr_jax.train.step import batch_shardings, make_train_step
 
 GIB = 2**30
 

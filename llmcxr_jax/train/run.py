@@ -285,7 +285,7 @@ def data_for(cfg: rc.RunConfig, stage: int, world: pathlib.Path, codes: pathlib.
     extra = {}
     if cfg.world is not None:
         extra = {"instructions": str(world / "instructions.jsonl"),
-                 "vqa": str(world / "vqa.jsonl") if data.weights[3] > 0 else data.vqa}
+                 "vqa": str(world / "vqa.jsonl") if "vqa" in data.task_weights() else data.vqa}
     return dataclasses.replace(data, world=str(world), codes=str(codes), splits=splits, **extra)
 
 

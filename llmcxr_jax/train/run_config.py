@@ -166,27 +166,6 @@ def run_preset(name: str) -> RunConfig:
     return RUN_PRESETS[name]
 
 
-def _parse_value(raw: str, current: Any, key: str) -> Any:
-    """A `--set` value typed after the field's current value (JSON for tuples and None)."""
-    try:
-        if isinstance(current, bool):
-            if raw.lower() not in ("true", "false", "1", "0"):
-                raise ValueError(raw)
-            return raw.lower() in ("true", "1")
-        if isinstance(current, int):
-            return int(raw)
-        if isinstance(current, float):
-            return float(raw)
-        if isinstance(current, tuple):
-            value = json.loads(raw if raw.startswith("[") else f"[{raw}]")
-            return tuple(value)
-        if current is None:
-            return json.loads(raw)
-    except (ValueError, json.JSONDecodeError):
-        raise ValueError(f"--set {key}={raw}: expected a value like {current!r}") from None
-    return raw
-
-
 def apply_overrides(cfg: RunConfig, overrides: Sequence[str]) -> RunConfig:
     """`section.field=value` (or a top-level `field=value`) overrides, each checked by name; a
     derived key (`DERIVED`) is refused with the name of what it follows."""
@@ -202,8 +181,7 @@ def apply_overrides(cfg: RunConfig, overrides: Sequence[str]) -> RunConfig:
             if section not in _TOP_LEVEL:
                 raise ValueError(f"unknown --set key {key!r}; top-level keys: {list(_TOP_LEVEL)}; "
                                  f"sections: {sorted(_SECTIONS)}")
-            cfg = dataclasses.replace(cfg, **{section: _parse_value(raw, getattr(cfg, section),
-                                                                      key)})
+            cfg = configs.with_override(cfg, section, raw, key)
             continue
         if section not in _SECTIONS:
             raise ValueError(f"unknown --set section {section!r} in {key!r}; sections: "
@@ -211,11 +189,7 @@ def apply_overrides(cfg: RunConfig, overrides: Sequence[str]) -> RunConfig:
         sub = getattr(cfg, section)
         if sub is None:
             raise ValueError(f"--set {key}: this preset has no {section} section")
-        names = [f.name for f in dataclasses.fields(sub)]
-        if field not in names:
-            raise ValueError(f"unknown --set key {key!r}; {section} keys: {names}")
-        value = _parse_value(raw, getattr(sub, field), key)
-        cfg = dataclasses.replace(cfg, **{section: dataclasses.replace(sub, **{field: value})})
+        cfg = dataclasses.replace(cfg, **{section: configs.with_override(sub, field, raw, key)})
     if VOCAB_SIZE_KEY in keys and not cfg.tokenizer:
         raise ValueError(f"--set {VOCAB_SIZE_KEY}: derived, not settable: it follows "
                          f"{VOCAB_SIZE_SOURCE}")
@@ -256,14 +230,17 @@ def from_json(text: str) -> RunConfig:
 
 
 def describe_keys() -> str:
-    """Every `--set` key with its default in the default preset (for `--help`)."""
+    """Every `--set` key with its default in the default preset (for `--help`); derived keys are
+    left out (they follow other settings)."""
     cfg = RUN_PRESETS["phantom"]
     lines = [f"{name}={getattr(cfg, name)!r}" for name in _TOP_LEVEL]
     for section in _SECTIONS:
         sub = getattr(cfg, section)
         if sub is not None:
             lines += [f"{section}.{f.name}={getattr(sub, f.name)!r}"
-                      for f in dataclasses.fields(sub)]
+                      + ("  (only with a tokenizer; else derived)"
+                         if f"{section}.{f.name}" == VOCAB_SIZE_KEY else "")
+                      for f in dataclasses.fields(sub) if f"{section}.{f.name}" not in DERIVED]
     return "\n".join(lines)
 
 

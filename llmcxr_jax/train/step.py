@@ -14,23 +14,23 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh, NamedSharding
 
 from llmcxr_jax.configs import ModelConfig, TrainConfig
+from llmcxr_jax.data.pipeline import BATCH_KEYS
 from llmcxr_jax.llm.model import GPTNeoX
 from llmcxr_jax.parallel.rules import LOGICAL_AXIS_RULES
+from llmcxr_jax.parallel.shardings import batch_sharding
 from llmcxr_jax.train.loss import loss_sums, summarize
 from llmcxr_jax.train.optimizer import learning_rate_schedule, make_optimizer
 from llmcxr_jax.train.state import Rules, TrainState, state_shardings
 
 Batch = dict[str, jax.Array]
-BATCH_KEYS = ("inputs", "targets", "loss_mask", "segment_ids", "positions", "task_ids")
 
 
 def batch_shardings(mesh: Mesh) -> dict[str, NamedSharding]:
-    """Every [batch, length] field split over the batch axes (data x fsdp)."""
-    spec = NamedSharding(mesh, PartitionSpec(("data", "fsdp"), None))
-    return {k: spec for k in BATCH_KEYS}
+    """Every [batch, length] field of a training batch in the one batch layout."""
+    return {k: batch_sharding(mesh) for k in BATCH_KEYS}
 
 
 def _micro_sums_fn(model: GPTNeoX, num_tasks: int) -> Callable:

@@ -450,42 +450,20 @@ def read_run_config(workdir: pathlib.Path) -> tuple[VQGANConfig, VQGANTrainConfi
             configs.from_dict(VQGANTrainConfig, data["train"]))
 
 
-def _parse_value(field: str, text: str, current: Any) -> Any:
-    """`text` converted to the type of the field's current value."""
-    if isinstance(current, bool):
-        if text.lower() in ("1", "true", "yes", "on"):
-            return True
-        if text.lower() in ("0", "false", "no", "off"):
-            return False
-        raise ValueError(f"--set {field}={text}: expected a boolean")
-    if isinstance(current, tuple):
-        return tuple(int(v) for v in text.replace("(", "").replace(")", "").split(",") if v.strip())
-    try:
-        return type(current)(text) if current is not None else text
-    except ValueError:
-        raise ValueError(f"--set {field}={text}: expected {type(current).__name__}") from None
-
-
 def apply_overrides(vq_config: VQGANConfig, config: VQGANTrainConfig, sets: Iterable[str]
                     ) -> tuple[VQGANConfig, VQGANTrainConfig]:
-    """Apply `key=value` overrides: train fields by name, model fields as `vqgan.<field>`."""
-    vq_changes: dict[str, Any] = {}
-    changes: dict[str, Any] = {}
+    """`key=value` overrides (`configs.with_override`): train fields by name, model fields as
+    `vqgan.<field>`."""
     for item in sets:
-        if "=" not in item:
+        key, sep, raw = item.partition("=")
+        if not sep:
             raise ValueError(f"--set {item!r}: expected key=value")
-        key, text = item.split("=", 1)
-        key = key.strip()
+        key, raw = key.strip(), raw.strip()
         if key.startswith("vqgan."):
-            name, target, out = key[len("vqgan."):], vq_config, vq_changes
+            vq_config = configs.with_override(vq_config, key[len("vqgan."):], raw, key)
         else:
-            name, target, out = key, config, changes
-        fields = {f.name for f in dataclasses.fields(target)}
-        if name not in fields:
-            raise KeyError(f"--set {key}: unknown {type(target).__name__} field; known: "
-                           f"{sorted(fields)}")
-        out[name] = _parse_value(key, text.strip(), getattr(target, name))
-    return dataclasses.replace(vq_config, **vq_changes), dataclasses.replace(config, **changes)
+            config = configs.with_override(config, key, raw, key)
+    return vq_config, config
 
 
 def _step_fields(config: VQGANTrainConfig) -> VQGANTrainConfig:
