@@ -165,9 +165,9 @@ def locate(path: str | pathlib.Path) -> tuple[str, pathlib.Path, pathlib.Path | 
         raise BundleError(f"{root} is a training-run workdir without a final LLM: "
                           f"{run.llm / llm_checkpoint.CONFIG_FILE} is missing (run launch/train.py "
                           f"until both stages finish)")
-    raise BundleError(f"{root} holds no LLM: neither {root / 'config.json'} (an LLM workdir or "
-                      f"serving folder) nor {run.llm / llm_checkpoint.CONFIG_FILE} (a training run) "
-                      f"is an LLM config")
+    raise BundleError(f"{root} holds no LLM: neither {root / llm_checkpoint.CONFIG_FILE} (an LLM "
+                      f"workdir or serving folder) nor {run.llm / llm_checkpoint.CONFIG_FILE} (a "
+                      f"training run) is an LLM config")
 
 
 # --------------------------------------------------------------------------------------------------
