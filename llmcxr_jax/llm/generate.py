@@ -34,7 +34,7 @@ import numpy as np
 
 from llmcxr_jax.configs import ModelConfig, round_up
 from llmcxr_jax.llm.constraints import DecodeState, LogitsMaskFn, apply_mask
-from llmcxr_jax.llm.model import GPTNeoX, KVCache, Params
+from llmcxr_jax.llm.model import GPTNeoX, KVCache, Params, with_split_layers
 from llmcxr_jax.llm.sampling import fold_in, greedy_tokens, sample_tokens
 
 Array = jax.Array
@@ -181,6 +181,7 @@ def _generate(params: Params, prompt_ids: Array, prompt_mask: Array, rng: Array,
     batch = rows if guidance is None else rows // 2
     n_new = gen.max_new_tokens
     model = GPTNeoX(config)
+    params = with_split_layers(params, config.num_layers)  # once, not in every loop step
 
     def forward(ids: Array, positions: Array, segment_ids: Array,
                 cache: KVCache) -> tuple[Array, KVCache]:

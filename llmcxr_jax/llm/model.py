@@ -64,7 +64,7 @@ class Params(TypedDict):
     checkpoints, the HF mapping and the serving exports store."""
 
     embed_in: dict[str, Array]  # {"embedding": [vocab, embed]}
-    layers: LayerParams  # stacked over layers
+    layers: LayerParams  # stacked over layers (`with_split_layers`: one tree per layer)
     final_layer_norm: LayerNormParams
     embed_out: ProjectionParams  # {"kernel": [embed, vocab]}
 
@@ -346,18 +346,19 @@ class GPTNeoX(nn.Module):
                 metadata_params={nn.PARTITION_NAME: "layers"})(cfg, name="layers")
             x, _ = layers(x, LayerInputs(cos=cos, sin=sin, mask=mask))
         else:
-            # The same `Block` on each layer's slice of the scanned parameters, unrolled: every
-            # layer keeps its own cache array (`KVCache`).
+            # The same `Block` on each layer's slice of the scanned parameters (`split_layers`),
+            # unrolled: every layer keeps its own cache array (`KVCache`).
             kv_segments = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids,
                                                        (0, cache.index))
             kv_slots = jnp.broadcast_to(jnp.arange(cache.max_len), (batch, cache.max_len))
             mask = attention_mask(cache.index + slots, segment_ids, kv_slots, kv_segments)
             inputs = LayerInputs(cos=cos, sin=sin, mask=mask, cache_index=cache.index)
-            stacked = nn.unbox(self.variables["params"]["layers"])
+            layers = self.variables["params"]["layers"]
+            if not isinstance(layers, tuple):
+                layers = split_layers(nn.unbox(layers), cfg.num_layers)
             block = Block(cfg, parent=None)
             keys, values = [], []
-            for i, kv in enumerate(zip(cache.k, cache.v)):
-                layer = jax.tree.map(lambda p, i=i: p[i], stacked)
+            for layer, kv in zip(layers, zip(cache.k, cache.v)):
                 x, (k, v) = block.apply({"params": layer}, x, inputs, kv)
                 keys.append(k)
                 values.append(v)
@@ -372,6 +373,20 @@ class GPTNeoX(nn.Module):
                             name="embed_out")(x)
         logits = nn.with_logical_constraint(logits, ("batch", "length", "act_vocab"))
         return logits if cache is None else (logits, cache)
+
+
+def split_layers(layers: LayerParams, num_layers: int) -> tuple[LayerParams, ...]:
+    """The stacked `Params.layers` as one tree per layer."""
+    return tuple(jax.tree.map(lambda p, i=i: p[i], layers) for i in range(num_layers))
+
+
+def with_split_layers(params: Params, num_layers: int) -> Params:
+    """`params` with `layers` split (`split_layers`), which the cached forward takes as they are.
+
+    A decode loop splits them once, before the loop: XLA does not hoist the slices of the stacked
+    weights out of a `while_loop`, so every step would copy every layer's weights.
+    """
+    return {**params, "layers": split_layers(params["layers"], num_layers)}
 
 
 def init_params(config: ModelConfig, rng: Array, length: int = 8) -> Params:
