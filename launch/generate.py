@@ -23,14 +23,12 @@ from __future__ import annotations
 import argparse
 import pathlib
 
-from llmcxr_jax import cli
+from llmcxr_jax import cli, tasks
 from llmcxr_jax.parallel.cpu_devices import split_cpu_into_devices
 
 split_cpu_into_devices()  # before JAX is imported: one XLA CPU device per core
 
-# The tasks of llmcxr_jax.llm.generate_job.TASKS (which checks them again), here so that --help
-# and a usage error need no JAX import.
-TASKS = ("report2image", "image2report", "vqa", "instruct")
+TASKS = tasks.NAMES  # llmcxr_jax/tasks.py imports no JAX: --help and usage errors stay quick
 
 
 def _phrasing(value: str) -> int | str:
@@ -104,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     mesh = mesh_lib.mesh_from_flag(args.mesh)
     try:
         bundle = serving.load_bundle(args.workdir, mesh, vqgan=args.vqgan, step=args.step,
-                                     load_vqgan=args.task != "instruct")  # text only
+                                     load_vqgan=tasks.get(args.task).uses_vqgan)
     except serving.BundleError as e:
         raise serving.BundleError(f"--workdir: {e}") from None
     out = args.out or pathlib.Path(args.workdir) / "generated" / args.task

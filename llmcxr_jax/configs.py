@@ -11,6 +11,8 @@ import dataclasses
 import json
 from typing import Any, Mapping, TypeVar
 
+from llmcxr_jax import tasks
+
 T = TypeVar("T")
 
 
@@ -326,7 +328,7 @@ class VQGANTrainConfig:
 # Data pipeline (llmcxr_jax/data/pipeline.py)
 # --------------------------------------------------------------------------------------------------
 
-DATA_TASKS = ("report2image", "image2report", "instruct", "vqa")  # = text.prompts.TASKS
+DATA_TASKS = tasks.NAMES  # the data order of `DataConfig.weights`
 
 
 @dataclasses.dataclass(frozen=True)

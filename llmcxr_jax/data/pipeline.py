@@ -52,6 +52,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
+from llmcxr_jax import tasks as tasks_lib
 from llmcxr_jax.configs import DATA_TASKS, DataConfig
 from llmcxr_jax.data import dolly, mimic, vqa
 from llmcxr_jax.data.skips import SkipCounter
@@ -60,7 +61,6 @@ from llmcxr_jax.text import prompts
 from llmcxr_jax.text.vocab import Vocab
 
 TASKS: tuple[str, ...] = DATA_TASKS
-assert TASKS == tuple(prompts.TASKS), (TASKS, prompts.TASKS)
 TASK_INDEX = {t: i for i, t in enumerate(TASKS)}
 BATCH_KEYS = ("inputs", "targets", "loss_mask", "segment_ids", "positions", "task_ids")
 
@@ -127,14 +127,14 @@ def load_sources(cfg: DataConfig, codes: Mapping[str, np.ndarray] | None = None)
             if not cfg.codes:
                 raise ValueError("DataConfig.codes is empty but an image task has a positive weight")
             codes = flat_codes(cfg.codes)
-    if "report2image" in weights or "image2report" in weights:
+    if any(tasks_lib.get(t).paired for t in weights):
         data = mimic.load_mimic(cfg.world, codes, stage=cfg.stage, splits=cfg.splits,
                                 tokens_per_image=cfg.tokens_per_image,
                                 codebook_size=cfg.codebook_size)
         skips.update(data.skips)
         pairs = pair_records(data.records, cfg.direction)
-        for task in ("report2image", "image2report"):
-            if task in weights:
+        for task in weights:
+            if tasks_lib.get(task).paired:
                 records[task] = pairs[task]
     if "instruct" in weights:
         if not cfg.instructions:
@@ -210,7 +210,7 @@ def tokenise_fn(vocab: Vocab, task: str, max_len: int, n_codes: int, drops: Drop
     record's report becomes `prompts.NULL_REPORT` with probability `null_report_rate` (drawn
     from the element's rng, which is not touched at rate 0)."""
     task_id = TASK_INDEX[task]
-    null_rate = null_report_rate if task == "report2image" else 0.0
+    null_rate = null_report_rate if tasks_lib.get(task).draws_image else 0.0
 
     def tokenise(record: dict, rng: np.random.Generator) -> dict | None:
         if null_rate > 0.0 and rng.random() < null_rate:

@@ -37,6 +37,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
+from llmcxr_jax import tasks as tasks_lib
 from llmcxr_jax.data import images as image_lib
 from llmcxr_jax.io_utils import atomic_write, atomic_write_text
 from llmcxr_jax.llm.constraints import image_then_end_mask
@@ -47,7 +48,7 @@ from llmcxr_jax.llm.serving import Bundle
 from llmcxr_jax.text import prompts
 from llmcxr_jax.text.vocab import IMAGE_PLACEHOLDER, Vocab
 
-TASKS = ("report2image", "image2report", "vqa", "instruct")
+TASKS = tasks_lib.NAMES
 CODE_SUFFIXES = (".npy", ".npz")
 OUTPUTS_FILE = "outputs.jsonl"
 JOB_FILE = "job.json"
@@ -133,8 +134,8 @@ def read_items(task: str, *, reports: Sequence[str] = (), images: Sequence[str] 
     given = {"--report": reports, "--image": images, "--question": questions,
              "--instruction": instructions, "--context": contexts}
     used = [flag for flag, values in given.items() if values]
-    allowed = {"report2image": {"--report"}, "image2report": {"--image"},
-               "vqa": {"--image", "--question"}, "instruct": {"--instruction", "--context"}}[task]
+    spec = tasks_lib.get(task)
+    allowed = {f"--{field}" for field in spec.inputs + spec.optional}
     stray = [flag for flag in used if flag not in allowed]
     if stray:
         raise InputError(f"--task {task} does not take {', '.join(stray)} (it takes "
@@ -249,14 +250,14 @@ class JobConfig:
         if self.guidance is not None:
             if not 0.0 <= self.guidance < float("inf"):
                 raise InputError(f"--guidance must be a finite number >= 0, got {self.guidance}")
-            if self.task != "report2image" and self.guidance != 1.0:
+            if not tasks_lib.get(self.task).draws_image and self.guidance != 1.0:
                 raise InputError(f"--guidance applies to --task report2image only, not "
                                  f"{self.task}")
 
 
 def generation_config(job: JobConfig, tokens_per_image: int) -> GenerationConfig:
     """The task's sampling settings with the job's overrides."""
-    if job.task == "report2image":
+    if tasks_lib.get(job.task).draws_image:
         base = GenerationConfig(max_new_tokens=tokens_per_image + 1, do_sample=True, top_p=1.0)
     else:
         base = REPORT_SAMPLING
@@ -276,8 +277,9 @@ def item_seed(seed: int, index: int) -> int:
 
 
 def phrasing_for(job: JobConfig, seed: int) -> int | None:
-    """The instruction phrasing of an item (None where the task has no fixed phrasings)."""
-    if job.task not in ("report2image", "image2report"):
+    """The instruction phrasing of an item (None where the task has no fixed phrasings: only the
+    two directions of the image-report pairs have them)."""
+    if not tasks_lib.get(job.task).paired:
         return None
     if job.phrasing == "random":
         n = len(prompts.REPORT_TO_IMAGE_INSTRUCTIONS)
@@ -404,20 +406,21 @@ def run_job(bundle: Bundle, items: Sequence[Item], job: JobConfig, out: str | pa
     """Generate for every item, writing OUT/outputs.jsonl (and PNGs); returns a summary."""
     vocab = bundle.vocab
     out = pathlib.Path(out)
-    if job.task == "report2image":
-        vq_config, _ = bundle.require_vqgan("report2image decodes the generated codes")
+    task = tasks_lib.get(job.task)
+    if task.draws_image:
+        vq_config, _ = bundle.require_vqgan(f"{task.name} decodes the generated codes")
         n_codes: int | None = vq_config.tokens_per_image
     else:
         n_codes = bundle.vqgan_config.tokens_per_image if bundle.vqgan_config else None
     gen = generation_config(job, n_codes or 0)
     hook = (image_then_end_mask(vocab.image_offset, vocab.n_image, vocab.end_id, n_codes)
-            if job.task == "report2image" else None)
+            if task.draws_image else None)
     guidance = 1.0
-    if job.task == "report2image":
+    if task.draws_image:
         guidance = bundle.guidance if job.guidance is None else job.guidance
     codec = image_codec(bundle, job.batch_size)
     out.mkdir(parents=True, exist_ok=True)
-    if job.task == "report2image":
+    if task.draws_image:
         (out / IMAGES_DIR).mkdir(exist_ok=True)
     grid: list[np.ndarray] = []
     n_batches = -(-len(items) // job.batch_size)
@@ -425,7 +428,7 @@ def run_job(bundle: Bundle, items: Sequence[Item], job: JobConfig, out: str | pa
     finished = 0
     say(f"generate: {len(items)} {job.task} item(s) in {n_batches} batch(es) of "
         f"{job.batch_size} from {bundle.path} ({bundle.kind}, step {bundle.step})"
-        + (f", guidance {guidance:g}" if job.task == "report2image" else ""))
+        + (f", guidance {guidance:g}" if task.draws_image else ""))
 
     def write_outputs(tmp: str) -> None:  # one line per item, as each batch finishes
         nonlocal finished
@@ -460,7 +463,7 @@ def _run_batch(bundle: Bundle, batch: list[Item], job: JobConfig, gen: Generatio
                out: pathlib.Path, grid: list[np.ndarray]) -> list[dict[str, Any]]:
     vocab, config = bundle.vocab, bundle.model_config
     codes: list[np.ndarray | None] = [None] * len(batch)
-    if job.task in ("image2report", "vqa"):
+    if tasks_lib.get(job.task).reads_image:
         codes = codes_of(batch, codec, vocab.n_image, n_codes, bundle.path)
     seeds = [item_seed(job.seed, item.index) for item in batch]
     phrasings = [phrasing_for(job, s) for s in seeds]
@@ -483,7 +486,7 @@ def _run_batch(bundle: Bundle, batch: list[Item], job: JobConfig, gen: Generatio
                            row_keys(seeds + [seeds[0]] * fill), gen, hook, guidance=guidance,
                            uncond_rows=twins)
     images = None
-    if job.task == "report2image":
+    if tasks_lib.get(job.task).draws_image:
         drawn = np.stack([vocab.codes_from_ids(t[:n_codes], expected=n_codes)
                           for t in result.tokens[:len(batch)]])
         images = codec.decode(drawn)

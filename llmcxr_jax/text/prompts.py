@@ -23,6 +23,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from llmcxr_jax import tasks
 from llmcxr_jax.text.vocab import (END_KEY, IMAGE_PLACEHOLDER, INSTRUCTION_KEY, RESPONSE_KEY,
                                    RESPONSE_KEY_NL, Vocab)
 
@@ -84,7 +85,7 @@ IMAGE_TO_REPORT_INSTRUCTIONS: tuple[str, ...] = (
 # like, a valid report field (`_check_fields`), tokenised by any byte-level vocabulary.
 NULL_REPORT = "[no report]"
 
-TASKS = ("report2image", "image2report", "instruct", "vqa")
+TASKS = tasks.NAMES
 DIRECTION_MODES = ("alternate", "both")
 
 Phrasing = int | np.random.Generator | None
