@@ -36,6 +36,7 @@ from llmcxr_jax.llm.model import GPTNeoX
 from llmcxr_jax.parallel import local_cluster
 from llmcxr_jax.parallel import mesh as mesh_lib
 from llmcxr_jax.parallel.rules import rules_for
+from llmcxr_jax.parallel.shardings import batch_sharding
 from llmcxr_jax.text.vocab import Vocab
 from llmcxr_jax.train import run as run_lib
 from llmcxr_jax.train import run_config as rc
@@ -106,8 +107,10 @@ class Launch:
         return "\n".join(line for line in self.lines if line.startswith(prefix))
 
 
-def _losses(records: list[dict]) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in records if r.get("loss") is not None}
+def _losses(records: list[dict]) -> dict[int, tuple[float, float]]:
+    """step -> (loss, loss tokens) of the logged train steps. The token count tells batches
+    apart where the loss cannot: near initialisation every batch's loss is about log(vocab)."""
+    return {r["step"]: (r["loss"], r["loss_tokens"]) for r in records if r.get("loss") is not None}
 
 
 def _checkpoints(workdir: pathlib.Path) -> list[int]:
@@ -165,7 +168,8 @@ def _forward(config):
     return jax.jit(lambda params, ids: GPTNeoX(config).apply({"params": params}, ids))
 
 
-def _reference_losses(workdir: pathlib.Path, vqgan: pathlib.Path) -> dict[int, float]:
+def _reference_losses(workdir: pathlib.Path, vqgan: pathlib.Path
+                      ) -> dict[int, tuple[float, float]]:
     """Stage 1 of the run's config on 4 devices of this one process, each step's global batch
     the two hosts' shards of it concatenated, from the same initial params."""
     cfg = rc.from_json((workdir / "config.json").read_text())
@@ -180,14 +184,15 @@ def _reference_losses(workdir: pathlib.Path, vqgan: pathlib.Path) -> dict[int, f
     params = run_lib.with_image_embeddings(cfg, None, mesh, vqgan, vocab)
     state = state_from_params(params, cfg.model, train_cfg, mesh, rules)
     step = make_train_step(cfg.model, train_cfg, mesh, len(pipeline_lib.TASKS), rules)
-    sharding = pipeline_lib.batch_sharding(mesh)
+    sharding = batch_sharding(mesh)
     losses = {}
     for k in range(1, STEPS + 1):
         local = [next(h) for h in hosts]
         batch = {key: jax.device_put(np.concatenate([b[key] for b in local]), sharding)
                  for key in local[0]}
         state, metrics = step(state, batch)
-        losses[k] = float(metrics["loss"])  # what the run logs for a 1-step window
+        # What the run logs for a 1-step window.
+        losses[k] = (float(metrics["loss"]), float(metrics["tokens"]))
     return losses
 
 
@@ -196,11 +201,12 @@ def reference(runs):
     return _reference_losses(runs["workdir"], runs["root"] / "vqgan")
 
 
-def _assert_same_losses(got: dict[int, float], want: dict[int, float]) -> None:
+def _assert_same_losses(got: dict[int, tuple], want: dict[int, tuple]) -> None:
     assert got and set(got) <= set(want), (got, want)
     steps = sorted(got)
-    np.testing.assert_allclose([got[s] for s in steps], [want[s] for s in steps], rtol=2e-5,
-                               err_msg=f"per-step losses at steps {steps}")
+    np.testing.assert_allclose([got[s][0] for s in steps], [want[s][0] for s in steps],
+                               rtol=2e-5, err_msg=f"per-step losses at steps {steps}")
+    assert [got[s][1] for s in steps] == [want[s][1] for s in steps], "loss tokens per step"
 
 
 def test_sigterm_to_one_host_stops_every_host_at_the_same_step(runs, reference):
