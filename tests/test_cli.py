@@ -79,7 +79,7 @@ def _bad_inputs(tmp: pathlib.Path) -> dict[str, tuple[list[str], int, str]]:
         "plan_memory": (["--mesh", "4x-1"], 2, "--mesh=4x-1"),
         "train": (["--config", "nope"], 2, "--config"),
         "train_vqgan": (["--images", "i", "--workdir", str(tmp / "w"), "--set", "nope=1"],
-                        2, "--set nope"),
+                        2, "unknown --set key 'nope'"),
         "generate": (["--workdir", "w", "--task", "draw"], 2, "--task"),
         "multiprocess": (["--processes", "2", "--", str(missing)], 2, "after --"),
         # well-formed, but it cannot run here (exit 1)
