@@ -62,7 +62,20 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 
 class Parser(argparse.ArgumentParser):
-    """An ArgumentParser whose usage errors are one line (`error: ...`), exit 2."""
+    """An ArgumentParser whose usage errors are one line (`error: ...`), exit 2, and whose
+    required flags may be given by a deprecated alias (see `add_alias`)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.required_by_alias: list[argparse.Action] = []  # checked after parsing, not by argparse
+
+    def parse_known_args(self, args=None, namespace=None):
+        namespace, extras = super().parse_known_args(args, namespace)
+        missing = [a.option_strings[0] for a in self.required_by_alias
+                   if getattr(namespace, a.dest, None) is None]
+        if missing:
+            self.error(f"the following arguments are required: {', '.join(missing)}")
+        return namespace, extras
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
@@ -140,9 +153,14 @@ class _DeprecatedAlias(argparse.Action):
         setattr(namespace, self.dest, self.const if self.nargs == 0 else values)
 
 
-def add_alias(p: argparse.ArgumentParser, old: str, new: str) -> None:
-    """Accept `old` for the already-added flag `new` (hidden from --help, one note when used)."""
+def add_alias(p: Parser, old: str, new: str) -> None:
+    """Accept `old` for the already-added flag `new` (hidden from --help, one note when used).
+    A required `new` is then satisfied by either spelling: argparse only counts the flag's own
+    action as given, so the parser checks the value after parsing instead."""
     target = p._option_string_actions[new]  # argparse keeps no public lookup by option string
+    if target.required:
+        target.required = False
+        p.required_by_alias.append(target)
     p.add_argument(old, dest=target.dest, action=_DeprecatedAlias, new=new, nargs=target.nargs,
                    const=target.const, type=target.type, choices=target.choices,
                    default=argparse.SUPPRESS, help=argparse.SUPPRESS)

@@ -138,6 +138,19 @@ def test_old_spellings_still_work_with_one_note(capsys):
                    "note: --quiet is deprecated; use --quiet-mode"]
     assert parser.parse_args([]).batch_size == 8  # the alias does not hide the default
     assert "--batch " not in parser.format_help()  # hidden from --help
+
+
+def test_an_old_spelling_satisfies_a_required_flag(capsys):
+    parser = cli.parser("doc")
+    parser.add_argument("--workdir", required=True, help="where it goes")
+    cli.add_alias(parser, "--out", "--workdir")
+    assert parser.parse_args(["--out", "w"]).workdir == "w"
+    assert parser.parse_args(["--workdir", "v"]).workdir == "v"
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        parser.parse_args([])  # neither spelling: still a one-line usage error
+    assert exit_.value.code == 2
+    assert "required: --workdir" in capsys.readouterr().err
     with pytest.raises(SystemExit) as info:
         parser.parse_args(["--batch", "0"])  # the alias keeps the flag's type
     assert info.value.code == 2
