@@ -522,10 +522,10 @@ def _cues_for(clause: str, cues: Sequence[_Cue], start: int, end: int) -> list[_
     return applied
 
 
-_LIST_ITEM = (r"(?:(?!(?:is|are|was|were|has|have|had|with|there|that|seen|identified|noted|"
-              r"present|evident|demonstrated)\b)[a-z0-9/-]+\s*){1,5}")
-_NEGATED_LIST = re.compile(r"\s*" + _LIST_ITEM + r"(?:,\s*" + _LIST_ITEM + r")+,?\s*(?:or|nor)\s+"
-                           + _LIST_ITEM)
+_NEG_LIST_ITEM = (r"(?:(?!(?:is|are|was|were|has|have|had|with|there|that|seen|identified|noted|"
+                  r"present|evident|demonstrated)\b)[a-z0-9/-]+\s*){1,5}")
+_NEGATED_LIST = re.compile(r"\s*" + _NEG_LIST_ITEM + r"(?:,\s*" + _NEG_LIST_ITEM
+                           + r")+,?\s*(?:or|nor)\s+" + _NEG_LIST_ITEM)
 
 
 def _in_negated_list(clause: str, cues: Sequence[_Cue], start: int, end: int) -> Optional[_Cue]:
