@@ -406,8 +406,8 @@ def test_cli_csv_with_bad_rows(tmp_path):
         ("1.0", "0.0", "")
     assert (rows[1]["Pneumonia"], rows[1]["Edema"]) == ("-1.0", "")
     assert f"{src}: 2 skipped" in res.stdout and "wrote 2 rows" in res.stdout
-    assert "missing report: 1 (e.g. line 4)" in res.stdout
-    assert "malformed row (extra fields): 1 (e.g. line 5)" in res.stdout
+    assert "missing report: 1 (e.g. in.csv:4)" in res.stdout
+    assert "malformed row (extra fields): 1 (e.g. in.csv:5)" in res.stdout
     assert sorted(p.name for p in out.parent.iterdir()) == ["labels.csv"]  # no temp file left
     assert stat.S_IMODE(out.stat().st_mode) & 0o044 == 0o044  # readable by others, not 0600
 
@@ -425,7 +425,7 @@ def test_cli_jsonl_and_folder(tmp_path):
     assert (rows[0]["Pleural Effusion"], rows[0]["No Finding"], rows[1]["Cardiomegaly"]) == \
         ("0.0", "1.0", "1.0")
     assert "not_json: 1 (e.g. in.jsonl:2)" in res.stdout
-    assert "missing report: 1 (e.g. line 3)" in res.stdout
+    assert "missing report: 1 (e.g. in.jsonl:3)" in res.stdout
     assert "not_object: 1 (e.g. in.jsonl:4)" in res.stdout
 
     folder = tmp_path / "reports" / "files" / "p10" / "p10000032"

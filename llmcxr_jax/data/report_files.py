@@ -68,7 +68,7 @@ def _read_jsonl(path: pathlib.Path, skips: SkipCounter) -> Iterator[tuple[str, s
     for n, record in iter_jsonl(path, skips):
         report = record.get("report")
         if not isinstance(report, str) or not report.strip():
-            skips.add("missing report", f"line {n}")
+            skips.add("missing report", f"{path.name}:{n}")
             continue
         yield str(record.get("id", n)), report
 
@@ -82,11 +82,11 @@ def _read_csv(path: pathlib.Path, skips: SkipCounter) -> Iterator[tuple[str, str
         for row in reader:
             n, first_line = first_line, reader.line_num + 1  # a record may span lines
             if None in row:
-                skips.add("malformed row (extra fields)", f"line {n}")
+                skips.add("malformed row (extra fields)", f"{path.name}:{n}")
                 continue
             report = row.get("report")
             if not report or not report.strip():
-                skips.add("missing report", f"line {n}")
+                skips.add("missing report", f"{path.name}:{n}")
                 continue
             rid = row.get("id")
             yield (rid if rid else str(n)), report
