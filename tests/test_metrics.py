@@ -181,3 +181,10 @@ def test_progress_line_format_and_other_processes_write_nothing(tmp_path):
     writer.write(1, {"loss": 1.0})
     writer.close()
     assert not (tmp_path / "other").exists()
+
+
+def test_read_jsonl_keeps_only_objects(tmp_path):
+    path = tmp_path / metrics_lib.METRICS_FILE
+    records = [{"step": 1, "loss": 2.5}, [1, 2], 3.0, "text", None, {"step": 2}]
+    path.write_text("\n".join(json.dumps(r) for r in records) + '\n{"step": 3, "lo')  # killed
+    assert metrics_lib.read_jsonl(path) == [r for r in records if isinstance(r, dict)]

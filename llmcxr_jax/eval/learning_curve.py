@@ -14,7 +14,7 @@ from typing import Sequence
 
 from llmcxr_jax.run_layout import RunLayout
 from llmcxr_jax.train import curves as curves_lib
-from llmcxr_jax.train.metrics import read_jsonl
+from llmcxr_jax.train.metrics import METRICS_FILE, read_jsonl
 
 STAGES = (1, 2)
 DIRECTIONS = ("report2image", "image2report")
@@ -29,7 +29,7 @@ def read_curves(workdir: str | pathlib.Path) -> tuple[dict[str, list[Curve]], li
     curves: dict[str, list[Curve]] = {}
     offset, boundaries = 0.0, []
     for stage in STAGES:
-        path = RunLayout(pathlib.Path(workdir)).stage(stage) / "metrics.jsonl"
+        path = RunLayout(pathlib.Path(workdir)).stage(stage) / METRICS_FILE
         if not path.is_file():
             continue
         records = read_jsonl(path)

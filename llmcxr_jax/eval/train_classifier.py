@@ -38,10 +38,10 @@ from llmcxr_jax.data.images import ImageError, load_image
 from llmcxr_jax.data.skips import SkipCounter
 from llmcxr_jax.eval import classification_metrics as metrics
 from llmcxr_jax.eval import classifier as clf
+from llmcxr_jax.train.metrics import METRICS_FILE
 
 CHEXPERT_CSV = "mimic-cxr-2.0.0-chexpert.csv"
 TRAIN_CONFIG_FILE = "train_config.json"
-METRICS_FILE = "metrics.jsonl"
 EVAL_FILE = "eval.json"
 
 

@@ -21,10 +21,9 @@ from typing import Any, Iterable, Mapping, Sequence
 from matplotlib.figure import Figure
 
 from llmcxr_jax.io_utils import atomic_write
-from llmcxr_jax.train.metrics import read_jsonl
+from llmcxr_jax.train.metrics import METRICS_FILE, read_jsonl
 
 CURVES_FILE = "curves.png"
-METRICS_FILE = "metrics.jsonl"
 DPI = 100
 PANEL_SIZE = (6.0, 3.6)  # inches: 600 x 360 px per panel at DPI
 MARKED_POINTS = 30  # a series with at most this many points marks each of them

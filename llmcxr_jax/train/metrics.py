@@ -28,6 +28,8 @@ from clu import metrics as clu_metrics
 from llmcxr_jax.configs import ModelConfig
 from llmcxr_jax.train import flops as flops_lib
 
+METRICS_FILE = "metrics.jsonl"  # in each workdir that logs metrics (LLM stages, VQ-GAN, classifier)
+
 # --------------------------------------------------------------------------------------------------
 # clu metrics
 # --------------------------------------------------------------------------------------------------
@@ -158,7 +160,7 @@ class MetricsWriter:
 
             self.workdir.mkdir(parents=True, exist_ok=True)
             self._tb = SummaryWriter(str(self.workdir / "tensorboard"), flush_secs=1)
-            self._jsonl = open(self.workdir / "metrics.jsonl", "a", encoding="utf-8")
+            self._jsonl = open(self.workdir / METRICS_FILE, "a", encoding="utf-8")
 
     def write(self, step: int, record: Mapping[str, Any]) -> None:
         """One JSON line `{"step": step, **record}` and a TensorBoard scalar per numeric field."""
@@ -182,13 +184,16 @@ class MetricsWriter:
 
 
 def read_jsonl(path: str | pathlib.Path) -> list[dict[str, Any]]:
-    """The records of a `metrics.jsonl` (a half-written last line, from a kill, is skipped)."""
+    """The records of a `metrics.jsonl`: its JSON objects (a half-written last line, from a kill,
+    and any line that is not an object are skipped)."""
     records = []
     for line in pathlib.Path(path).read_text(encoding="utf-8").splitlines():
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError:
             continue
+        if isinstance(record, dict):
+            records.append(record)
     return records
 
 
