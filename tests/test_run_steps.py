@@ -134,9 +134,11 @@ def test_plan_reuses_continues_or_refuses_each_step(tmp_path):
     with pytest.raises(run_lib.SetupError, match=r"was made with data.image_loss_weight=1.0 "
                                                  r"\(this run: 2.0\)"):
         _plan(rc.apply_overrides(cfg, ["data.image_loss_weight=2"]), paths)
-    # Logging, checkpointing and the mesh are not results: changing them reuses everything.
+    # Logging, checkpointing, the mesh and the bad-record limit are not results: changing them
+    # reuses everything.
     relaxed = rc.apply_overrides(cfg, ["stage1.log_every=1", "vqgan.checkpoint_every=3",
-                                       "mesh=1x2", "model.remat_policy=full"])
+                                       "mesh=1x2", "model.remat_policy=full",
+                                       "data.max_skip_fraction=0.5"])
     assert _plan(relaxed, paths).decisions["stage2"].action == "reuse"
     # A longer VQ-GAN re-encodes the codes, so the stages made from the old ones are refused.
     with pytest.raises(run_lib.SetupError, match=r"stage 1 in .* vqgan.steps=20 \(this run: 40\)"):

@@ -31,12 +31,13 @@ from llmcxr_jax.io_utils import atomic_write_text
 RECORD_FILE = "STEP.json"
 FORMAT = "llmcxr_jax.step.v1"
 
-# Fields that change how a step is computed, logged or saved, not what it produces. Every other
-# field of a compared config section counts (new fields included).
+# Fields that change how a step is computed, logged or saved, or whether it may start, not what it
+# produces. Every other field of a compared config section counts (new fields included).
 NOT_RESULT_FIELDS = frozenset({
     "log_every", "checkpoint_every", "keep_checkpoints", "eval_every", "eval_batches",
     "read_threads", "prefetch_buffer", "mesh_data", "remat_policy", "scan_layers",
     "attention_chunk", "total_steps",  # total_steps: derived from the stage's steps
+    "max_skip_fraction",  # only decides whether too many bad records stop the run
 })
 
 
