@@ -24,14 +24,16 @@ import base64
 import json
 import os
 import pathlib
+import shlex
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 from typing import Any
+
+from llmcxr_jax.parallel.local_cluster import free_port
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 VIEWPORT = (1280, 1000)
@@ -70,7 +72,7 @@ class DevTools:
                  "--hide-scrollbars", "--no-first-run", "--remote-debugging-pipe",
                  f"--user-data-dir={profile}", f"--window-size={VIEWPORT[0]},{VIEWPORT[1]}"]
         # The shell puts the two pipe ends on the fds the protocol expects (3: in, 4: out).
-        command = " ".join([f"exec {chromium}", *flags, "about:blank",
+        command = " ".join(["exec", *map(shlex.quote, [chromium, *flags, "about:blank"]),
                             f"3<&{to_browser}", f"4>&{from_browser}"])
         self.browser = subprocess.Popen(["sh", "-c", command], pass_fds=(to_browser, from_browser),
                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -79,13 +81,18 @@ class DevTools:
         self._next_id = 0
         self._replies: dict[int, dict[str, Any]] = {}
         self._ready = threading.Condition()
-        threading.Thread(target=self._reader, daemon=True).start()
-        target = self.call("Target.createTarget", url="about:blank")["targetId"]
-        self.session = self.call("Target.attachToTarget", targetId=target,
-                                 flatten=True)["sessionId"]
-        self.call("Page.enable", session=True)
-        self.call("Emulation.setDeviceMetricsOverride", session=True, width=VIEWPORT[0],
-                  height=VIEWPORT[1], deviceScaleFactor=1, mobile=False)
+        try:
+            threading.Thread(target=self._reader, daemon=True).start()
+            target = self.call("Target.createTarget", url="about:blank")["targetId"]
+            self.session = self.call("Target.attachToTarget", targetId=target,
+                                     flatten=True)["sessionId"]
+            self.call("Page.enable", session=True)
+            self.call("Emulation.setDeviceMetricsOverride", session=True, width=VIEWPORT[0],
+                      height=VIEWPORT[1], deviceScaleFactor=1, mobile=False)
+        except BaseException:  # no page: no browser left behind (the caller never gets `self`)
+            self.browser.kill()
+            self.browser.wait()
+            raise
 
     def _reader(self) -> None:
         buffer = b""
@@ -168,12 +175,6 @@ class DevTools:
             self.browser.wait(timeout=20)
         except subprocess.TimeoutExpired:
             self.browser.kill()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_demo(workdir: str, port: int, log: pathlib.Path) -> subprocess.Popen:
@@ -264,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
         out.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix="demo-screenshots-") as tmp:
             tmp = pathlib.Path(tmp)
-            port = _free_port()
+            port = free_port()
             demo = start_demo(args.workdir, port, tmp / "demo.log")
             page = None
             try:
@@ -275,7 +276,11 @@ def main(argv: list[str] | None = None) -> int:
                 if page is not None:
                     page.close()
                 demo.terminate()
-                demo.wait(timeout=60)
+                try:
+                    demo.wait(timeout=60)
+                except subprocess.TimeoutExpired:  # SIGTERM ignored: no server left behind
+                    demo.kill()
+                    demo.wait()
     except (ScreenshotError, subprocess.CalledProcessError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -15,7 +15,6 @@ import importlib.util
 import json
 import os
 import pathlib
-import socket
 import subprocess
 import sys
 import time
@@ -32,6 +31,7 @@ from llmcxr_jax import cli
 from llmcxr_jax.data import images as image_lib
 from llmcxr_jax.data import labeler
 from llmcxr_jax.demo.session import findings
+from llmcxr_jax.parallel.local_cluster import free_port
 from llmcxr_jax.text import prompts
 from llmcxr_jax.vqgan import encode as encode_lib
 from vqgan_test_files import write_dicom
@@ -44,12 +44,6 @@ VIEW_FACTOR = 512 // 32  # the page shows the 32 px images at 512 px
 CONTEXT = " ".join(["The lungs are clear."] * 14)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _snapshot(root: pathlib.Path) -> dict[str, int]:
     return {str(p): p.stat().st_mtime_ns for p in root.rglob("*")}
 
@@ -60,7 +54,7 @@ def demo(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("demo")
     root = eval_workdir.build(tmp / "run")
     before = _snapshot(root)
-    port = _free_port()
+    port = free_port()
     # The launcher's own device split (not the suite's 8 simulated devices), one device: the
     # page's work is batch-1 decoding of a tiny model.
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
@@ -82,7 +76,11 @@ def demo(tmp_path_factory):
         assert proc.poll() is None, f"the demo died: {log.read_text()[-3000:]}"
     finally:
         proc.terminate()
-        proc.wait(timeout=60)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:  # SIGTERM ignored: no server left behind
+            proc.kill()
+            proc.wait()
     assert proc.returncode == 0, log.read_text()[-3000:]
     assert _snapshot(root) == before  # W is only read
     scratch = {pathlib.Path(line.split(" wrote ")[1]).parents[1]
