@@ -38,7 +38,8 @@ _DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16
 _ARRAY = re.compile(r"\b([a-z][a-z0-9]*)\[([0-9,]*)\]")
 _INSTR = re.compile(r"^\s*(ROOT\s+)?%?([^\s=]+)\s*=\s*(.+?)\s+([a-z][a-z0-9-]*)\((.*)$")
 _HEADER = re.compile(r"^(ENTRY\s+)?%?([^\s(]+)\s*\(.*\{\s*$")
-_CALLED = re.compile(r"\b(body|condition|calls|to_apply)=%?([^\s,)}]+)")
+_CALLED = re.compile(
+    r"\b(body|condition|calls|to_apply|true_computation|false_computation)=%?([^\s,)}]+)")
 _BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
 _TRIP = re.compile(r'"known_trip_count"\s*:\s*\{\s*"n"\s*:\s*"(\d+)"')
 _PASS_THROUGH = ("bitcast", "reshape", "copy", "transpose", "get-tuple-element")
@@ -158,8 +159,11 @@ def _executions(comps: dict[str, Computation], entry: str) -> dict[str, int]:
             if instr.opcode == "while":
                 found = _TRIP.search(instr.attrs)
                 trip = int(found.group(1)) if found else 1
+            # `to_apply` is a call's body, but a reduction's combiner (an add) elsewhere. A
+            # conditional's branches are all counted as run once each: an over-count, as only
+            # one runs (which one is decided at run time).
             called = [(kind, callee) for kind, callee in _CALLED.findall(instr.attrs)
-                      if kind != "to_apply"]
+                      if kind != "to_apply" or instr.opcode == "call"]
             branches = _BRANCHES.search(instr.attrs)
             if branches:
                 called += [("branch", b.strip().lstrip("%")) for b in branches.group(1).split(",")]
@@ -320,6 +324,13 @@ def _element_outputs(uses: _Uses, instr: Instruction) -> list[str]:
     return names
 
 
+def _start_results(instr: Instruction) -> list[Array]:
+    """The results of an async `*-start` op. All-gather- and collective-permute-start return
+    (operands, results[, u32[] context scalars]); all-reduce-start returns its results alone."""
+    n = len(instr.operands)
+    return instr.shape[n:2 * n] if len(instr.shape) >= 2 * n else instr.shape[:n]
+
+
 def collectives(hlo_text: str, n_devices: int) -> list[Collective]:
     """Every collective of a compiled program (`compiled.as_text()`), as an accelerator runs it
     (see the module docstring)."""
@@ -334,9 +345,7 @@ def collectives(hlo_text: str, n_devices: int) -> list[Collective]:
             if kind not in KINDS:
                 continue
             n = _group_size(instr.attrs, n_devices)
-            # A *-start op's shape also holds its operands; its results are the last elements.
-            shape = instr.shape[-len(instr.operands):] if instr.opcode.endswith("-start") \
-                else instr.shape
+            shape = _start_results(instr) if instr.opcode.endswith("-start") else instr.shape
             outputs = _element_outputs(uses, instr) if not instr.opcode.endswith("-start") \
                 else [""] * len(shape)
             moved, scattered = [], []
