@@ -147,12 +147,13 @@ def attention_mask(q_slots: Array, q_segments: Array, kv_slots: Array, kv_segmen
 
 
 def dot_product_attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
-    """Softmax attention in fp32; q [b, h, q, d], k/v [b, h, kv, d], mask [b, 1, q, kv]."""
+    """Softmax attention in fp32 over any leading axes: q [..., q, d], k/v [..., kv, d], mask
+    broadcastable to [..., q, kv] ([b, 1, q, kv] for [b, h, ...] inputs)."""
     scale = q.shape[-1] ** -0.5
-    logits = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+    logits = jnp.einsum("...qd,...kd->...qk", q, k, preferred_element_type=jnp.float32) * scale
     logits = jnp.where(mask, logits, _NEG_INF)
     weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    return jnp.einsum("bhqk,bhkd->bhqd", weights, v)
+    return jnp.einsum("...qk,...kd->...qd", weights, v)
 
 
 def causal_blocked_attention(q: Array, k: Array, v: Array, mask: Array, chunk: int) -> Array:
@@ -236,11 +237,16 @@ class Attention(nn.Module):
         q, k = apply_rotary(q, inputs.cos, inputs.sin), apply_rotary(k, inputs.cos, inputs.sin)
         q, k, v = _heads_first(q), _heads_first(k), _heads_first(v)
         if kv is not None:
+            # In the cache's own layout, batch and heads merged: a [batch, heads, ...] view of
+            # the cache would be copied every step once batch > 1.
             kv = (_write_cache(kv[0], k, inputs.cache_index),
                   _write_cache(kv[1], v, inputs.cache_index))
-            batch, heads = q.shape[:2]
-            k, v = (c.reshape(batch, heads, *c.shape[1:]).astype(dtype) for c in kv)
-            out = dot_product_attention(q, k, v, inputs.mask)
+            batch, heads, length, head_dim = q.shape
+            mask = jnp.broadcast_to(inputs.mask, (batch, heads) + inputs.mask.shape[2:])
+            out = dot_product_attention(q.reshape(batch * heads, length, head_dim),
+                                        kv[0].astype(dtype), kv[1].astype(dtype),
+                                        mask.reshape(batch * heads, *mask.shape[2:]))
+            out = out.reshape(batch, heads, length, head_dim)
         elif 0 < cfg.attention_chunk < q.shape[2]:
             out = causal_blocked_attention(q, k, v, inputs.mask, cfg.attention_chunk)
         else:
@@ -329,7 +335,7 @@ class GPTNeoX(nn.Module):
                          param_dtype=jnp.dtype(cfg.param_dtype),
                          embedding_init=_dense_init(cfg, ("vocab", "embed")), name="embed_in")
         # The lookup's own layout first (parallel/rules.py, "lookup_batch"), then the batch's.
-        x = nn.with_logical_constraint(embed(input_ids), ("lookup_batch", "length", "embed"))
+        x = embed(input_ids)  # MUTATION-fix
         x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
         cos, sin = rotary_tables(positions, cfg.rotary_dim, cfg.rotary_emb_base)
         slots = jnp.broadcast_to(jnp.arange(length), (batch, length))
