@@ -335,7 +335,7 @@ class GPTNeoX(nn.Module):
                          param_dtype=jnp.dtype(cfg.param_dtype),
                          embedding_init=_dense_init(cfg, ("vocab", "embed")), name="embed_in")
         # The lookup's own layout first (parallel/rules.py, "lookup_batch"), then the batch's.
-        x = embed(input_ids)  # MUTATION-fix
+        x = nn.with_logical_constraint(embed(input_ids), ("lookup_batch", "length", "embed"))
         x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
         cos, sin = rotary_tables(positions, cfg.rotary_dim, cfg.rotary_emb_base)
         slots = jnp.broadcast_to(jnp.arange(length), (batch, length))
