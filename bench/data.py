@@ -29,14 +29,14 @@ import pathlib
 import tempfile
 import time
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from llmcxr_jax.configs import DataConfig  # noqa: E402
-from llmcxr_jax.data import mimic  # noqa: E402
-from llmcxr_jax.data import pipeline as P  # noqa: E402
-from llmcxr_jax.data.skips import SkipCounter  # noqa: E402
-from llmcxr_jax.text import prompts  # noqa: E402
-from llmcxr_jax.text.vocab import Vocab, gpt_neox_20b_dir, load_vocab  # noqa: E402
+from llmcxr_jax.configs import DataConfig
+from llmcxr_jax.data import mimic
+from llmcxr_jax.data import pipeline as P
+from llmcxr_jax.data.skips import SkipCounter
+from llmcxr_jax.text import prompts
+from llmcxr_jax.text.vocab import Vocab, gpt_neox_20b_dir, load_vocab
 
 PRESETS = {"tiny": dict(seq_len=1024, vocab="bpe"), "pythia-70m": dict(seq_len=2048, vocab="neox")}
 

@@ -37,11 +37,9 @@ import statistics
 import sys
 import time
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-from llmcxr_jax.data import chexpert_phrases, labeler  # noqa: E402
+from llmcxr_jax.data import chexpert_phrases, labeler
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 REAL_STYLE = REPO / "tests" / "data" / "labeler_real_style_sentences.jsonl"

@@ -53,7 +53,6 @@ import time
 from typing import Any
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 DEFAULT_LAYOUTS = ("4x4", "2x8", "16x1", "2x4x2", "1x8")
 REMAT_WARNING = "Involuntary full rematerialization"
