@@ -122,3 +122,19 @@ def test_uint8_roundtrip_and_lists(tmp_path):
     assert images.image_id("x/y/02aa804e-bde0afdd.jpg") == "02aa804e-bde0afdd"
     grid = images.image_grid(np.zeros((3, 4, 4, 3)), columns=2)
     assert grid.shape == (8, 8, 3) and grid[4:, 4:].min() == -1.0
+
+
+
+def test_upscale_nearest_equals_pils_nearest_resize():
+    image = np.random.default_rng(0).integers(0, 256, (16, 24, 3), dtype=np.uint8)
+    ours = images.upscale_nearest(image, 64, 96)  # a whole factor: each pixel a 4 x 4 square
+    pil = Image.fromarray(image).resize((96, 64), Image.Resampling.NEAREST)
+    np.testing.assert_array_equal(ours, np.asarray(pil))
+    np.testing.assert_array_equal(ours, image.repeat(4, axis=0).repeat(4, axis=1))
+    # Other sizes: the source pixel under each output pixel's centre; PIL breaks exact ties
+    # (a centre on a pixel boundary) to either side, so the two may differ there by one pixel.
+    index = np.arange(24, dtype=np.uint8)[None, :]
+    for width in (50, 11, 40):
+        ours = images.upscale_nearest(index, 1, width)[0].astype(int)
+        pil = np.asarray(Image.fromarray(index).resize((width, 1), Image.Resampling.NEAREST))[0]
+        assert np.abs(ours - pil).max() <= 1 and np.mean(ours == pil) >= 0.8, (width, ours, pil)

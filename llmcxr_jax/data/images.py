@@ -242,6 +242,14 @@ def image_grid(images: np.ndarray, columns: int = 8) -> np.ndarray:
     return grid
 
 
+def upscale_nearest(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    """[H, W, ...] resized to [height, width, ...] by nearest neighbour (PIL's pixel centres):
+    with a whole factor each pixel becomes a square, nothing invented between them."""
+    rows = ((np.arange(height) + 0.5) * image.shape[0] / height).astype(int)
+    cols = ((np.arange(width) + 0.5) * image.shape[1] / width).astype(int)
+    return np.asarray(image)[rows][:, cols]
+
+
 def labeled_columns(columns: Sequence[tuple[str, np.ndarray]], cell: int = 256,
                     gap: int = 4) -> Image.Image:
     """Images side by side for a person to look at: column j shows `columns[j]`'s images
@@ -263,9 +271,8 @@ def labeled_columns(columns: Sequence[tuple[str, np.ndarray]], cell: int = 256,
         x = j * (cell + gap)
         draw.text((x + cell // 2, band // 2), label, fill=(0, 0, 0), font=font, anchor="mm")
         for i, image in enumerate(np.asarray(images)):
-            tile = Image.fromarray(to_uint8(image).squeeze()).convert("RGB")
-            sheet.paste(tile.resize((cell, cell), Image.Resampling.NEAREST),
-                        (x, band + i * (cell + gap)))
+            tile = Image.fromarray(upscale_nearest(to_uint8(image), cell, cell).squeeze())
+            sheet.paste(tile.convert("RGB"), (x, band + i * (cell + gap)))
     return sheet
 
 

@@ -66,7 +66,7 @@ def upscale(image: np.ndarray, size: int = VIEW_SIZE) -> np.ndarray:
     """[H, W, C] repeated by the largest whole factor (at least 1) that keeps the long side
     within `size`."""
     factor = max(1, size // max(image.shape[:2]))
-    return np.repeat(np.repeat(image, factor, axis=0), factor, axis=1)
+    return image_lib.upscale_nearest(image, factor * image.shape[0], factor * image.shape[1])
 
 
 def findings(report: str) -> tuple[tuple[str, str], ...]:

@@ -26,7 +26,7 @@ def _fmt(v: Any, digits: int = 3) -> str:
 
 def _enlarge(image: np.ndarray) -> np.ndarray:
     k = max(1, -(-MIN_SHOWN_SIDE // image.shape[0]))
-    return np.repeat(np.repeat(image, k, axis=0), k, axis=1)
+    return images_lib.upscale_nearest(image, k * image.shape[0], k * image.shape[1])
 
 
 def _cell(text: str) -> str:
