@@ -129,6 +129,7 @@ def _wait(procs: list[subprocess.Popen], timeout_s: float, grace_s: float, out: 
     failed: tuple[int, int] | None = None  # (process index, exit code) of the first failure
     stop_at: float | None = None
     terminated = False
+    reported: set[int] = set()  # failed processes already named in the output
     while True:
         codes = [p.poll() for p in procs]
         if failed is None:
@@ -137,6 +138,12 @@ def _wait(procs: list[subprocess.Popen], timeout_s: float, grace_s: float, out: 
                 stop_at = time.monotonic() + grace_s
                 say(f"process {failed[0]} {describe_exit(failed[1])}; the others get "
                     f"{grace_s:g} s to stop")
+                reported.add(failed[0])
+        # Every failure is named, also when several end between two polls.
+        for i, c in enumerate(codes):
+            if c not in (None, 0) and i not in reported:
+                say(f"process {i} {describe_exit(c)}")
+                reported.add(i)
         if None not in codes:
             return exit_status(failed[1]) if failed is not None else 0
         now = time.monotonic()
