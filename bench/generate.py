@@ -35,7 +35,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
-from bench.decode import _timed, hf_model  # noqa: E402
+from decode import _timed, hf_model  # noqa: E402  (bench/ is the script folder)
 from llmcxr_jax.configs import IMAGE_CODES, model_preset  # noqa: E402
 from llmcxr_jax.llm import hf_mapping, inference  # noqa: E402
 from llmcxr_jax.llm.generate import GenerationConfig  # noqa: E402

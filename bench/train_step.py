@@ -55,7 +55,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from bench.decode import hf_model  # noqa: E402
+from decode import hf_model  # noqa: E402  (bench/ is the script folder)
 from llmcxr_jax.configs import DOLLY_TEXT_IDS, TrainConfig, model_preset  # noqa: E402
 from llmcxr_jax.llm import hf_mapping  # noqa: E402
 from llmcxr_jax.parallel.mesh import (MeshError, check_global_batch,  # noqa: E402

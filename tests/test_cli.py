@@ -182,3 +182,12 @@ def test_generate_tasks_match_the_job():
     import runpy
     tasks = runpy.run_path(str(REPO / "launch" / "generate.py"))["TASKS"]
     assert tuple(tasks) == generate_job.TASKS
+
+
+def test_every_benchmark_starts_as_the_readme_runs_it(tmp_path):
+    """`python bench/NAME.py --help` from the repository root, as the README shows them: each
+    benchmark's imports resolve in a plain checkout (bench/ is not a package)."""
+    benches = sorted((REPO / "bench").glob("*.py"))
+    calls = {p.stem: ([str(p.relative_to(REPO)), "--help"], REPO) for p in benches}
+    for name, proc in _in_parallel(calls).items():
+        assert proc.returncode == 0 and "usage:" in proc.stdout, (name, proc.stderr[-2000:])
