@@ -256,6 +256,35 @@ def test_conditioning_gap_and_bootstrap_intervals(run):
     assert saved["learning_curve"] is None  # this workdir has no stage metrics
 
 
+def test_single_finding_probes_are_in_eval_json_and_the_report(run):
+    """report2image / image2report.{single_finding,no_finding,any_finding}: the items counted
+    from the saved labels, report -> image's metrics recomputed from the saved probabilities
+    (tests/test_probes.py checks the metrics against scikit-learn)."""
+    root, result, _ = run
+    saved = json.loads((root / "eval" / "eval.json").read_text())
+    pred = np.load(root / "eval" / "predictions.npz")
+    names = [str(s) for s in pred["label_names"]]
+    positives = np.isin(pred["label_values"][:, [j for j, n in enumerate(names)
+                                                 if n != "No Finding"]], (1.0, -1.0)).sum(1)
+    counts = {"single_finding": positives == 1, "no_finding": positives == 0,
+              "any_finding": positives >= 1}
+    assert saved["finding_groups"]["labels"] == names
+    for direction in ("report2image", "image2report"):
+        for group, rows in counts.items():
+            block = saved[direction][group]
+            assert block["n"] == rows.sum() and 0.0 <= block["finding_called"] <= 1.0
+            assert "auroc" in block or block["not_measured"]
+    single = saved["report2image"]["single_finding"]
+    rows = counts["single_finding"]
+    if "auroc" in single:
+        y = metrics.binarize_chexpert(pred["label_values"][rows], "ones", "zeros")[0]
+        keep = [names.index(n) for n in single["findings"]]
+        direct = metrics.auroc(y[:, keep], pred["probs_generated"][rows][:, keep])
+        assert single["auroc"]["macro"] == pytest.approx(direct.macro)
+    text = (root / "eval" / "report.md").read_text()
+    assert "## Single-finding probes" in text and "| image2report | exactly one finding |" in text
+
+
 def test_report_md_references_pngs_that_exist(run):
     root, _, _ = run
     out = root / "eval"

@@ -23,6 +23,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from llmcxr_jax.data import labeler
+from llmcxr_jax.eval import bootstrap
 from llmcxr_jax.eval import classification_metrics as metrics
 
 # A labeler value as a score for AUROC: positive 1, uncertain 0.5, negative or not mentioned 0.
@@ -110,6 +111,18 @@ def scored_block(y_true: Any, y_score: Any, names: Sequence[str],
     return out
 
 
+def scored_intervals(y_true: Any, y_score: Any, threshold: float | Sequence[float] = 0.5,
+                     seed: int = bootstrap.SEED) -> dict[str, list[float] | None]:
+    """95 % bootstrap intervals over the items (`bootstrap.multilabel_intervals`) of
+    `scored_block`'s macro / micro AUROC and F1: the same findings (both classes in the truth)
+    and thresholds."""
+    y = np.asarray(y_true, np.float64)
+    keep = informative(y)
+    th = np.asarray(threshold, np.float64)
+    return bootstrap.multilabel_intervals(y[:, keep], np.asarray(y_score, np.float64)[:, keep],
+                                          th if th.ndim == 0 else th[keep], seed=seed)
+
+
 def image_alignment(label_values: Any, probabilities: Any, names: Sequence[str],
                     threshold: float | Sequence[float] = 0.5) -> dict[str, Any]:
     """report -> image: classifier probabilities [N, L] vs the reports' CheXpert values [N, L]."""
@@ -122,17 +135,25 @@ def report_labels(reports: Sequence[str], section: str, names: Sequence[str]) ->
     return label_matrix(labeler.label_reports(reports, section=section), names)
 
 
+def report_truth_and_scores(generated: Sequence[str], reference: Sequence[str],
+                            section: str = "findings+impression",
+                            names: Sequence[str] = labeler.LABELS
+                            ) -> tuple[np.ndarray, np.ndarray]:
+    """image -> report's (binary truth [N, L] from the references, scores [N, L] of the generated
+    reports): the labeler's values, binarised U-ones and scored 1 / 0.5 / 0 (`label_scores`)."""
+    if len(generated) != len(reference):
+        raise ValueError(f"{len(generated)} generated reports but {len(reference)} references")
+    return (binarize(report_labels(reference, section, names)),
+            label_scores(report_labels(generated, section, names)))
+
+
 def report_agreement(generated: Sequence[str], reference: Sequence[str],
                      section: str = "findings+impression",
                      names: Sequence[str] = labeler.LABELS) -> dict[str, Any]:
     """image -> report: labeler(generated) vs labeler(reference): AUROC (scores 1 / 0.5 / 0), F1
     and Jaccard (binary, U-ones), micro / macro / weighted and per finding, with chance levels."""
-    if len(generated) != len(reference):
-        raise ValueError(f"{len(generated)} generated reports but {len(reference)} references")
-    gen_values = report_labels(generated, section, names)
-    ref_values = report_labels(reference, section, names)
-    y = binarize(ref_values)
+    y, scores = report_truth_and_scores(generated, reference, section, names)
     # A uncertain mention scores 0.5 for AUROC and counts as positive at the 0.5 threshold.
-    out = scored_block(y, label_scores(gen_values), names, threshold=0.5, with_jaccard=True)
+    out = scored_block(y, scores, names, threshold=0.5, with_jaccard=True)
     out["labeler_section"] = section
     return out

@@ -102,6 +102,44 @@ def gap_section(result: Mapping[str, Any]) -> list[str]:
     return lines + [""]
 
 
+PROBE_GROUPS = {"single_finding": "exactly one finding", "no_finding": "no finding",
+                "any_finding": "any finding"}
+
+
+def probes_section(result: Mapping[str, Any]) -> list[str]:
+    """The single-finding probes (`eval/probes.py`): each direction's macro / micro AUROC and F1,
+    with 95 % intervals, on the test items with one, no or any finding."""
+    groups = result.get("finding_groups") or {}
+    lines = ["## Single-finding probes", "",
+             f"The headline metrics again on groups of test items ({groups.get('rule', '')}). "
+             "'finding called': the share of the group's items for which the model calls any "
+             "finding (other than No Finding) positive; with no finding, the false-alarm rate.",
+             "", "| direction | items | n | macro AUROC | micro AUROC | macro F1 | micro F1 | "
+                 "finding called |", "|---|---|---:|---|---|---|---|---|"]
+
+    def cell(block: Mapping[str, Any], key: str) -> str:
+        if "not_measured" in block and key != "finding_called":
+            return "n/a"
+        value = _headline(block, key) if key != "finding_called" else block.get(key)
+        ci = (block.get("ci95") or {}).get(key) if key != "finding_called" \
+            else block.get("finding_called_ci95")
+        return f"{_fmt(value)} {_interval(ci)}"
+
+    for direction in ("report2image", "image2report"):
+        for group, label in PROBE_GROUPS.items():
+            block = result[direction].get(group)
+            if block is None:
+                continue
+            lines.append(f"| {direction} | {label} | {block['n']} | " + " | ".join(
+                cell(block, k) for k in ("auroc_macro", "auroc_micro", "f1_macro", "f1_micro",
+                                         "finding_called")) + " |")
+    single = result["report2image"].get("single_finding") or {}
+    if single.get("n_by_finding"):
+        lines += ["", "Single-finding items per finding: " + ", ".join(
+            f"{name} {n}" for name, n in single["n_by_finding"].items()) + "."]
+    return lines + [""]
+
+
 def _chance(block: Mapping[str, Any]) -> dict[str, Any]:
     c = block["chance"]
     return {"auroc": {a: c["auroc"] for a in ("micro", "macro", "weighted")}, "f1": c["f1"]}
@@ -177,7 +215,7 @@ def write(out: pathlib.Path, result: Mapping[str, Any], *, items: Sequence[tuple
         lines.append(f"| ![image {i}]({IMAGES_DIR}/real_{i}.png) | {_cell(items[i][1])} | "
                      f"{_cell(generated_reports[i])} |")
 
-    lines += ["", *gap_section(result)]
+    lines += ["", *probes_section(result), *gap_section(result)]
     lines += ["## Language retention", "",
               f"{lang['n']} held-out procedural instructions (seed {lang['heldout_seed']}, "
               f"deduplicated against the training instructions). Perplexity of the reference "

@@ -20,6 +20,9 @@ On the held-out TEST split of the world the model was trained on:
    another study's input minus with the true input, nats per response token) on the test items
    and on as many train pairs (a seeded sample of the pairs trained in that direction), and the
    learning curve (loss and gap over the stages' steps, from their metrics.jsonl) as a PNG.
+5. the single-finding probes (`probes`): both directions' metrics again on the test items whose
+   study has exactly one finding (`single_finding`), none (`no_finding`) or any (`any_finding`),
+   as `report2image.<group>` and `image2report.<group>`.
 
 Every headline number carries a 95 % percentile bootstrap interval over the test items
 (`bootstrap`, 1,000 resamples, seeded): `ci95` beside the numbers of each direction (macro /
@@ -53,7 +56,7 @@ from llmcxr_jax.data import labeler, mimic
 from llmcxr_jax.data import pipeline as pipeline_lib
 from llmcxr_jax.data.skips import SkipCounter
 from llmcxr_jax.eval import (alignment, bootstrap, classification_metrics, conditioning,
-                             eval_report, language, learning_curve)
+                             eval_report, language, learning_curve, probes)
 from llmcxr_jax.eval import classifier as clf
 from llmcxr_jax.eval import fid as fid_lib
 from llmcxr_jax.eval import text_metrics
@@ -511,10 +514,23 @@ def evaluate(workdir: str | pathlib.Path, options: EvalOptions = EvalOptions(),
         f"(n {g['train']['n_pairs']} / {g['test']['n_pairs']})" for d, g in gaps.items()))
     timing["conditioning_gap_s"] = time.perf_counter() - t
     t = time.perf_counter()
-    r2i["ci95"], i2r["ci95"] = headline_intervals(label_values, probs_gen, thresholds,
-                                                  gen_reports, references,
-                                                  options.labeler_section, options.seed)
+    r2i_truth = alignment.binarize(label_values)
+    i2r_truth, i2r_scores = alignment.report_truth_and_scores(gen_reports, references,
+                                                              options.labeler_section)
+    r2i["ci95"] = alignment.scored_intervals(r2i_truth, probs_gen, thresholds, options.seed)
+    i2r["ci95"] = {**alignment.scored_intervals(i2r_truth, i2r_scores, 0.5, options.seed),
+                   **bootstrap.text_intervals(gen_reports, references, seed=options.seed)}
     timing["bootstrap_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    r2i.update(probes.probe_blocks(label_values, cls_cfg.labels, r2i_truth, probs_gen,
+                                   cls_cfg.labels, thresholds, seed=options.seed))
+    i2r.update(probes.probe_blocks(label_values, cls_cfg.labels, i2r_truth, i2r_scores,
+                                   labeler.LABELS, 0.5, seed=options.seed, with_jaccard=True))
+    say("single-finding probes (" + ", ".join(
+        f"{g} n {r2i[g]['n']}" for g in probes.GROUPS) + f"): report->image macro AUROC "
+        f"{_f(_get(r2i, 'single_finding', 'auroc', 'macro'))}, image->report micro F1 "
+        f"{_f(_get(i2r, 'single_finding', 'f1', 'micro'))}")
+    timing["probes_s"] = time.perf_counter() - t
     curve = learning_curve.plot(inputs.root, out / eval_report.IMAGES_DIR / CURVE_FILE)
 
     result = {
@@ -525,6 +541,8 @@ def evaluate(workdir: str | pathlib.Path, options: EvalOptions = EvalOptions(),
         "bootstrap": {"method": "percentile", "level": 0.95, "resamples": bootstrap.RESAMPLES,
                       "seed": options.seed, "over": "test items (conditioning gap: its pairs)"},
         "learning_curve": f"{eval_report.IMAGES_DIR}/{CURVE_FILE}" if curve else None,
+        "finding_groups": {"groups": list(probes.GROUPS), "rule": probes.RULE,
+                           "labels": list(cls_cfg.labels)},
         "options": dataclasses.asdict(options),
     }
     out.mkdir(parents=True, exist_ok=True)
@@ -548,6 +566,15 @@ def evaluate(workdir: str | pathlib.Path, options: EvalOptions = EvalOptions(),
 
 def _f(x: Any) -> str:
     return "n/a" if x is None else f"{x:.3f}"
+
+
+def _get(block: Any, *keys: str) -> Any:
+    """block[k1][k2]...; None where a key is missing (a probe group that was not measured)."""
+    for key in keys:
+        if not isinstance(block, dict) or key not in block:
+            return None
+        block = block[key]
+    return block
 
 
 def conditioning_gaps(inputs: RunInputs, bundle: Any, test_records: Sequence[mimic.MimicRecord],
@@ -578,24 +605,6 @@ def conditioning_gaps(inputs: RunInputs, bundle: Any, test_records: Sequence[mim
             except ValueError as err:  # too few pairs, or too few studies, to mismatch
                 out[direction][split] = {"n_pairs": 0, "gap": None, "not_measured": str(err)}
     return out
-
-
-def headline_intervals(label_values: np.ndarray, probs_gen: np.ndarray, thresholds: Any,
-                       gen_reports: Sequence[str], references: Sequence[str],
-                       section: str, seed: int) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(report -> image, image -> report) 95 % bootstrap intervals over the test items, on the
-    same scored findings, thresholds and label scores as `alignment`."""
-    y = alignment.binarize(label_values)
-    keep = alignment.informative(y)
-    th = np.asarray(thresholds, np.float64)
-    r2i = bootstrap.multilabel_intervals(y[:, keep], np.asarray(probs_gen)[:, keep],
-                                         th if th.ndim == 0 else th[keep], seed=seed)
-    ref = alignment.binarize(alignment.report_labels(references, section, labeler.LABELS))
-    gen = alignment.label_scores(alignment.report_labels(gen_reports, section, labeler.LABELS))
-    keep = alignment.informative(ref)
-    i2r = {**bootstrap.multilabel_intervals(ref[:, keep], gen[:, keep], 0.5, seed=seed),
-           **bootstrap.text_intervals(gen_reports, references, seed=seed)}
-    return r2i, i2r
 
 
 def _write_items(out: pathlib.Path, items: Sequence[TestItem], gen_reports: Sequence[str],
