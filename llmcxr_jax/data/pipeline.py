@@ -84,7 +84,7 @@ class Sources:
 def pair_records(pairs: Sequence[mimic.MimicRecord], direction: str) -> dict[str, list[dict]]:
     """report2image / image2report records from image-report pairs, one direction per pair
     (`alternate`, by the original's parity index) or both."""
-    out: dict[str, list[dict]] = {"report2image": [], "image2report": []}
+    out: dict[str, list[dict]] = {task: [] for task in tasks_lib.PAIRED}
     for p in pairs:
         for task in prompts.direction_for_pair(p.pair_index, direction):
             out[task].append({"report": p.report, "codes": p.codes, "id": p.dicom_id,
@@ -110,6 +110,43 @@ def flat_codes(codes_dir: str) -> dict[str, np.ndarray]:
     return {k: np.asarray(v).reshape(-1) for k, v in load_codes(codes_dir).items()}
 
 
+def _read_instructions(cfg: DataConfig, codes: Mapping[str, np.ndarray] | None,
+                       skips: SkipCounter) -> list[dict]:
+    if not cfg.instructions:
+        raise ValueError("DataConfig.instructions is empty but 'instruct' has a positive weight")
+    recs, s = dolly.read_dolly(cfg.instructions)
+    skips.update(s)
+    return instruction_records(recs)
+
+
+def _read_vqa(cfg: DataConfig, codes: Mapping[str, np.ndarray] | None,
+              skips: SkipCounter) -> list[dict]:
+    if not cfg.vqa:
+        raise ValueError("DataConfig.vqa is empty but 'vqa' has a positive weight")
+    recs, s = vqa.read_vqa(cfg.vqa)
+    skips.update(s)
+    # As the original: questions join the stage-2 images (frontal, earliest study), any stage.
+    images = mimic.load_images(cfg.world, codes, splits=cfg.splits, stage2_only=True,
+                               tokens_per_image=cfg.tokens_per_image,
+                               codebook_size=cfg.codebook_size)
+    skips.update(images.skips)
+    joined, s = vqa.join_vqa(recs, images.by_study())
+    skips.update(s)
+    return vqa_records(joined)
+
+
+# Where each task's training records come from, but for the paired tasks (both read the world's
+# image-report pairs, `pair_records`): (cfg, codes, skips) -> records.
+SOURCES: dict[str, Callable[[DataConfig, Mapping[str, np.ndarray] | None, SkipCounter],
+                            list[dict]]] = {
+    tasks_lib.INSTRUCT.name: _read_instructions,
+    tasks_lib.VQA.name: _read_vqa,
+}
+if set(SOURCES) != {t.name for t in tasks_lib.TASKS.values() if not t.paired}:
+    raise ImportError(f"data.pipeline.SOURCES covers {sorted(SOURCES)}: give every task that is "
+                      f"not a direction of the image-report pairs its source")
+
+
 def load_sources(cfg: DataConfig, codes: Mapping[str, np.ndarray] | None = None) -> Sources:
     """Reads the files `cfg` names for the tasks with a positive weight.
 
@@ -119,8 +156,7 @@ def load_sources(cfg: DataConfig, codes: Mapping[str, np.ndarray] | None = None)
     weights = cfg.task_weights()
     skips = SkipCounter(f"data sources (stage {cfg.stage})")
     records: dict[str, list[dict]] = {}
-    need_images = any(t in weights for t in ("report2image", "image2report", "vqa"))
-    if need_images:
+    if any(tasks_lib.get(t).uses_vqgan for t in weights):
         if not cfg.world:
             raise ValueError("DataConfig.world is empty but an image task has a positive weight")
         if codes is None:
@@ -136,25 +172,9 @@ def load_sources(cfg: DataConfig, codes: Mapping[str, np.ndarray] | None = None)
         for task in weights:
             if tasks_lib.get(task).paired:
                 records[task] = pairs[task]
-    if "instruct" in weights:
-        if not cfg.instructions:
-            raise ValueError("DataConfig.instructions is empty but 'instruct' has a positive weight")
-        recs, s = dolly.read_dolly(cfg.instructions)
-        skips.update(s)
-        records["instruct"] = instruction_records(recs)
-    if "vqa" in weights:
-        if not cfg.vqa:
-            raise ValueError("DataConfig.vqa is empty but 'vqa' has a positive weight")
-        recs, s = vqa.read_vqa(cfg.vqa)
-        skips.update(s)
-        # As the original: questions join the stage-2 images (frontal, earliest study), any stage.
-        images = mimic.load_images(cfg.world, codes, splits=cfg.splits, stage2_only=True,
-                                   tokens_per_image=cfg.tokens_per_image,
-                                   codebook_size=cfg.codebook_size)
-        skips.update(images.skips)
-        joined, s = vqa.join_vqa(recs, images.by_study())
-        skips.update(s)
-        records["vqa"] = vqa_records(joined)
+    for task in weights:
+        if not tasks_lib.get(task).paired:
+            records[task] = SOURCES[task](cfg, codes, skips)
     skips.check_fraction(cfg.max_skip_fraction)  # before "no usable records": it says why
     empty = [t for t in weights if not records.get(t)]
     if empty:
@@ -461,7 +481,7 @@ def describe(pipeline: Pipeline, sources: Sources) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["TASKS", "BATCH_KEYS", "Sources", "Pipeline", "DropCounter", "GlobalBatchIterator",
+__all__ = ["TASKS", "BATCH_KEYS", "SOURCES", "Sources", "Pipeline", "DropCounter", "GlobalBatchIterator",
            "load_sources", "build_pipeline", "to_training_batch", "pad_to_row", "padding_fraction",
            "pair_records", "instruction_records", "vqa_records",
            "shard_for_process", "per_host_batch", "describe"]

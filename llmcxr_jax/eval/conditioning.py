@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from llmcxr_jax import tasks
 from llmcxr_jax.configs import ModelConfig
 from llmcxr_jax.llm.model import GPTNeoX
 from llmcxr_jax.parallel.rules import LOGICAL_AXIS_RULES
@@ -40,7 +41,7 @@ from llmcxr_jax.text import prompts
 from llmcxr_jax.text.vocab import Vocab
 from llmcxr_jax.train.loss import token_nll_and_correct
 
-DIRECTIONS = ("report2image", "image2report")
+DIRECTIONS = tasks.PAIRED
 Pair = Any  # a data.mimic.MimicRecord, or a dict with `report`, `codes` (and `study`, `id`)
 
 
@@ -113,8 +114,8 @@ def derangement(groups: Sequence[Any], seed: int) -> np.ndarray:
 
 def phrasings(n: int, seed: int) -> np.ndarray:
     """One instruction phrasing index per pair (both directions have ten phrasings)."""
-    count = len(prompts.REPORT_TO_IMAGE_INSTRUCTIONS)
-    assert count == len(prompts.IMAGE_TO_REPORT_INSTRUCTIONS)
+    count = len(prompts.instructions_of(DIRECTIONS[0]))
+    assert all(len(prompts.instructions_of(d)) == count for d in DIRECTIONS)
     return np.random.default_rng([seed, 1]).integers(count, size=n)
 
 
@@ -122,13 +123,14 @@ def example(vocab: Vocab, direction: str, input_pair: Pair, target_pair: Pair,
             phrasing: int) -> prompts.Example:
     """The training example of `direction` with `input_pair`'s input and `target_pair`'s
     response (the same pair for the true example)."""
-    if direction == "report2image":
-        return prompts.report_to_image_example(vocab, _field(input_pair, "report"),
-                                               _field(target_pair, "codes"), int(phrasing))
-    if direction == "image2report":
-        return prompts.image_to_report_example(vocab, _field(input_pair, "codes"),
-                                               _field(target_pair, "report"), int(phrasing))
-    raise ValueError(f"direction {direction!r} not in {DIRECTIONS}")
+    if direction not in DIRECTIONS:
+        raise ValueError(f"direction {direction!r} not in {DIRECTIONS}")
+    # A pair's record (`pipeline.pair_records`): the response from `target_pair`, the input
+    # from `input_pair`.
+    record = {field: _field(target_pair, field) for field in ("report", "codes")}
+    record.update({field: _field(input_pair, field)
+                   for field in tasks.get(direction).record_inputs})
+    return prompts.build_example(vocab, direction, record, int(phrasing))
 
 
 def gap_examples(vocab: Vocab, pairs: Sequence[Pair], direction: str, seed: int = 0,

@@ -12,12 +12,13 @@ import math
 import pathlib
 from typing import Sequence
 
+from llmcxr_jax import tasks
 from llmcxr_jax.run_layout import RunLayout
 from llmcxr_jax.train import curves as curves_lib
 from llmcxr_jax.train.metrics import METRICS_FILE, read_jsonl
 
 STAGES = (1, 2)
-DIRECTIONS = ("report2image", "image2report")
+DIRECTIONS = tasks.PAIRED
 SERIES = {"loss": (("train", "loss/{d}"), ("held-out", "eval_loss/{d}")),
           "gap": (("train pairs", "gap/{d}/train"), ("held-out pairs", "gap/{d}/heldout"))}
 Curve = list[tuple[float, float]]
@@ -62,7 +63,6 @@ def _joined(stage_curves: Sequence[Curve]) -> tuple[tuple[float, ...], tuple[flo
 
 def panels(curves: dict[str, list[Curve]], boundaries: Sequence[float]) -> list[curves_lib.Panel]:
     """Loss and gap panels, one column per direction; train solid, held-out dashed."""
-    names = {"report2image": "report -> image", "image2report": "image -> report"}
     out = []
     for kind, title in (("loss", "loss"), ("gap", "conditioning gap")):
         for d in DIRECTIONS:
@@ -70,7 +70,8 @@ def panels(curves: dict[str, list[Curve]], boundaries: Sequence[float]) -> list[
                 curves_lib.Series(label, *_joined(curves[key.format(d=d)]), style, f"C{k}")
                 for k, ((label, key), style) in enumerate(zip(SERIES[kind], ("-", "--")))
                 if curves.get(key.format(d=d)))
-            out.append(curves_lib.Panel(f"{names[d]}: {title}", series, ylabel="nats/token",
+            out.append(curves_lib.Panel(f"{tasks.get(d).title}: {title}", series,
+                                        ylabel="nats/token",
                                         zero_line=kind == "gap", marks=tuple(boundaries)))
     return out
 

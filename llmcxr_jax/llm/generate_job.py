@@ -46,7 +46,7 @@ from llmcxr_jax.llm.inference import (REPORT_SAMPLING, generate_rows, row_keys,
                                       unconditional_prompt_ids)
 from llmcxr_jax.llm.serving import Bundle
 from llmcxr_jax.text import prompts
-from llmcxr_jax.text.vocab import IMAGE_PLACEHOLDER, Vocab
+from llmcxr_jax.text.vocab import Vocab
 
 TASKS = tasks_lib.NAMES
 CODE_SUFFIXES = (".npy", ".npz")
@@ -128,13 +128,12 @@ def _image_files(folder: pathlib.Path) -> list[pathlib.Path]:
 def read_items(task: str, *, reports: Sequence[str] = (), images: Sequence[str] = (),
                questions: Sequence[str] = (), instructions: Sequence[str] = (),
                contexts: Sequence[str] = (), input_path: str | None = None) -> list[Item]:
-    """The job's items from flags or from `--input` (not both). See `launch/generate.py`."""
-    if task not in TASKS:
-        raise InputError(f"--task {task!r}: unknown task; choose from {TASKS}")
-    given = {"--report": reports, "--image": images, "--question": questions,
-             "--instruction": instructions, "--context": contexts}
-    used = [flag for flag, values in given.items() if values]
-    spec = tasks_lib.get(task)
+    """The job's items from flags or from `--input` (not both), with the fields the task takes
+    (`Task.inputs`, `Task.optional`). See `launch/generate.py`."""
+    spec = _task(task)
+    given = {"report": reports, "image": images, "question": questions,
+             "instruction": instructions, "context": contexts}
+    used = [f"--{field}" for field, values in given.items() if values]
     allowed = {f"--{field}" for field in spec.inputs + spec.optional}
     stray = [flag for flag in used if flag not in allowed]
     if stray:
@@ -144,76 +143,81 @@ def read_items(task: str, *, reports: Sequence[str] = (), images: Sequence[str] 
         raise InputError(f"give the inputs either as flags ({', '.join(used)}) or as --input "
                          f"{input_path}, not both")
     if input_path is not None:
-        items = _items_from_file(task, pathlib.Path(input_path))
+        items = _items_from_file(spec, pathlib.Path(input_path))
     else:
-        items = _items_from_flags(task, reports, images, questions, instructions, contexts)
+        items = _items_from_flags(spec, given)
     if not items:
         flags = " / ".join(sorted(allowed))
         raise InputError(f"--task {task}: no inputs; give {flags} (repeatable) or --input FILE")
     return items
 
 
-def _items_from_flags(task: str, reports: Sequence[str], images: Sequence[str],
-                      questions: Sequence[str], instructions: Sequence[str],
-                      contexts: Sequence[str]) -> list[Item]:
-    if task == "report2image":
-        return [Item(i, f"{i:05d}", f"--report #{i + 1}", report=_text(r, f"--report #{i + 1}",
-                                                                       "report"))
-                for i, r in enumerate(reports)]
-    if task == "image2report":
-        return [Item(i, pathlib.Path(p).stem, f"--image #{i + 1}", image=p)
-                for i, p in enumerate(images)]
-    if task == "vqa":
-        if not images or not questions:
-            raise InputError("--task vqa needs --image and --question (or --input a JSONL of "
-                             '{"image": ..., "question": ...})')
-        if len(images) == 1:
-            images = list(images) * len(questions)
-        if len(images) != len(questions):
-            raise InputError(f"--task vqa: {len(images)} --image for {len(questions)} --question; "
-                             f"give one image, or one per question")
-        return [Item(i, f"{i:05d}", f"--question #{i + 1}", image=p,
-                     question=_text(q, f"--question #{i + 1}", "question"))
-                for i, (p, q) in enumerate(zip(images, questions))]
-    if contexts and len(contexts) != len(instructions):
-        raise InputError(f"--task instruct: {len(contexts)} --context for {len(instructions)} "
-                         f"--instruction; give none or one per instruction")
-    ctx = list(contexts) or [None] * len(instructions)
-    return [Item(i, f"{i:05d}", f"--instruction #{i + 1}",
-                 instruction=_text(s, f"--instruction #{i + 1}", "instruction"), context=c or None)
-            for i, (s, c) in enumerate(zip(instructions, ctx))]
+def _task(name: str) -> tasks_lib.Task:
+    if name not in tasks_lib.TASKS:
+        raise InputError(f"--task {name!r}: unknown task; choose from {tuple(tasks_lib.TASKS)}")
+    return tasks_lib.TASKS[name]
 
 
-def _items_from_file(task: str, path: pathlib.Path) -> list[Item]:
+def _item_id(task: tasks_lib.Task, index: int, fields: dict[str, Any]) -> str:
+    """An item's default id: an image's file name where the image is all it gives, else its
+    index."""
+    return pathlib.Path(fields["image"]).stem if task.inputs == ("image",) else f"{index:05d}"
+
+
+def _items_from_flags(task: tasks_lib.Task,
+                      given: dict[str, Sequence[str]]) -> list[Item]:
+    """One item per value of the task's last input flag; each other input flag gives one value
+    for all of them or one per item, an optional flag none or one per item."""
+    driver = task.inputs[-1]
+    if len(task.inputs) > 1 and not all(given[field] for field in task.inputs):
+        fields = ", ".join(f'"{field}": ...' for field in task.inputs)
+        raise InputError(f"--task {task.name} needs "
+                         f"{' and '.join(f'--{field}' for field in task.inputs)} (or --input a "
+                         f"JSONL of {{{fields}}})")
+    n = len(given[driver])
+    columns: dict[str, list[Any]] = {}
+    for field in task.inputs[:-1]:
+        values = list(given[field]) * n if len(given[field]) == 1 else list(given[field])
+        if len(values) != n:
+            raise InputError(f"--task {task.name}: {len(values)} --{field} for {n} --{driver}; "
+                             f"give one {field}, or one per {driver}")
+        columns[field] = values
+    for field in task.optional:
+        if given[field] and len(given[field]) != n:
+            raise InputError(f"--task {task.name}: {len(given[field])} --{field} for {n} "
+                             f"--{driver}; give none or one per {driver}")
+        columns[field] = [value or None for value in given[field]] or [None] * n
+    items = []
+    for i, value in enumerate(given[driver]):
+        where = f"--{driver} #{i + 1}"
+        fields = {field: values[i] for field, values in columns.items()}
+        fields[driver] = value if driver == "image" else _text(value, where, driver)
+        items.append(Item(i, _item_id(task, i, fields), where, **fields))
+    return items
+
+
+def _items_from_file(task: tasks_lib.Task, path: pathlib.Path) -> list[Item]:
     if not path.exists():
         raise InputError(f"--input {path}: no such file or folder")
     if path.is_dir():
-        if task != "image2report":
-            raise InputError(f"--input {path} is a folder; --task {task} reads a JSONL file")
+        if task.inputs != ("image",):
+            raise InputError(f"--input {path} is a folder; --task {task.name} reads a JSONL file")
         return [Item(i, p.stem, str(p), image=str(p)) for i, p in enumerate(_image_files(path))]
     records = _read_jsonl(path)
     items = []
     for i, (where, r) in enumerate(records):
-        item_id = str(r.get("id", f"{i:05d}"))
+        fields: dict[str, Any] = {}
         try:
-            if task == "report2image":
-                item = Item(i, item_id, where, report=_text(r["report"], where, "report"))
-            elif task == "image2report":
-                image = _text(r["image"], where, "image")
-                item = Item(i, str(r.get("id", pathlib.Path(image).stem)), where,
-                            image=_resolve(image, path.parent))
-            elif task == "vqa":
-                item = Item(i, item_id, where,
-                            image=_resolve(_text(r["image"], where, "image"), path.parent),
-                            question=_text(r["question"], where, "question"))
-            else:
-                context = r.get("context") or None
-                item = Item(i, item_id, where,
-                            instruction=_text(r["instruction"], where, "instruction"),
-                            context=None if context is None else _text(context, where, "context"))
+            for field in task.inputs:
+                value = _text(r[field], where, field)
+                fields[field] = _resolve(value, path.parent) if field == "image" else value
         except KeyError as e:
-            raise InputError(f"{where}: a {task} record needs the field {e.args[0]!r}") from None
-        items.append(item)
+            raise InputError(f"{where}: a {task.name} record needs the field {e.args[0]!r}"
+                             ) from None
+        for field in task.optional:
+            value = r.get(field) or None
+            fields[field] = None if value is None else _text(value, where, field)
+        items.append(Item(i, str(r.get("id", _item_id(task, i, fields))), where, **fields))
     return items
 
 
@@ -238,8 +242,7 @@ class JobConfig:
     guidance: float | None = None  # report2image guidance scale; None = the model's default
 
     def __post_init__(self) -> None:
-        if self.task not in TASKS:
-            raise InputError(f"--task {self.task!r}: unknown task; choose from {TASKS}")
+        _task(self.task)
         if self.batch_size < 1:
             raise InputError(f"--batch-size must be >= 1, got {self.batch_size}")
         if self.max_new_tokens is not None and self.max_new_tokens < 1:
@@ -279,11 +282,11 @@ def item_seed(seed: int, index: int) -> int:
 def phrasing_for(job: JobConfig, seed: int) -> int | None:
     """The instruction phrasing of an item (None where the task has no fixed phrasings: only the
     two directions of the image-report pairs have them)."""
-    if not tasks_lib.get(job.task).paired:
+    instructions = prompts.instructions_of(job.task)
+    if not instructions:
         return None
     if job.phrasing == "random":
-        n = len(prompts.REPORT_TO_IMAGE_INSTRUCTIONS)
-        return int(np.random.default_rng(seed).integers(n))
+        return int(np.random.default_rng(seed).integers(len(instructions)))
     return int(job.phrasing)
 
 
@@ -367,21 +370,10 @@ def codes_of(items: Sequence[Item], codec: Any, n_image: int, n_codes: int | Non
 
 def prompt_for(task: str, vocab: Vocab, item: Item, phrasing: int | None,
                codes: np.ndarray | None, n_codes: int | None) -> tuple[str, list[int]]:
-    """(prompt text with `<image>` for the image, token ids) in the trained formats."""
+    """(prompt text with `<image>` for the image, token ids) in the trained formats
+    (`prompts.TASK_PROMPTS`)."""
     try:
-        if task == "report2image":
-            instruction = prompts.REPORT_TO_IMAGE_INSTRUCTIONS[phrasing]
-            return (prompts.format_prompt(instruction, input=item.report),
-                    prompts.report_to_image_prompt_ids(vocab, item.report, phrasing))
-        if task == "image2report":
-            instruction = prompts.IMAGE_TO_REPORT_INSTRUCTIONS[phrasing]
-            return (prompts.format_prompt(instruction, input=IMAGE_PLACEHOLDER),
-                    prompts.image_to_report_prompt_ids(vocab, codes, phrasing, n_codes))
-        if task == "vqa":
-            return (prompts.format_prompt(item.question, input=IMAGE_PLACEHOLDER),
-                    prompts.vqa_prompt_ids(vocab, codes, item.question, n_codes))
-        return (prompts.format_prompt(item.instruction, input=item.context),
-                prompts.instruction_prompt_ids(vocab, item.instruction, item.context))
+        return prompts.generation_prompt(vocab, task, item.inputs(), phrasing, codes, n_codes)
     except (prompts.PromptError, ValueError) as e:
         raise InputError(f"{item.source}: {e}") from None
 

@@ -19,7 +19,7 @@ since a model tuned on them expects exactly these prompts.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -36,6 +36,7 @@ __all__ = [
     "instruction_example", "vqa_example", "build_example", "report_to_image_prompt_ids",
     "image_to_report_prompt_ids", "instruction_prompt_ids", "vqa_prompt_ids", "prompt_ids",
     "direction_for_pair", "pick_instruction", "fits", "keep_if_fits", "NULL_REPORT",
+    "TaskPrompts", "TASK_PROMPTS", "generation_prompt", "instructions_of",
 ]
 
 INTRO_BLURB = ("Below is an instruction that describes a task. "
@@ -107,8 +108,8 @@ class Example:
         if self.ids.shape != self.loss_mask.shape or self.ids.ndim != 1:
             raise ValueError(f"ids {self.ids.shape} and loss_mask {self.loss_mask.shape} must be "
                              f"1-D of equal length")
-        if self.task not in TASKS:
-            raise ValueError(f"task {self.task!r} not in {TASKS}")
+        if self.task not in tasks.TASKS:
+            raise ValueError(f"task {self.task!r} not in {tuple(tasks.TASKS)}")
 
     def __len__(self) -> int:
         return int(self.ids.shape[0])
@@ -224,26 +225,16 @@ def instruction_example(vocab: Vocab, instruction: str, context: str | None,
     return _example(vocab, vocab.encode(text), "instruct")
 
 
-def build_example(vocab: Vocab, task: str, record: dict[str, Any], phrasing: Phrasing = None,
+def build_example(vocab: Vocab, task: str, record: Mapping[str, Any], phrasing: Phrasing = None,
                   n_codes: int | None = None) -> Example:
-    """Dispatch on `task` with a record's fields: `report`/`codes` for the two directions,
-    `question`/`answer`/`codes` for vqa, `instruction`/`context`/`response` for instruct."""
+    """`task`'s training example from a record's fields (`TASK_PROMPTS`): `report`/`codes` for
+    the two directions, `question`/`answer`/`codes` for vqa, `instruction`/`context`/`response`
+    for instruct."""
+    entry = _task_prompts(task)
     try:
-        if task == "report2image":
-            return report_to_image_example(vocab, record["report"], record["codes"], phrasing,
-                                           n_codes)
-        if task == "image2report":
-            return image_to_report_example(vocab, record["codes"], record["report"], phrasing,
-                                           n_codes)
-        if task == "vqa":
-            return vqa_example(vocab, record["codes"], record["question"], record["answer"],
-                               n_codes)
-        if task == "instruct":
-            return instruction_example(vocab, record["instruction"], record.get("context"),
-                                       record["response"])
+        return entry.example(vocab, record, phrasing, n_codes)
     except KeyError as e:
         raise PromptError(f"a {task} record needs the field {e.args[0]!r}") from e
-    raise ValueError(f"unknown task {task!r}; known: {TASKS}")
 
 
 # ---- inference prompts (end right after `### Response:\n`) ---------------------------------------
@@ -282,6 +273,75 @@ def prompt_ids(vocab: Vocab, instruction: str, input: str | None = None,
     return vocab.ids_with_image(format_prompt(instruction, input=input or IMAGE_PLACEHOLDER), codes)
 
 
+# ---- the tasks' prompts -------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskPrompts:
+    """How one task (`llmcxr_jax.tasks`) becomes Dolly records.
+
+    `example(vocab, record, phrasing, n_codes)`: its training example from a data record.
+    `prompt(vocab, inputs, phrasing, codes, n_codes)`: its generation prompt from a generation
+    item's inputs (`Task.inputs` fields; `codes`: the input image's) as (text with `<image>` for
+    the image, token ids). `instructions`: its fixed phrasings (empty: the record gives them)."""
+
+    example: Callable[[Vocab, Mapping[str, Any], Phrasing, int | None], Example]
+    prompt: Callable[[Vocab, Mapping[str, Any], Phrasing, Any, int | None], tuple[str, list[int]]]
+    instructions: tuple[str, ...] = ()
+
+
+TASK_PROMPTS: dict[str, TaskPrompts] = {
+    tasks.REPORT2IMAGE.name: TaskPrompts(
+        example=lambda vocab, r, phrasing, n_codes: report_to_image_example(
+            vocab, r["report"], r["codes"], phrasing, n_codes),
+        prompt=lambda vocab, i, phrasing, codes, n_codes: (
+            format_prompt(pick_instruction(REPORT_TO_IMAGE_INSTRUCTIONS, phrasing), i["report"]),
+            report_to_image_prompt_ids(vocab, i["report"], phrasing)),
+        instructions=REPORT_TO_IMAGE_INSTRUCTIONS),
+    tasks.IMAGE2REPORT.name: TaskPrompts(
+        example=lambda vocab, r, phrasing, n_codes: image_to_report_example(
+            vocab, r["codes"], r["report"], phrasing, n_codes),
+        prompt=lambda vocab, i, phrasing, codes, n_codes: (
+            format_prompt(pick_instruction(IMAGE_TO_REPORT_INSTRUCTIONS, phrasing),
+                          IMAGE_PLACEHOLDER),
+            image_to_report_prompt_ids(vocab, codes, phrasing, n_codes)),
+        instructions=IMAGE_TO_REPORT_INSTRUCTIONS),
+    tasks.INSTRUCT.name: TaskPrompts(
+        example=lambda vocab, r, phrasing, n_codes: instruction_example(
+            vocab, r["instruction"], r.get("context"), r["response"]),
+        prompt=lambda vocab, i, phrasing, codes, n_codes: (
+            format_prompt(i["instruction"], i.get("context")),
+            instruction_prompt_ids(vocab, i["instruction"], i.get("context")))),
+    tasks.VQA.name: TaskPrompts(
+        example=lambda vocab, r, phrasing, n_codes: vqa_example(
+            vocab, r["codes"], r["question"], r["answer"], n_codes),
+        prompt=lambda vocab, i, phrasing, codes, n_codes: (
+            format_prompt(i["question"], IMAGE_PLACEHOLDER),
+            vqa_prompt_ids(vocab, codes, i["question"], n_codes))),
+}
+if set(TASK_PROMPTS) != set(tasks.NAMES):
+    raise ImportError(f"text.prompts.TASK_PROMPTS covers {sorted(TASK_PROMPTS)}, the tasks are "
+                      f"{sorted(tasks.NAMES)}: give every task its prompts")
+
+
+def _task_prompts(task: str) -> TaskPrompts:
+    if task not in TASK_PROMPTS:
+        raise ValueError(f"unknown task {task!r}; known: {tuple(TASK_PROMPTS)}")
+    return TASK_PROMPTS[task]
+
+
+def generation_prompt(vocab: Vocab, task: str, inputs: Mapping[str, Any], phrasing: Phrasing,
+                      codes: Any = None, n_codes: int | None = None) -> tuple[str, list[int]]:
+    """`task`'s generation prompt (`TaskPrompts.prompt`): (text with `<image>` for the input
+    image, token ids), ending right after `### Response:\\n`."""
+    return _task_prompts(task).prompt(vocab, inputs, phrasing, codes, n_codes)
+
+
+def instructions_of(task: str) -> tuple[str, ...]:
+    """`task`'s fixed instruction phrasings (empty where its records give the instruction)."""
+    return _task_prompts(task).instructions
+
+
 # ---- direction and length ------------------------------------------------------------------------
 
 
@@ -292,9 +352,9 @@ def direction_for_pair(index: int, mode: str = "alternate") -> tuple[str, ...]:
     is image -> report when i is even and report -> image when i is odd. `both` gives both.
     """
     if mode == "alternate":
-        return ("image2report",) if index % 2 == 0 else ("report2image",)
+        return (tasks.IMAGE2REPORT.name,) if index % 2 == 0 else (tasks.REPORT2IMAGE.name,)
     if mode == "both":
-        return ("report2image", "image2report")
+        return tasks.PAIRED
     raise ValueError(f"direction mode {mode!r} not in {DIRECTION_MODES}")
 
 

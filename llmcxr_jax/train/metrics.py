@@ -25,6 +25,7 @@ import jax
 import numpy as np
 from clu import metrics as clu_metrics
 
+from llmcxr_jax import tasks
 from llmcxr_jax.configs import ModelConfig
 from llmcxr_jax.train import flops as flops_lib
 
@@ -217,9 +218,10 @@ def progress_line(stage: Any, step: int, total_steps: int, record: Mapping[str, 
         parts.append(f"loss {loss:.4g}" if math.isfinite(loss) else "loss nan")
     if record.get("eval_loss") is not None:
         parts.append(f"eval {record['eval_loss']:.4g}")
-    for short, direction in (("r2i", "report2image"), ("i2r", "image2report")):
+    for direction in tasks.PAIRED:
         if record.get(f"gap/{direction}/train") is not None:
-            parts.append(f"gap {short} {record[f'gap/{direction}/train']:.3g}")
+            parts.append(f"gap {tasks.get(direction).short} "
+                         f"{record[f'gap/{direction}/train']:.3g}")
     if record.get("tokens_per_s") is not None:
         parts.append(f"tok/s {record['tokens_per_s']:.0f}")
     if record.get("mfu") is not None:
