@@ -6,6 +6,7 @@ folder's name lives here only:
     W/config.json      the resolved RunConfig
     W/world/           the phantom world (unless data.world names a real one)
     W/tokenizer/       the BPE trained on the world's text (unless the run uses a given one)
+    W/clinical/        the classifier of the VQ-GAN's clinical loss (with clinical.net=train)
     W/vqgan_run/       VQ-GAN training; the model itself in vqgan_run/vqgan/
     W/codes/           every image's VQ-GAN codes (unless data.codes names them)
     W/base/            the stage-0 text-only model (the language-retention baseline)
@@ -44,6 +45,12 @@ class RunLayout:
     @property
     def tokenizer(self) -> pathlib.Path:
         return self.root / "tokenizer"
+
+    @property
+    def clinical(self) -> pathlib.Path:
+        """The classifier trained for the VQ-GAN's clinical feature loss (not the evaluation's
+        `classifier`: another network, so the VQ-GAN is never scored by what it trained on)."""
+        return self.root / "clinical"
 
     @property
     def vqgan_run(self) -> pathlib.Path:

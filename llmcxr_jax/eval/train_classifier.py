@@ -280,8 +280,10 @@ def train(world: str | pathlib.Path, workdir: str | pathlib.Path,
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / TRAIN_CONFIG_FILE).write_text(json.dumps(
-        {"world": str(world), "classifier": configs.to_dict(model_cfg),
-         "train": configs.to_dict(cfg)}, indent=2) + "\n")
+        {"world": str(world), "splits": {"train": train_split, "eval": eval_split,
+                                         "test": test_split},
+         "classifier": configs.to_dict(model_cfg), "train": configs.to_dict(cfg)},
+        indent=2) + "\n")
     skips = SkipCounter("classifier images")
     read = dict(frontal_only=cfg.frontal_only, max_images=max_images, skips=skips,
                 progress=progress)
@@ -343,6 +345,6 @@ def train(world: str | pathlib.Path, workdir: str | pathlib.Path,
     result = {"steps": cfg.steps, "train_seconds": round(seconds, 1), "eval": evals,
               "thresholds": None if thresholds is None else dict(zip(model_cfg.labels,
                                                                      thresholds.tolist())),
-              "skipped": dict(skips.counts)}
+              "images": {k: len(v) for k, v in data.items()}, "skipped": dict(skips.counts)}
     (workdir / EVAL_FILE).write_text(json.dumps(result, indent=2) + "\n")
     return {"losses": losses, "params": params, **result}

@@ -3,6 +3,7 @@
     WORKDIR/config.json      the resolved RunConfig (a run resumes from its workdir alone)
     WORKDIR/world/           the phantom world (MIMIC-CXR-JPG layout), unless data.world is given
     WORKDIR/tokenizer/       the vocabulary (trained BPE, or the given tokenizer + specials)
+    WORKDIR/clinical/        with clinical.net=train: the classifier of the VQ-GAN's clinical loss
     WORKDIR/vqgan_run/       VQ-GAN training (checkpoints, metrics); the model in vqgan_run/vqgan
     WORKDIR/codes/           the images' VQ-GAN codes
     WORKDIR/stage0/, base/   optional text-only base model (`base_steps`), the "before" model
@@ -41,6 +42,7 @@ from llmcxr_jax.data import mimic
 from llmcxr_jax.data import pipeline as pipeline_lib
 from llmcxr_jax.data.phantom_world import write_world
 from llmcxr_jax.data.skips import SkipCounter, TooManySkipped
+from llmcxr_jax.eval import classifier as clf
 from llmcxr_jax.io_utils import atomic_write, atomic_write_text
 from llmcxr_jax.llm import inference
 from llmcxr_jax.llm.image_embeddings import with_codebook_embeddings
@@ -60,7 +62,9 @@ from llmcxr_jax.train.optimizer import learning_rate_schedule
 from llmcxr_jax.train.preemption import PreemptionWatcher
 from llmcxr_jax.train.state import init_state, param_shardings
 from llmcxr_jax.vqgan import checkpoint as vqgan_checkpoint
+from llmcxr_jax.vqgan import clinical as clinical_lib
 from llmcxr_jax.vqgan import encode as encode_lib
+from llmcxr_jax.vqgan import losses
 from llmcxr_jax.vqgan import train as vqgan_train
 from llmcxr_jax.vqgan.input_pipeline import image_batches
 
@@ -207,6 +211,35 @@ def held_out_images(world: pathlib.Path, size: int, n: int = 4) -> np.ndarray | 
     return np.stack(images) if images else None
 
 
+def clinical_net(cfg: rc.RunConfig, paths: RunLayout, world: pathlib.Path, say: Say,
+                 plan: "Plan", progress: bool = True) -> losses.FeatureNet | None:
+    """The clinical feature loss's frozen classifier for the VQ-GAN about to train: none
+    (`clinical.net` empty), the given directory, or one trained (once) in WORKDIR/clinical/ on
+    the world's train split at the VQ-GAN's resolution (vqgan/clinical.py: never the
+    evaluation's network)."""
+    if not cfg.clinical.net:
+        return None
+    if not cfg.clinical.trains_here:
+        say(f"clinical: the VQ-GAN's clinical loss (weight {cfg.vqgan.clinical_weight:g}) reads "
+            f"the classifier in {cfg.clinical.net}")
+        return clinical_lib.feature_net(cfg.clinical.net)
+    directory = paths.clinical
+    if plan.decisions["clinical"].action in ("reuse", "legacy"):
+        say(f"clinical: reusing {directory}")
+    else:
+        size = vqgan_config(cfg).resolution
+        say(f"clinical: training the VQ-GAN's clinical-loss classifier (widths "
+            f"{'-'.join(map(str, cfg.clinical.widths))}, seed {cfg.clinical.seed}, "
+            f"{cfg.clinical.steps} steps, {size} px) on the train split of {world}")
+        if is_main_process():  # the others wait for it and read the same file
+            plan.start("clinical")
+            clinical_lib.train_net(cfg.clinical, world, directory, size, progress=progress,
+                                   log=say)
+            plan.finish("clinical")
+        sync_processes("llmcxr_clinical")
+    return clinical_lib.feature_net(directory)
+
+
 def vqgan_dir(cfg: rc.RunConfig, paths: RunLayout, world: pathlib.Path, say: Say, plan: "Plan",
               progress: bool = True) -> pathlib.Path:
     """The VQ-GAN to tokenise images with: the given one, or one trained (once) on the world.
@@ -218,14 +251,17 @@ def vqgan_dir(cfg: rc.RunConfig, paths: RunLayout, world: pathlib.Path, say: Say
     if decision.action in ("reuse", "legacy"):
         say(f"vqgan: reusing {final}")
         return final
+    nets = vqgan_train.FrozenNets(clinical=clinical_net(cfg, paths, world, say, plan, progress))
     vq_cfg = vqgan_config(cfg)
     images = split_images(world, ("train",))
     if decision.action == "continue":
         say(f"vqgan: continuing {final} from step {decision.done_steps} to vqgan.steps="
             f"{cfg.vqgan.steps} (its learning rate is constant)")
     else:
+        clinical = (f", clinical loss x{cfg.vqgan.clinical_weight:g} ({nets.clinical.name})"
+                    if nets.clinical else "")
         say(f"vqgan: training {cfg.vqgan.vqgan} for {cfg.vqgan.steps} steps on {len(images)} "
-            f"images")
+            f"images{clinical}")
     n_devices = jax.device_count()
     n_data = vqgan_train.data_axis_size(cfg.vqgan.mesh_data, cfg.vqgan.batch_size, n_devices,
                                         prefix="vqgan.")
@@ -236,7 +272,7 @@ def vqgan_dir(cfg: rc.RunConfig, paths: RunLayout, world: pathlib.Path, say: Say
     batches, bad = image_batches(images, vq_cfg.resolution, cfg.vqgan.batch_size,
                                  seed=cfg.vqgan.seed, read_threads=cfg.vqgan.read_threads)
     plan.start("vqgan")
-    vqgan_train.train(vq_cfg, cfg.vqgan, paths.vqgan_run, batches, data_iter=batches,
+    vqgan_train.train(vq_cfg, cfg.vqgan, paths.vqgan_run, batches, nets=nets, data_iter=batches,
                       mesh=vqgan_train.data_mesh(n_data), progress=progress and is_main_process(),
                       log=say, preview=held_out_images(world, vq_cfg.resolution))
     plan.finish("vqgan")
@@ -455,12 +491,24 @@ def step_specs(cfg: rc.RunConfig, paths: RunLayout) -> list[StepSpec]:
 
     bpe = not cfg.tokenizer and not cfg.init_from
     base = ("stage0",) if uses_base_model(cfg) else ()
+    # The clinical loss's classifier: trained here (its own step, made from the world at the
+    # VQ-GAN's resolution) or given. The VQ-GAN records its weight only when the loss is on
+    # (without a classifier the weight changes nothing; records from before this setting keep
+    # matching), and `clinical.net` always.
+    trains_clinical = cfg.clinical.trains_here and not cfg.vqgan_dir
+    vqgan_own = flat("vqgan", cfg.vqgan)
+    if not cfg.clinical.net:
+        del vqgan_own["vqgan.clinical_weight"]
     return [
         StepSpec("world", "world", None if cfg.world is None else paths.world,
                  {"data.world": cfg.data.world} if cfg.world is None else flat("world", cfg.world)),
+        StepSpec("clinical", "clinical", paths.clinical if trains_clinical else None,
+                 {**flat("clinical", cfg.clinical), "vqgan.vqgan": cfg.vqgan.vqgan}
+                 if trains_clinical else {"clinical.net": cfg.clinical.net},
+                 ("world",) if trains_clinical else ()),
         StepSpec("vqgan", "vqgan", None if cfg.vqgan_dir else paths.vqgan_run,
-                 vq_model if cfg.vqgan_dir else flat("vqgan", cfg.vqgan), ("world",),
-                 "vqgan.steps"),
+                 vq_model if cfg.vqgan_dir else vqgan_own,
+                 ("world",) if cfg.vqgan_dir else ("world", "clinical"), "vqgan.steps"),
         StepSpec("tokenizer", "tokenizer", paths.tokenizer,
                  {**vq_model, "tokenizer": cfg.tokenizer, "vocab_text_ids": cfg.vocab_text_ids,
                   "init_from": cfg.init_from}, ("world",) if bpe else ()),
@@ -502,6 +550,8 @@ def _step_state(spec: StepSpec) -> tuple[bool, bool, int | None, int | None]:
         return (d / "phantom_world.json").exists(), False, None, None  # written atomically
     if spec.name == "tokenizer":
         return (d / TOKENIZER_FILE).exists(), False, None, None
+    if spec.name == "clinical":  # no checkpoints: an unfinished one is trained again
+        return clinical_lib.is_complete(d), d.exists(), None, None
     if spec.name == "codes":
         return False, (d / encode_lib.INDEX_FILE).exists(), None, None  # resumable by image
     if spec.name == "vqgan":
@@ -550,7 +600,8 @@ def plan_steps(cfg: rc.RunConfig, paths: RunLayout, stages: tuple[int, ...]) -> 
     """Before any work: what this run does with each of its steps, from each step's STEP.json and
     what the run asks of it (`step_record.decide`). A step holding other work than the run asks
     for is a SetupError naming the settings (recorded and asked)."""
-    roles = {"world": "run", "vqgan": "run", "tokenizer": "run", "codes": "run"}
+    roles = {"world": "run", "clinical": "run", "vqgan": "run", "tokenizer": "run",
+             "codes": "run"}
     if 1 in stages:
         roles["stage1"] = "run"
         if uses_base_model(cfg):
@@ -634,7 +685,24 @@ def preflight(cfg: rc.RunConfig, workdir: str | pathlib.Path, stages: tuple[int,
     if "vqgan" in plan.decisions and plan.decisions["vqgan"].action not in ("reuse", "legacy"):
         vqgan_train.data_axis_size(cfg.vqgan.mesh_data, cfg.vqgan.batch_size, jax.device_count(),
                                    prefix="vqgan.")
+        check_clinical(cfg)
     return cfg, paths, mesh, plan
+
+
+def check_clinical(cfg: rc.RunConfig) -> None:
+    """A clinical loss that cannot work, before any work: one without weight, or a given
+    classifier that does not load (SetupError)."""
+    if not cfg.clinical.net:
+        return
+    if cfg.vqgan.clinical_weight <= 0:
+        raise SetupError(f"clinical.net={cfg.clinical.net} needs vqgan.clinical_weight > 0 (it "
+                         f"is {cfg.vqgan.clinical_weight:g}); set it, or clinical.net= for no "
+                         f"clinical loss")
+    if not cfg.clinical.trains_here:
+        try:
+            clf.load_classifier(cfg.clinical.net)
+        except (FileNotFoundError, ValueError) as err:
+            raise SetupError(f"clinical.net: {err}") from None
 
 
 def planned_stage(stage: int, cfg: rc.RunConfig, plan: Plan, say: Say, **kwargs: Any

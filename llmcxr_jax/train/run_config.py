@@ -15,12 +15,14 @@ from llmcxr_jax import configs
 from llmcxr_jax.configs import DataConfig, ModelConfig, TrainConfig, VQGANConfig, VQGANTrainConfig
 from llmcxr_jax.data.phantom_world import WorldConfig
 from llmcxr_jax.train.loop import LoopConfig
+from llmcxr_jax.vqgan.clinical import ClinicalNetConfig
 
 
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
-    """Everything `launch/train.py` does, in order: world -> tokenizer -> VQ-GAN -> codes ->
-    stage 1 -> stage 2 -> samples. Paths left empty are produced inside the workdir."""
+    """Everything `launch/train.py` does, in order: world -> tokenizer -> [the clinical loss's
+    classifier] -> VQ-GAN -> codes -> stage 1 -> stage 2 -> samples. Paths left empty are
+    produced inside the workdir."""
 
     model: ModelConfig
     train: TrainConfig
@@ -29,6 +31,10 @@ class RunConfig:
     stage2: LoopConfig
     world: WorldConfig | None = WorldConfig(n_studies=800, size=128, seed=0)  # None: real data
     vqgan: VQGANTrainConfig = VQGANTrainConfig()
+    # The classifier of the VQ-GAN's clinical feature loss (weight vqgan.clinical_weight): none
+    # by default; `--set clinical.net=train` trains one in WORKDIR/clinical/ (vqgan/clinical.py).
+    # Only a VQ-GAN trained here uses it (not one given by vqgan_dir).
+    clinical: ClinicalNetConfig = ClinicalNetConfig()
     stage2_weights: tuple[float, ...] = (0.4, 0.4, 0.2, 0.0)
     mesh: str = "-1"  # all devices on fsdp unless a preset or --mesh says otherwise
     param_sharding: str = "fsdp"  # "data+fsdp": ZeRO-3, state split over data x fsdp too
@@ -78,7 +84,8 @@ VOCAB_SIZE_KEY = "model.vocab_size"
 VOCAB_SIZE_SOURCE = "vocab_text_ids + the VQ-GAN's codebook (padded to 128) when tokenizer is empty"
 
 _SECTIONS = {"model": ModelConfig, "train": TrainConfig, "data": DataConfig, "stage1": LoopConfig,
-             "stage2": LoopConfig, "world": WorldConfig, "vqgan": VQGANTrainConfig}
+             "stage2": LoopConfig, "world": WorldConfig, "vqgan": VQGANTrainConfig,
+             "clinical": ClinicalNetConfig}
 _TOP_LEVEL = tuple(f.name for f in dataclasses.fields(RunConfig) if f.name not in _SECTIONS)
 
 
@@ -115,11 +122,16 @@ def _phantom(model: str, *, n_studies: int, stage1_steps: int, stage2_steps: int
         # holds about three times the image-report pairs. The classifier scored its
         # reconstructions of the test images at 0.58 macro AUROC after 150 steps and 0.74 after
         # 600 (same world): the default trains 600.
+        # The clinical feature loss (a classifier's features of input vs reconstruction) is off:
+        # `--set clinical.net=train` turns it on, with a classifier trained on the train split
+        # (vqgan/clinical.py). Its weight is 1: the paper's 100 swamps the L1 here (README).
         vqgan=VQGANTrainConfig(vqgan="phantom-f8-64", steps=vqgan_steps, batch_size=8,
                                learning_rate=4e-4, disc_start=NO_DISCRIMINATOR,
-                               perceptual_weight=0.0, log_every=25, dead_code_restart=True,
-                               dead_code_window=20, dead_code_restart_every=25,
+                               perceptual_weight=0.0, clinical_weight=1.0, log_every=25,
+                               dead_code_restart=True, dead_code_window=20,
+                               dead_code_restart_every=25,
                                checkpoint_every=max(vqgan_steps // 2, 1), mesh_data=-1),
+        clinical=ClinicalNetConfig(net=""),
         base_steps=base_steps,
         image_embeddings="codebook",
         # Two world seeds, S in {1, 2, 3, 5}: S = 2 raised report -> image AUROC and F1 in both
