@@ -31,7 +31,7 @@ import time
 
 import numpy as np
 
-from llmcxr_jax.configs import DataConfig
+from llmcxr_jax.configs import DataConfig, TrainConfig
 from llmcxr_jax.data import mimic
 from llmcxr_jax.data import pipeline as P
 from llmcxr_jax.data.skips import SkipCounter
@@ -68,12 +68,13 @@ def get_vocab(kind: str, world: pathlib.Path) -> Vocab:
     return train_bpe(world_texts(world), vocab_size=2048)
 
 
-def run_pipeline(sources: P.Sources, vocab: Vocab, cfg: DataConfig, batches: int,
-                 repeats: int = 3) -> dict:
+def run_pipeline(sources: P.Sources, vocab: Vocab, cfg: DataConfig, train_cfg: TrainConfig,
+                 batches: int, repeats: int = 3) -> dict:
     """Throughput of `batches` batches after one warm-up batch: the median (by wall time) of
     `repeats` consecutive timings of the same iterator, its batches counted after the clock
     stops."""
-    pipe = P.build_pipeline(sources, vocab, cfg, shard_index=0, shard_count=1)
+    pipe = P.build_pipeline(sources, vocab, cfg, seq_len=train_cfg.seq_len,
+                            global_batch=train_cfg.global_batch, shard_index=0, shard_count=1)
     it = iter(pipe)
     next(it)
     timings = []
@@ -93,7 +94,8 @@ def run_pipeline(sources: P.Sources, vocab: Vocab, cfg: DataConfig, batches: int
             "drops": pipe.drops.as_dict()}
 
 
-def run_reference(sources: P.Sources, vocab: Vocab, cfg: DataConfig, batches: int) -> dict:
+def run_reference(sources: P.Sources, vocab: Vocab, cfg: DataConfig, train_cfg: TrainConfig,
+                  batches: int) -> dict:
     """The original's data path in PyTorch/transformers: format the Dolly text, tokenise with the
     HF tokenizer, splice the image ids over the placeholder, collate with
     DataCollatorForLanguageModeling(pad_to_multiple_of=8) and mask the labels up to the response
@@ -109,7 +111,7 @@ def run_reference(sources: P.Sources, vocab: Vocab, cfg: DataConfig, batches: in
     rng = np.random.default_rng(0)
     tasks = list(weights)
     probs = np.array([weights[t] for t in tasks])
-    b_size = cfg.global_batch
+    b_size = train_cfg.global_batch
 
     def example(task: str, rec: dict) -> list[int] | None:
         if task == "instruct":
@@ -122,14 +124,14 @@ def run_reference(sources: P.Sources, vocab: Vocab, cfg: DataConfig, batches: in
                 prompts.IMAGE_TO_REPORT_INSTRUCTIONS, rng), prompts.IMAGE_PLACEHOLDER, rec["report"])
         else:
             text = prompts.format_prompt(rec["question"], prompts.IMAGE_PLACEHOLDER, rec["answer"])
-        ids = tok(text, max_length=cfg.seq_len, truncation=True)["input_ids"]
+        ids = tok(text, max_length=train_cfg.seq_len, truncation=True)["input_ids"]
         if "codes" in rec:
             n = len(placeholder)
             at = next((i for i in range(len(ids) - n + 1) if ids[i:i + n] == placeholder), None)
             if at is None:
                 return None
             ids = ids[:at] + (np.asarray(rec["codes"], np.int64) + vocab.n_text).tolist() + ids[at + n:]
-        return ids if len(ids) < cfg.seq_len else None
+        return ids if len(ids) < train_cfg.seq_len else None
 
     response_id = vocab.response_id
     examples = tokens = slots = 0
@@ -157,25 +159,25 @@ def run_reference(sources: P.Sources, vocab: Vocab, cfg: DataConfig, batches: in
 
 
 def measure_train_step(preset: str, vocab: Vocab, sources: P.Sources, cfg: DataConfig,
-                       steps: int) -> float:
+                       train_cfg: TrainConfig, steps: int) -> float:
     """Tokens/s (real tokens, not padding) of the project's train step on one device, on `steps`
-    batches of the pipeline under `cfg` (fetched before the clock starts), after one compile
-    step."""
+    batches of the pipeline under `cfg` and `train_cfg`'s shape (fetched before the clock
+    starts), after one compile step."""
     import jax
 
-    from llmcxr_jax.configs import TrainConfig, model_preset
+    from llmcxr_jax.configs import model_preset
     from llmcxr_jax.train.state import init_state
     from llmcxr_jax.train.step import make_train_step
 
     model_cfg = model_preset(preset, vocab_size=vocab.embed_rows,
-                             max_position_embeddings=max(cfg.seq_len, 1024))
-    train_cfg = TrainConfig(global_batch=cfg.global_batch, seq_len=cfg.seq_len)
+                             max_position_embeddings=max(train_cfg.seq_len, 1024))
     mesh = jax.make_mesh((1, 1, 1), ("data", "fsdp", "tensor"),
                          axis_types=(jax.sharding.AxisType.Auto,) * 3,
                          devices=jax.devices()[:1])
     state = init_state(model_cfg, train_cfg, mesh)
     step = make_train_step(model_cfg, train_cfg, mesh, num_tasks=len(P.TASKS))
-    it = P.build_pipeline(sources, vocab, cfg, shard_index=0,
+    it = P.build_pipeline(sources, vocab, cfg, seq_len=train_cfg.seq_len,
+                          global_batch=train_cfg.global_batch, shard_index=0,
                           shard_count=1).global_iterator(mesh)
     batches = [next(it) for _ in range(steps + 1)]
     tokens = sum(int(np.asarray(b["segment_ids"] > 0).sum()) for b in batches[1:])
@@ -219,7 +221,7 @@ def main(argv=None) -> dict:
         codes = {d: np.random.default_rng(i).integers(0, 1024, 256).astype(np.uint16)
                  for i, d in enumerate(sorted(split))}
         base = DataConfig(world=str(world), instructions=str(world / "instructions.jsonl"),
-                          vqa=str(world / "vqa.jsonl"), global_batch=args.batch)
+                          vqa=str(world / "vqa.jsonl"))
         sources = P.load_sources(base, codes=codes)
 
         results: dict = {"world_studies": len({(r.subject_id, r.study_id) for r in split.values()}),
@@ -227,14 +229,15 @@ def main(argv=None) -> dict:
         rows = []
         for preset, spec in PRESETS.items():
             vocab = get_vocab(spec["vocab"], world)
-            cfg = dataclasses.replace(base, seq_len=spec["seq_len"])
-            packed = run_pipeline(sources, vocab, cfg, args.batches)
-            unpacked = run_pipeline(sources, vocab, dataclasses.replace(cfg, packing=False),
-                                    args.batches)
-            ref = run_reference(sources, vocab, cfg, args.batches)
+            train_cfg = TrainConfig(global_batch=args.batch, seq_len=spec["seq_len"])
+            packed = run_pipeline(sources, vocab, base, train_cfg, args.batches)
+            unpacked = run_pipeline(sources, vocab, dataclasses.replace(base, packing=False),
+                                    train_cfg, args.batches)
+            ref = run_reference(sources, vocab, base, train_cfg, args.batches)
             train_tps = ratio = None
             if preset in measure:
-                train_tps = measure_train_step(preset, vocab, sources, cfg, args.train_steps)
+                train_tps = measure_train_step(preset, vocab, sources, base, train_cfg,
+                                               args.train_steps)
                 ratio = packed["tokens_per_s"] / train_tps
             results["presets"][preset] = {
                 "seq_len": spec["seq_len"], "vocab": f"{spec['vocab']} ({vocab.n_text} text ids)",
@@ -246,9 +249,10 @@ def main(argv=None) -> dict:
         threads = {}
         if not args.quick:
             vocab = get_vocab("bpe", world)
-            cfg = dataclasses.replace(base, seq_len=1024)
+            train_cfg = TrainConfig(global_batch=args.batch, seq_len=1024)
             for n in (0, 2, 8):
-                r = run_pipeline(sources, vocab, dataclasses.replace(cfg, read_threads=n), args.batches)
+                r = run_pipeline(sources, vocab, dataclasses.replace(base, read_threads=n),
+                                 train_cfg, args.batches)
                 threads[n] = round(r["tokens_per_s"])
             results["read_threads_tokens_per_s"] = threads
 

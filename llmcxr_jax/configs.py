@@ -191,6 +191,8 @@ class TrainConfig:
     eps: float = 1e-8
     weight_decay: float = 0.0
     grad_clip_norm: float = 1.0  # global-norm clipping; 0 disables
+    # The shape of a step, the data pipeline's too (`data.pipeline.build_pipeline`): rows over
+    # all hosts, and tokens per row (longer examples are dropped and counted, never cut).
     global_batch: int = 16
     seq_len: int = 1024
     grad_accum_steps: int = 1  # micro-batches per step, accumulated inside the jitted step
@@ -199,6 +201,9 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.schedule not in ("constant", "cosine"):
             raise ValueError(f"schedule {self.schedule!r} not in ('constant', 'cosine')")
+        if self.seq_len < 2 or self.global_batch < 1:
+            raise ValueError(f"seq_len {self.seq_len} must be >= 2 and global_batch "
+                             f"{self.global_batch} >= 1")
         if self.global_batch % self.grad_accum_steps:
             raise ValueError(f"global_batch {self.global_batch} is not divisible by "
                              f"grad_accum_steps {self.grad_accum_steps}")
@@ -338,7 +343,9 @@ class DataConfig:
     `weights` are the mixing weights of `DATA_TASKS` in that order (report -> image, image ->
     report, text instructions, VQA); a zero weight leaves the task out. Paths: `world` is a
     MIMIC-CXR-JPG-layout root (CSVs + reports), `codes` the VQ-GAN encode step's output,
-    `instructions` a dolly-15k-format JSONL, `vqa` a VQA JSONL.
+    `instructions` a dolly-15k-format JSONL, `vqa` a VQA JSONL. The rows per step and tokens per
+    row are the step's (`TrainConfig.global_batch`, `TrainConfig.seq_len`), given to the pipeline
+    with this config.
     """
 
     world: str = ""
@@ -349,8 +356,6 @@ class DataConfig:
     splits: tuple[str, ...] = ("train",)
     weights: tuple[float, ...] = (0.4, 0.4, 0.2, 0.0)
     direction: str = "alternate"  # alternate (the original: one direction per pair) | both
-    seq_len: int = 1024  # tokens per row; longer examples are dropped and counted, never cut
-    global_batch: int = 16  # rows per step over all hosts
     packing: bool = True  # several examples per row (segment ids); False: one example per row
     packing_bins: int = 0  # first-fit bins per packing round; 0 = 4 x the per-host batch
     tokens_per_image: int = 256
@@ -384,9 +389,6 @@ class DataConfig:
             raise ValueError(f"null_report_rate must be in [0, 1), got {self.null_report_rate}")
         if not 0.0 <= self.max_skip_fraction <= 1.0:
             raise ValueError(f"max_skip_fraction must be in [0, 1], got {self.max_skip_fraction}")
-        if self.seq_len < 2 or self.global_batch < 1:
-            raise ValueError(f"seq_len {self.seq_len} must be >= 2 and global_batch "
-                             f"{self.global_batch} >= 1")
 
     def task_weights(self) -> dict[str, float]:
         """Normalised weights of the tasks that take part (weight > 0)."""

@@ -47,8 +47,8 @@ def tiny_setup():
     model = ModelConfig(vocab_size=vocab.embed_rows, hidden_size=32, num_layers=2, num_heads=4,
                         intermediate_size=64, max_position_embeddings=SEQ_LEN)
     train = TrainConfig(learning_rate=3e-3, warmup_steps=1, global_batch=BATCH, seq_len=SEQ_LEN)
-    data = DataConfig(weights=(0.0, 0.0, 1.0, 0.0), seq_len=SEQ_LEN, global_batch=BATCH, seed=3,
-                      tokens_per_image=16, codebook_size=16)
+    data = DataConfig(weights=(0.0, 0.0, 1.0, 0.0), seed=3, tokens_per_image=16,
+                      codebook_size=16)
     return vocab, Sources({"instruct": records}, SkipCounter()), model, train, data
 
 

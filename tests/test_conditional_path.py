@@ -53,8 +53,8 @@ def test_tiny_model_learns_to_read_its_input_in_both_directions(tmp_path):
     records = tiny_world(32)
     vocab = train_bpe([r.report for r in records], n_image=N_CODES)
     sources = Sources(pair_records(records, "both"), SkipCounter())
-    data = DataConfig(weights=(0.5, 0.5, 0.0, 0.0), direction="both", seq_len=SEQ_LEN,
-                      global_batch=8, tokens_per_image=TOKENS_PER_IMAGE, codebook_size=N_CODES)
+    data = DataConfig(weights=(0.5, 0.5, 0.0, 0.0), direction="both",
+                      tokens_per_image=TOKENS_PER_IMAGE, codebook_size=N_CODES)
     train = TrainConfig(learning_rate=3e-3, warmup_steps=10, schedule="constant",
                         total_steps=STEPS, global_batch=8, seq_len=SEQ_LEN, weight_decay=0.0)
     result = run_stage(1, model_cfg=MODEL, train_cfg=train, data_cfg=data,

@@ -19,7 +19,7 @@ from llmcxr_jax.train.preemption import PreemptionWatcher
 MODEL = ModelConfig(vocab_size=extended_vocab_rows(2048), hidden_size=64, num_layers=2,
                     num_heads=4, intermediate_size=128, max_position_embeddings=128)
 TRAIN = TrainConfig(learning_rate=3e-3, warmup_steps=1, global_batch=8, seq_len=64)
-DATA = DataConfig(weights=(0.0, 0.0, 1.0, 0.0), seq_len=64, global_batch=8, seed=3)
+DATA = DataConfig(weights=(0.0, 0.0, 1.0, 0.0), seed=3)
 
 
 def instruction_sources():

@@ -178,9 +178,11 @@ def _reference_losses(workdir: pathlib.Path, vqgan: pathlib.Path
     vocab = Vocab.load(workdir / "tokenizer")
     data = run_lib.data_for(cfg, 1, workdir / "world", workdir / "codes", ("train",))
     sources = pipeline_lib.load_sources(data, pipeline_lib.flat_codes(str(workdir / "codes")))
-    hosts = [iter(pipeline_lib.build_pipeline(sources, vocab, data, shard_index=i, shard_count=2))
-             for i in range(2)]
     train_cfg = rc.stage_train(cfg, 1)
+    hosts = [iter(pipeline_lib.build_pipeline(sources, vocab, data, seq_len=train_cfg.seq_len,
+                                              global_batch=train_cfg.global_batch, shard_index=i,
+                                              shard_count=2))
+             for i in range(2)]
     params = run_lib.with_image_embeddings(cfg, None, mesh, vqgan, vocab)
     state = state_from_params(params, cfg.model, train_cfg, mesh, rules)
     step = make_train_step(cfg.model, train_cfg, mesh, len(pipeline_lib.TASKS), rules)
@@ -278,9 +280,10 @@ def test_host_shards_are_disjoint_and_make_the_whole_source(runs):
     for task, records in sources.records.items():
         ids = [[json.dumps(r, sort_keys=True, default=str) for r in records[i::2]] for i in (0, 1)]
         assert not set(ids[0]) & set(ids[1]) and len(ids[0]) + len(ids[1]) == len(records)
-    batches = [next(iter(pipeline_lib.build_pipeline(sources, vocab, data, shard_index=i,
-                                                     shard_count=2))) for i in (0, 1)]
-    assert all(b["inputs"].shape[0] == data.global_batch // 2 for b in batches)
+    batches = [next(iter(pipeline_lib.build_pipeline(
+        sources, vocab, data, seq_len=cfg.train.seq_len, global_batch=cfg.train.global_batch,
+        shard_index=i, shard_count=2))) for i in (0, 1)]
+    assert all(b["inputs"].shape[0] == cfg.train.global_batch // 2 for b in batches)
 
 
 def test_the_workdir_serves_evaluate_generate_and_export(runs, tmp_path):

@@ -55,9 +55,14 @@ def _sources(n=40, seed=0, vqa=True, long_instructions=0):
 
 
 def _cfg(**kw):
-    base = dict(seq_len=256, global_batch=8, tokens_per_image=N_CODES, seed=3)
+    base = dict(tokens_per_image=N_CODES, seed=3)
     base.update(kw)
     return DataConfig(**base)
+
+
+def _build(sources, vocab, cfg, *, seq_len=256, global_batch=8, **kw):
+    """The pipeline in batches of 8 rows of 256 tokens unless told otherwise."""
+    return P.build_pipeline(sources, vocab, cfg, seq_len=seq_len, global_batch=global_batch, **kw)
 
 
 def _segments(row_seg):
@@ -85,7 +90,7 @@ def _expected_text(task, rec):
 
 def test_packed_batches_keep_examples_whole_and_targets_inside_segments(vocab):
     sources = _sources()
-    pipe = P.build_pipeline(sources, vocab, _cfg(), shard_index=0, shard_count=1)
+    pipe = _build(sources, vocab, _cfg(), shard_index=0, shard_count=1)
     texts = {prompts.format_prompt(r["instruction"], r["context"] or None, r["response"])
              for r in sources.records["instruct"]}
     codes_of = {t: {r["codes"].tobytes(): r for r in sources.records[t]}
@@ -141,8 +146,8 @@ def test_padding_fraction_with_and_without_packing(vocab):
     sources = _sources(vqa=False)
     fractions = {}
     for packing in (True, False):
-        it = iter(P.build_pipeline(sources, vocab, _cfg(packing=packing, weights=(.4, .4, .2, 0)),
-                                   shard_index=0, shard_count=1))
+        it = iter(_build(sources, vocab, _cfg(packing=packing, weights=(.4, .4, .2, 0)),
+                         shard_index=0, shard_count=1))
         batches = [next(it) for _ in range(4)]
         fractions[packing] = np.mean([P.padding_fraction(b) for b in batches])
         if not packing:
@@ -156,7 +161,7 @@ def test_task_fractions_match_weights(vocab, preset):
     # Some instruction records are too long: they are dropped inside their source, before the mix.
     sources = _sources(long_instructions=10)
     cfg = _cfg(weights=configs.data_preset(preset).weights)
-    pipe = P.build_pipeline(sources, vocab, cfg, shard_index=0, shard_count=1)
+    pipe = _build(sources, vocab, cfg, shard_index=0, shard_count=1)
     counts = dict.fromkeys(P.TASKS, 0)
     it = iter(pipe)
     for _ in range(25):
@@ -221,9 +226,9 @@ def test_null_report_rate_replaces_report2image_reports_only(vocab):
         tokens = other(rec, np.random.default_rng(i))["tokens"]
         assert prompts.NULL_REPORT not in vocab.decode(tokens)
     # build_pipeline passes the config's rate on.
-    pipe = P.build_pipeline(P.Sources({"report2image": records["report2image"]}, SkipCounter()),
-                            vocab, _cfg(weights=(1, 0, 0, 0), null_report_rate=0.5),
-                            shard_index=0, shard_count=1)
+    pipe = _build(P.Sources({"report2image": records["report2image"]}, SkipCounter()),
+                  vocab, _cfg(weights=(1, 0, 0, 0), null_report_rate=0.5),
+                  shard_index=0, shard_count=1)
     texts = [vocab.decode(row) for row in next(iter(pipe))["inputs"]]
     assert sum(t.count(prompts.NULL_REPORT) for t in texts) > 0
     with pytest.raises(ValueError, match="null_report_rate"):
@@ -232,8 +237,8 @@ def test_null_report_rate_replaces_report2image_reports_only(vocab):
 
 def test_a_task_with_no_example_that_fits_stops_with_a_clear_error(vocab):
     sources = P.Sources({"instruct": _sources().records["instruct"][:5]}, SkipCounter())
-    pipe = P.build_pipeline(sources, vocab, _cfg(seq_len=8, weights=(0, 0, 1, 0)),
-                            shard_index=0, shard_count=1)
+    pipe = _build(sources, vocab, _cfg(weights=(0, 0, 1, 0)), seq_len=8, shard_index=0,
+                  shard_count=1)
     with pytest.raises(ValueError, match="seq_len=8"):
         next(iter(pipe))
 
@@ -243,7 +248,7 @@ def test_resume_gives_identical_next_batches(vocab, tmp_path):
 
     sources = _sources()
     cfg = _cfg(weights=(0.3, 0.3, 0.2, 0.2))
-    it = iter(P.build_pipeline(sources, vocab, cfg, shard_index=0, shard_count=1))
+    it = iter(_build(sources, vocab, cfg, shard_index=0, shard_count=1))
     for _ in range(3):
         next(it)
     state = it.get_state()
@@ -254,10 +259,10 @@ def test_resume_gives_identical_next_batches(vocab, tmp_path):
     expected = [next(it) for _ in range(3)]
 
     # A new pipeline (as after a restart), restored from the state dict ...
-    fresh = iter(P.build_pipeline(sources, vocab, cfg, shard_index=0, shard_count=1))
+    fresh = iter(_build(sources, vocab, cfg, shard_index=0, shard_count=1))
     fresh.set_state(state)
     # ... and another restored through orbax.
-    restored = iter(P.build_pipeline(sources, vocab, cfg, shard_index=0, shard_count=1))
+    restored = iter(_build(sources, vocab, cfg, shard_index=0, shard_count=1))
     with ocp.CheckpointManager(tmp_path / "ckpt") as mngr:
         mngr.restore(3, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(restored)))
     for want in expected:
@@ -268,10 +273,10 @@ def test_resume_gives_identical_next_batches(vocab, tmp_path):
 
 def test_hosts_read_disjoint_shards(vocab):
     sources = P.Sources({"instruct": _sources(n=30).records["instruct"]}, SkipCounter())
-    cfg = _cfg(weights=(0, 0, 1, 0), global_batch=8)
+    cfg = _cfg(weights=(0, 0, 1, 0))
     seen = []
     for host in (0, 1):
-        pipe = P.build_pipeline(sources, vocab, cfg, shard_index=host, shard_count=2)
+        pipe = _build(sources, vocab, cfg, shard_index=host, shard_count=2)
         assert pipe.local_batch == 4
         b = next(iter(pipe))
         assert b["inputs"].shape == (4, 256)
@@ -286,7 +291,7 @@ def test_hosts_read_disjoint_shards(vocab):
     assert not shard_texts[0] & shard_texts[1]
     with pytest.raises(ValueError, match="global batch 8 is not divisible by the number of "
                                          "processes 3"):
-        P.build_pipeline(sources, vocab, cfg, shard_index=0, shard_count=3)
+        _build(sources, vocab, cfg, shard_index=0, shard_count=3)
 
 
 @pytest.mark.parametrize("shape,names,spec", [
@@ -297,7 +302,7 @@ def test_global_arrays_on_8_devices(vocab, shape, names, spec):
     assert jax.device_count() == 8
     mesh = jax.make_mesh(shape, names, axis_types=(AxisType.Auto,) * len(names))
     sources = _sources()
-    pipe = P.build_pipeline(sources, vocab, _cfg(), shard_index=0, shard_count=1)
+    pipe = _build(sources, vocab, _cfg(), shard_index=0, shard_count=1)
     local_it = iter(pipe)
     local = next(local_it)
     it = pipe.global_iterator(mesh)
@@ -346,7 +351,7 @@ def test_load_sources_from_a_world(tmp_path, vocab):
                                         "splits": ("train",), "weights": (.5, .5, 0, 0)}),
                           codes=codes)
     assert len(both.records["report2image"]) == len(both.records["image2report"]) == 4
-    b = next(iter(P.build_pipeline(sources, vocab, cfg, shard_index=0, shard_count=1)))
+    b = next(iter(_build(sources, vocab, cfg, shard_index=0, shard_count=1)))
     assert set(np.unique(b["task_ids"])) <= {-1, 0, 1, 2, 3}
     with pytest.raises(ValueError, match="instructions is empty"):
         P.load_sources(_cfg(world=str(root), weights=(0.4, 0.4, 0.2, 0)), codes=codes)
@@ -385,7 +390,7 @@ def test_phantom_world_end_to_end(tmp_path, vocab, stage):
     if stage == 2:
         assert {r["id"] for t in ("report2image", "image2report")
                 for r in sources.records[t]} <= stage2
-    pipe = P.build_pipeline(sources, vocab, cfg, shard_index=0, shard_count=1)
+    pipe = _build(sources, vocab, cfg, shard_index=0, shard_count=1)
     b = next(iter(pipe))
     assert set(np.unique(b["task_ids"])) - {-1} <= {0, 1, 2, 3}
     assert b["loss_mask"].sum() > 0 and P.describe(pipe, sources).startswith("data: stage")
@@ -405,8 +410,8 @@ def test_prefetch_threads_give_the_same_batches(vocab):
     sources = _sources()
     out = []
     for threads in (0, 4):
-        it = iter(P.build_pipeline(sources, vocab, _cfg(read_threads=threads),
-                                   shard_index=0, shard_count=1))
+        it = iter(_build(sources, vocab, _cfg(read_threads=threads),
+                         shard_index=0, shard_count=1))
         out.append([next(it) for _ in range(2)])
     for a, b in zip(*out):
         for k in P.BATCH_KEYS:
@@ -417,11 +422,11 @@ def test_image_loss_weight_scales_image_targets_only(vocab):
     """The loss weight of an image-code target is `image_loss_weight`, of a text target 1, and
     prompt tokens stay 0: checked per token against the vocabulary's image id range."""
     sources = _sources(n=40, seed=4, vqa=False)
-    plain = next(iter(P.build_pipeline(sources, vocab, _cfg(weights=(1, 1, 1, 0)),
-                                       shard_index=0, shard_count=1)))
-    weighted = next(iter(P.build_pipeline(sources, vocab,
-                                          _cfg(weights=(1, 1, 1, 0), image_loss_weight=0.25),
-                                          shard_index=0, shard_count=1)))
+    plain = next(iter(_build(sources, vocab, _cfg(weights=(1, 1, 1, 0)),
+                             shard_index=0, shard_count=1)))
+    weighted = next(iter(_build(sources, vocab,
+                                _cfg(weights=(1, 1, 1, 0), image_loss_weight=0.25),
+                                shard_index=0, shard_count=1)))
     np.testing.assert_array_equal(plain["targets"], weighted["targets"])
     is_image = (weighted["targets"] >= vocab.image_offset) & (weighted["targets"] < vocab.n_valid)
     on = plain["loss_mask"] > 0

@@ -1,5 +1,6 @@
 """Run presets, --set overrides and launch/train.py's one-line errors for bad configuration."""
 
+import dataclasses
 import json
 import pathlib
 import subprocess
@@ -52,7 +53,8 @@ def test_a_set_value_is_what_runs():
     cfg = rc.resolve(rc.apply_overrides(rc.run_preset("tiny"), [
         "train.seq_len=256", "train.global_batch=32", "stage1.steps=7", "vocab_text_ids=1000"]))
     vq = rc.configs.vqgan_preset(cfg.vqgan.vqgan)
-    assert (cfg.train.seq_len, cfg.data.seq_len, cfg.data.global_batch) == (256, 256, 32)
+    assert (cfg.train.seq_len, cfg.train.global_batch) == (256, 32)
+    assert not {"seq_len", "global_batch"} & {f.name for f in dataclasses.fields(cfg.data)}
     assert (cfg.data.tokens_per_image, cfg.data.codebook_size) == (vq.tokens_per_image,
                                                                   vq.n_embed)
     assert cfg.train.total_steps == 7
@@ -69,12 +71,22 @@ def test_unknown_preset_lists_the_known_ones():
 
 def test_resolved_config_round_trips_through_json():
     cfg = rc.resolve(rc.apply_overrides(rc.run_preset("tiny"), ["train.global_batch=32"]))
-    assert cfg.data.global_batch == 32 and cfg.train.total_steps == cfg.stage1.steps
+    assert cfg.train.global_batch == 32 and cfg.train.total_steps == cfg.stage1.steps
     again = rc.from_json(rc.to_json(cfg))
     assert again == cfg
     assert rc.check_against(cfg, json.loads(rc.to_json(cfg))) == []
     changed = rc.apply_overrides(cfg, ["stage1.steps=5"])
     assert rc.check_against(changed, json.loads(rc.to_json(cfg))) == ["stage1.steps"]
+
+
+def test_a_config_json_that_held_the_step_shape_twice_still_loads():
+    """A workdir's config.json from when `data` held copies of `train.seq_len` and
+    `train.global_batch` reads as the same config."""
+    cfg = rc.resolve(rc.run_preset("tiny"))
+    old = json.loads(rc.to_json(cfg))
+    old["data"].update(seq_len=cfg.train.seq_len, global_batch=cfg.train.global_batch)
+    assert rc.from_json(json.dumps(old)) == cfg
+    assert rc.check_against(cfg, old) == []
 
 
 def test_stage2_uses_impression_only_data_and_its_own_weights():

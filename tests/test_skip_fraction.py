@@ -114,13 +114,14 @@ def test_a_few_bad_records_below_the_limit_are_counted_and_the_rest_trains(tmp_p
     """1 bad line in 40 (2.5 %) of an instruction file: read, counted, and batches come out of
     the run's own source loader."""
     path = _instructions(tmp_path / "dolly.jsonl", 40, 1)
-    cfg = DataConfig(instructions=str(path), weights=(0, 0, 1, 0), seq_len=64, global_batch=4,
-                     tokens_per_image=16, codebook_size=16)
+    cfg = DataConfig(instructions=str(path), weights=(0, 0, 1, 0), tokens_per_image=16,
+                     codebook_size=16)
     sources = run_lib.training_sources(cfg, None)
     assert sources.sizes() == {"instruct": 39} and sources.skips["not_json"] == 1
     assert sources.skips.seen[str(path)] == 40
     vocab = train_bpe([f"Say {i}. {i}" for i in range(40)], vocab_size=512, n_image=16)
-    batch = next(iter(P.build_pipeline(sources, vocab, cfg, shard_index=0, shard_count=1)))
+    batch = next(iter(P.build_pipeline(sources, vocab, cfg, seq_len=64, global_batch=4,
+                                       shard_index=0, shard_count=1)))
     assert batch["inputs"].shape == (4, 64) and np.any(batch["loss_mask"] > 0)
     # 3 bad lines in 40 (7.5 %): the run's loader stops with one line (SetupError).
     with pytest.raises(run_lib.SetupError, match=r"worse.jsonl: 7.5% of its 40 records are bad "

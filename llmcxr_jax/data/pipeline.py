@@ -329,6 +329,8 @@ class Pipeline:
     dataset: grain.IterDataset
     drops: DropCounter
     config: DataConfig
+    seq_len: int
+    global_batch: int
     local_batch: int
     shard_index: int
     shard_count: int
@@ -340,18 +342,20 @@ class Pipeline:
 
     def global_iterator(self, mesh: Mesh) -> "GlobalBatchIterator":
         """A fresh iterator of global `jax.Array` batches sharded over `mesh`'s batch axes."""
-        return GlobalBatchIterator(iter(self.dataset), batch_sharding(mesh), self.config.global_batch)
+        return GlobalBatchIterator(iter(self.dataset), batch_sharding(mesh), self.global_batch)
 
 
-def build_pipeline(sources: Sources, vocab: Vocab, cfg: DataConfig, *,
-                   shard_index: int | None = None, shard_count: int | None = None) -> Pipeline:
-    """The full pipeline of `cfg` over `sources` (see the module docstring).
+def build_pipeline(sources: Sources, vocab: Vocab, cfg: DataConfig, *, seq_len: int,
+                   global_batch: int, shard_index: int | None = None,
+                   shard_count: int | None = None) -> Pipeline:
+    """The full pipeline of `cfg` over `sources` (see the module docstring), in batches of
+    `global_batch` rows of `seq_len` tokens (the step's shape: `TrainConfig`).
 
     `shard_index` / `shard_count` default to this JAX process's (one shard per host).
     """
     if shard_index is None or shard_count is None:
         shard_index, shard_count = shard_for_process()
-    local_batch = per_host_batch(cfg.global_batch, shard_count)
+    local_batch = per_host_batch(global_batch, shard_count)
     weights = cfg.task_weights()
     missing = [t for t in weights if not sources.records.get(t)]
     if missing:
@@ -369,7 +373,7 @@ def build_pipeline(sources: Sources, vocab: Vocab, cfg: DataConfig, *,
     for task, recs in shards.items():
         k = TASK_INDEX[task]
         ds = (EpochShuffled(recs, seed=_seed(cfg.seed, k, 0))
-              .random_map(tokenise_fn(vocab, task, cfg.seq_len, cfg.tokens_per_image, drops,
+              .random_map(tokenise_fn(vocab, task, seq_len, cfg.tokens_per_image, drops,
                                       cfg.image_loss_weight, cfg.null_report_rate),
                           seed=_seed(cfg.seed, k, 1)))
         streams.append(ds.to_iter_dataset(read))  # Nones (dropped examples) are skipped here
@@ -378,16 +382,16 @@ def build_pipeline(sources: Sources, vocab: Vocab, cfg: DataConfig, *,
     if cfg.packing:
         bins = cfg.packing_bins or 4 * local_batch
         ds = grain.experimental.FirstFitPackIterDataset(
-            ds, length_struct={"tokens": cfg.seq_len, "loss_mask": cfg.seq_len,
-                               "task": cfg.seq_len},
+            ds, length_struct={"tokens": seq_len, "loss_mask": seq_len, "task": seq_len},
             num_packing_bins=bins, seed=_seed(cfg.seed, 0, 2), shuffle_bins=True,
             meta_features=("loss_mask", "task"),
             padding_struct={"tokens": pad_id, "loss_mask": 0.0, "task": -1})
     else:
-        ds = ds.map(lambda ex: pad_to_row(ex, cfg.seq_len, pad_id))
+        ds = ds.map(lambda ex: pad_to_row(ex, seq_len, pad_id))
     ds = ds.batch(local_batch, drop_remainder=True)
     ds = ds.map(lambda b: to_training_batch(b, pad_id))
-    return Pipeline(ds, drops, cfg, local_batch, shard_index, shard_count, pad_id)
+    return Pipeline(ds, drops, cfg, seq_len, global_batch, local_batch, shard_index, shard_count,
+                    pad_id)
 
 
 class EpochShuffled(grain.MapDataset):
@@ -472,7 +476,8 @@ class GlobalBatchIterator(grain.DatasetIterator):
 def describe(pipeline: Pipeline, sources: Sources) -> str:
     """A few lines on what the pipeline reads: records per task, weights, skips."""
     cfg = pipeline.config
-    lines = [f"data: stage {cfg.stage}, seq_len {cfg.seq_len}, global batch {cfg.global_batch} "
+    lines = [f"data: stage {cfg.stage}, seq_len {pipeline.seq_len}, global batch "
+             f"{pipeline.global_batch} "
              f"({pipeline.local_batch} per host, shard {pipeline.shard_index}/"
              f"{pipeline.shard_count}), packing {'on' if cfg.packing else 'off'}"]
     for task, w in cfg.task_weights().items():
@@ -481,8 +486,8 @@ def describe(pipeline: Pipeline, sources: Sources) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["TASKS", "BATCH_KEYS", "SOURCES", "Sources", "Pipeline", "DropCounter", "GlobalBatchIterator",
-           "load_sources", "build_pipeline", "to_training_batch", "pad_to_row", "padding_fraction",
-           "pair_records", "instruction_records", "vqa_records",
+__all__ = ["TASKS", "BATCH_KEYS", "SOURCES", "Sources", "Pipeline", "DropCounter",
+           "GlobalBatchIterator", "load_sources", "build_pipeline", "to_training_batch",
+           "pad_to_row", "padding_fraction", "pair_records", "instruction_records", "vqa_records",
            "shard_for_process", "per_host_batch", "describe"]
 

@@ -82,12 +82,13 @@ def evaluate(eval_step: Callable, params: Any, batches: list[dict]) -> dict[str,
     return jax.device_get(summarize(total))
 
 
-def eval_batches(sources: pipeline_lib.Sources, vocab: Vocab, data_cfg: DataConfig, mesh: Mesh,
-                 n: int) -> list[dict]:
+def eval_batches(sources: pipeline_lib.Sources, vocab: Vocab, data_cfg: DataConfig,
+                 train_cfg: TrainConfig, mesh: Mesh, n: int) -> list[dict]:
     """The first `n` batches of a pipeline over `sources` (the held-out split): fixed per run."""
     if n <= 0 or not any(sources.sizes().values()):
         return []
-    it = pipeline_lib.build_pipeline(sources, vocab, data_cfg).global_iterator(mesh)
+    it = pipeline_lib.build_pipeline(sources, vocab, data_cfg, seq_len=train_cfg.seq_len,
+                                     global_batch=train_cfg.global_batch).global_iterator(mesh)
     return [next(it) for _ in range(n)]
 
 
@@ -110,15 +111,15 @@ def gap_pair_sets(train_sources: pipeline_lib.Sources,
 
 
 def conditioning_gaps(params: Any, sets: dict[str, tuple[str, list[dict]]], *,
-                      model_cfg: ModelConfig, vocab: Vocab, data_cfg: DataConfig, mesh: Mesh,
+                      model_cfg: ModelConfig, vocab: Vocab, train_cfg: TrainConfig, mesh: Mesh,
                       rules: Rules) -> dict[str, float]:
     """The conditioning gap (nats per response token) of each set, and `gap_time_s`."""
     start, out = time.perf_counter(), {}
     for name, (direction, pairs) in sets.items():
         try:
             out[name] = conditioning.conditioning_gap(
-                params, model_cfg, vocab, pairs, direction, batch_size=data_cfg.global_batch,
-                max_len=data_cfg.seq_len, mesh=mesh, rules=rules).gap
+                params, model_cfg, vocab, pairs, direction, batch_size=train_cfg.global_batch,
+                max_len=train_cfg.seq_len, mesh=mesh, rules=rules).gap
         except ValueError as err:  # e.g. a tiny world whose pairs are mostly one study's
             log.warning("%s: not measured (%s)", name, err)
     if out:
@@ -153,13 +154,15 @@ def run_stage(stage: int, *, model_cfg: ModelConfig, train_cfg: TrainConfig,
                  done)
         return StageResult(stage, "reused", summary["step"], params, summary)
 
-    check_global_batch(data_cfg.global_batch, mesh)
-    data_iter = pipeline_lib.build_pipeline(train_sources, vocab, data_cfg).global_iterator(mesh)
-    held_out = eval_batches(eval_sources, vocab, dataclasses.replace(data_cfg, seed=1234), mesh,
-                            loop_cfg.eval_batches) if eval_sources else []
+    check_global_batch(train_cfg.global_batch, mesh)
+    data_iter = pipeline_lib.build_pipeline(
+        train_sources, vocab, data_cfg, seq_len=train_cfg.seq_len,
+        global_batch=train_cfg.global_batch).global_iterator(mesh)
+    held_out = eval_batches(eval_sources, vocab, dataclasses.replace(data_cfg, seed=1234),
+                            train_cfg, mesh, loop_cfg.eval_batches) if eval_sources else []
     gap_sets = gap_pair_sets(train_sources, eval_sources, loop_cfg.gap_pairs)
     gaps = functools.partial(conditioning_gaps, sets=gap_sets, model_cfg=model_cfg, vocab=vocab,
-                             data_cfg=data_cfg, mesh=mesh, rules=rules)
+                             train_cfg=train_cfg, mesh=mesh, rules=rules)
     step_fn = make_train_step(model_cfg, train_cfg, mesh, len(pipeline_lib.TASKS), rules)
     eval_fn = make_eval_step(model_cfg, mesh, len(pipeline_lib.TASKS), rules)
 
@@ -177,7 +180,7 @@ def run_stage(stage: int, *, model_cfg: ModelConfig, train_cfg: TrainConfig,
 
     step = int(jax.device_get(state.step))
     logger = TrainLogger(stage_dir, stage=stage, total_steps=loop_cfg.steps, model_cfg=model_cfg,
-                         global_batch=data_cfg.global_batch, seq_len=data_cfg.seq_len,
+                         global_batch=train_cfg.global_batch, seq_len=train_cfg.seq_len,
                          task_names=pipeline_lib.TASKS, log_every=loop_cfg.log_every,
                          n_devices=mesh.devices.size,
                          peak_flops=flops_lib.device_peak_flops(list(mesh.devices.flat)),

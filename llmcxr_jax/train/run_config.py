@@ -11,7 +11,7 @@ import dataclasses
 import json
 from typing import Any, Mapping, Sequence
 
-from llmcxr_jax import configs
+from llmcxr_jax import configs, tasks
 from llmcxr_jax.configs import DataConfig, ModelConfig, TrainConfig, VQGANConfig, VQGANTrainConfig
 from llmcxr_jax.data.phantom_world import WorldConfig
 from llmcxr_jax.train.loop import LoopConfig
@@ -70,7 +70,9 @@ IMAGE_EMBEDDINGS = ("random", "codebook")
 
 
 # Fields that follow others, with where each comes from: `resolve` computes them, and `--set` on
-# one is an error naming that source (a value set there would be overwritten, or disagree).
+# one is an error naming that source (a value set there would be overwritten, or disagree). The
+# data's batch and row length are no fields: the step's shape (`train`) is given to the pipeline;
+# their keys stay here so that `--set` names their one home.
 DERIVED = {
     "data.global_batch": "train.global_batch",
     "data.seq_len": "train.seq_len",
@@ -210,13 +212,12 @@ def apply_overrides(cfg: RunConfig, overrides: Sequence[str]) -> RunConfig:
 
 def resolve(cfg: RunConfig, vqgan: VQGANConfig | None = None) -> RunConfig:
     """The config as it runs, with the `DERIVED` fields computed (none of them can be `--set`):
-    the data's batch and length follow `train`; the tokens per image and codebook size follow the
-    VQ-GAN (`vqgan`, default: the preset trained here); the optimizer's schedule length follows
-    stage 1's steps (`stage_train`: each stage's own); and when the run trains its own BPE, the
-    embedding rows follow from its text ids + the codebook (padded to 128)."""
+    the tokens per image and codebook size follow the VQ-GAN (`vqgan`, default: the preset
+    trained here); the optimizer's schedule length follows stage 1's steps (`stage_train`: each
+    stage's own); and when the run trains its own BPE, the embedding rows follow from its text
+    ids + the codebook (padded to 128)."""
     vqgan = vqgan or configs.vqgan_preset(cfg.vqgan.vqgan)
-    data = dataclasses.replace(cfg.data, global_batch=cfg.train.global_batch,
-                               seq_len=cfg.train.seq_len, tokens_per_image=vqgan.tokens_per_image,
+    data = dataclasses.replace(cfg.data, tokens_per_image=vqgan.tokens_per_image,
                                codebook_size=vqgan.n_embed)
     train = dataclasses.replace(cfg.train, total_steps=max(cfg.stage1.steps, 1))
     model = cfg.model
@@ -230,10 +231,17 @@ def to_json(cfg: RunConfig) -> str:
     return json.dumps(dataclasses.asdict(cfg), indent=2, sort_keys=True)
 
 
+# Keys a config.json from before their one home held (each a copy of its home's value).
+RETIRED = {"data": ("global_batch", "seq_len")}
+
+
 def from_json(text: str) -> RunConfig:
+    """A `to_json` config, also one written before a key was retired (`RETIRED`: dropped)."""
     data = json.loads(text)
     kwargs: dict[str, Any] = {}
     for name, value in data.items():
+        if isinstance(value, dict) and name in RETIRED:
+            value = {k: v for k, v in value.items() if k not in RETIRED[name]}
         if name in _SECTIONS:
             kwargs[name] = None if value is None else configs.from_dict(_SECTIONS[name], value)
         else:
@@ -260,7 +268,7 @@ def stage_data(cfg: RunConfig, stage: int) -> DataConfig:
     """Stage 0: text instructions only; stage 1: every pair, FINDINGS + IMPRESSION; stage 2: the
     refined subset, IMPRESSION only."""
     if stage == 0:
-        return dataclasses.replace(cfg.data, weights=(0.0, 0.0, 1.0, 0.0))
+        return dataclasses.replace(cfg.data, weights=tasks.mix(instruct=1.0))
     if stage == 1:
         return cfg.data
     return dataclasses.replace(cfg.data, stage=2, weights=cfg.stage2_weights)
