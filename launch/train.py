@@ -39,7 +39,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "(default ./workdir/<config>)")
     parser.add_argument("--steps", type=cli.positive_int, default=None,
                         help="train steps of the selected stage(s) (default: the preset's); a "
-                             "finished stage asked for more continues from its last checkpoint")
+                             "finished stage asked for more continues from its last checkpoint; "
+                             "a run without stage 1 (--set stage1.steps=0) keeps none")
     parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                         help="override any config field, e.g. --set train.learning_rate=1e-4 "
                              "(see the list below)")
@@ -63,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
             cfg = dataclasses.replace(cfg, mesh=args.mesh)
         if args.steps is not None:
             for k in stages:
+                if k == 1 and rc.skips_stage1(cfg):
+                    continue  # stage1.steps=0 stays off: stage 2 starts from the base model
                 loop = rc.stage_loop(cfg, k)
                 cfg = dataclasses.replace(cfg, **{f"stage{k}": dataclasses.replace(
                     loop, steps=args.steps)})

@@ -273,3 +273,87 @@ def test_stage_2_alone_after_stage_1_with_a_base_model(tmp_path):
     assert "stage 1: reused at step 1" in proc.stdout
     assert not [line for line in proc.stdout.splitlines()
                 if line.startswith("stage 1:") and "training records" in line], proc.stdout
+
+
+# ---- a run without stage 1 (the paper's two-stage ablation) ------------------------------------
+
+
+def test_a_run_without_stage_1_plans_stage_2_from_the_base_model(tmp_path):
+    """`stage1.steps=0`: no stage 1 in the plan; stage 2's record holds what stage 1's would (the
+    base model, the codebook rows, stage1.steps=0), so a later run with stage 1 refuses it."""
+    cfg = rc.apply_overrides(rc.run_preset("tiny"), ["stage1.steps=0", "stage2.steps=12",
+                                                     "base_steps=4"])
+    paths = RunLayout(tmp_path)
+    for stages in ((1, 2), (2,)):
+        plan = _plan(cfg, paths, stages)
+        assert "stage1" not in plan.decisions, stages
+        assert plan.decisions["stage0"].action == plan.decisions["stage2"].action == "new"
+    made_from = plan.settings["stage2"]
+    assert made_from["stage1.steps"] == 0 and made_from["base_steps"] == 4
+    assert made_from["image_embeddings"] == "codebook" and made_from["init_from"] == ""
+    assert made_from["vqgan.steps"] == cfg.vqgan.steps  # through the codes, as stage 1's would
+    with pytest.raises(run_lib.SetupError, match="--stage 1 with stage1.steps=0: there is no "
+                                                 "stage 1 to run"):
+        _plan(cfg, paths, stages=(1,))
+    _fake_finished_stage(paths, 2, 12)
+    plan.finish("stage2", schedule_steps=12)
+    assert _plan(cfg, paths).decisions["stage2"].action == "reuse"
+    with pytest.raises(run_lib.SetupError, match=r"stage 2 in .* was made with stage1.steps=0 "
+                                                 r"\(this run: 12\)"):
+        _plan(rc.apply_overrides(cfg, ["stage1.steps=12"]), paths)
+
+
+def test_a_run_without_stage_1_trains_stage_2_from_the_base_model(tmp_path):
+    """`--set stage1.steps=0` end to end: stage 0, then stage 2 straight from the base model with
+    the image rows from the VQ-GAN's codebook (learning rate 0, so the final model is exactly
+    where stage 2 started); `--steps` leaves stage 1 off; no stage1/ is made, and the
+    evaluation's inputs and learning curve read the workdir."""
+    from flax import linen as nn
+
+    from llmcxr_jax import configs
+    from llmcxr_jax.eval import learning_curve, protocol
+    from llmcxr_jax.llm.checkpoint import load_llm
+    from llmcxr_jax.llm.image_embeddings import codebook_rows
+    from llmcxr_jax.vqgan.checkpoint import save_vqgan
+    from llmcxr_jax.vqgan.model import init_params as vqgan_init
+
+    vq_cfg = configs.vqgan_preset("test-tiny")  # given, so the run trains no VQ-GAN
+    vq_params = vqgan_init(vq_cfg, seed=1)
+    save_vqgan(tmp_path / "vqgan", vq_cfg, vq_params)
+    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu",
+           "PATH": os.environ.get("PATH", "/usr/bin:/bin")}
+    work = tmp_path / "w"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "launch" / "train.py"), "--config", "tiny", "--workdir",
+         str(work), "--steps", "2", "--set", "stage1.steps=0", "--set", "world.n_studies=40",
+         "--set", "world.n_instructions=40", "--set", f"vqgan_dir={tmp_path / 'vqgan'}",
+         "--set", "base_steps=1", "--set", "samples=0", "--set", "train.learning_rate=0",
+         "--set", "stage2.eval_batches=0", "--set", "stage2.gap_pairs=0", "--no-progress"],
+        capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "stage 0: done at step 1" in proc.stdout and "stage 2: done at step 2" in proc.stdout
+    assert not RunLayout(work).stage(1).exists()
+    cfg = rc.from_json((work / "config.json").read_text())
+    assert cfg.stage1.steps == 0 and cfg.stage2.steps == 2
+    _, base, vocab = load_llm(work / "base")
+    model_cfg, final, _ = load_llm(work / "llm")
+    codebook = np.asarray(nn.unbox(vq_params)["quantize"]["embedding"])
+    rows = codebook_rows(codebook, model_cfg.hidden_size, model_cfg.initializer_range,
+                         cfg.train.seed)
+    image = slice(vocab.image_offset, vocab.image_offset + len(codebook))
+    np.testing.assert_allclose(np.asarray(final["embed_in"]["embedding"])[image], rows, rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(final["embed_out"]["kernel"])[:, image], rows.T,
+                               rtol=1e-6)
+    text = slice(0, vocab.image_offset)
+    np.testing.assert_array_equal(np.asarray(final["embed_in"]["embedding"])[text],
+                                  np.asarray(base["embed_in"]["embedding"])[text])
+    jax.tree_util.tree_map(
+        lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+        {k: v for k, v in final.items() if not k.startswith("embed_")},
+        {k: v for k, v in base.items() if not k.startswith("embed_")})
+    # The evaluation reads it: the final model's report section, a curve of stage 2 alone.
+    inputs = protocol.resolve_inputs(work, protocol.EvalOptions())
+    assert inputs.report_stage == 2
+    curves, boundaries = learning_curve.read_curves(work)
+    assert curves and boundaries == []
+    assert learning_curve.plot(work, tmp_path / "curve.png").is_file()

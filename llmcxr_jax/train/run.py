@@ -357,7 +357,7 @@ def base_model(cfg: rc.RunConfig, paths: RunLayout, world: pathlib.Path, codes: 
                watcher: PreemptionWatcher | None, plan: "Plan") -> Any:
     """Stage 0: `base_steps` of text-only training on the world's instructions, from random
     weights; the result is saved once to WORKDIR/base/ (the language-retention baseline) and
-    returned as stage 1's starting params. None if preempted."""
+    returned as the first LLM stage's starting params. None if preempted."""
     data = data_for(cfg, 0, world, codes, ("train",))
     sources = training_sources(data, code_table)
     say(f"stage 0 (base model, text only): {sources.sizes()} training records")
@@ -376,8 +376,9 @@ def base_model(cfg: rc.RunConfig, paths: RunLayout, world: pathlib.Path, codes: 
 
 def with_image_embeddings(cfg: rc.RunConfig, params: Any, mesh: Any, vq_dir: pathlib.Path,
                           vocab: Vocab) -> Any:
-    """Stage 1's starting params with the image ids' rows from the VQ-GAN codebook when
-    `image_embeddings="codebook"` (None: the random init `run_stage` would make); else as given."""
+    """The first LLM stage's starting params (stage 1's; stage 2's when `rc.skips_stage1`) with
+    the image ids' rows from the VQ-GAN codebook when `image_embeddings="codebook"` (None: the
+    random init `run_stage` would make); else as given."""
     if cfg.image_embeddings != "codebook":
         return params
     if params is None:
@@ -394,7 +395,8 @@ def llm_stages(cfg: rc.RunConfig, paths: RunLayout, world: pathlib.Path, codes: 
                watcher: PreemptionWatcher | None, plan: "Plan",
                vq_dir: pathlib.Path) -> StageResult | None:
     """Run the requested stages in order; stage 2 starts from stage 1's final params with a
-    fresh optimizer. Returns the last stage's result (None if preempted)."""
+    fresh optimizer, or without stage 1 (`rc.skips_stage1`) from where stage 1 would start.
+    Returns the last stage's result (None if preempted)."""
     if vocab.embed_rows != cfg.model.vocab_size:
         raise ValueError(f"the vocabulary needs {vocab.embed_rows} embedding rows ({vocab.n_text} "
                          f"text + {vocab.n_image} image ids, padded to 128) but model.vocab_size "
@@ -410,9 +412,12 @@ def llm_stages(cfg: rc.RunConfig, paths: RunLayout, world: pathlib.Path, codes: 
     afresh = {k: trains[k] and _latest_checkpoint(paths.stage(k) / "checkpoints") is None
               for k in trains}
     # Stage 1 runs when asked to train or to give the final model; its finished params are read
-    # only when stage 2 starts from them.
-    needed = {1: (1 in stages and (trains[1] or 2 not in stages)) or afresh.get(2, False),
+    # only when stage 2 starts from them. Without stage 1, stage 2 starts where it would.
+    skip1 = rc.skips_stage1(cfg)
+    needed = {1: not skip1 and ((1 in stages and (trains[1] or 2 not in stages))
+                                or afresh.get(2, False)),
               2: 2 in stages}
+    first = 2 if skip1 else 1  # the stage that starts from init_from / the base model
     code_table = (pipeline_lib.flat_codes(str(codes))
                   if any(trains[k] for k in trains if needed[k]) else None)
     for stage in (1, 2):
@@ -431,7 +436,7 @@ def llm_stages(cfg: rc.RunConfig, paths: RunLayout, world: pathlib.Path, codes: 
                 say(f"stage {stage}: no held-out evaluation ({err})")
         if not afresh[stage]:
             init = None  # reused, or resumed / continued from the stage's own checkpoints
-        elif stage == 1:
+        elif stage == first:
             init = initial_params(cfg, mesh, vocab)
             if init is None and cfg.base_steps > 0:
                 init = base_model(cfg, paths, world, codes, code_table, vocab, mesh, say, watcher,
@@ -491,6 +496,12 @@ def step_specs(cfg: rc.RunConfig, paths: RunLayout) -> list[StepSpec]:
 
     bpe = not cfg.tokenizer and not cfg.init_from
     base = ("stage0",) if uses_base_model(cfg) else ()
+    # What the first LLM stage starts from: stage 1's, or stage 2's without stage 1 (then stage
+    # 2's record says stage1.steps=0, so a later stage 1 cannot silently slip under it).
+    start = {"init_from": cfg.init_from, "image_embeddings": cfg.image_embeddings}
+    start_inputs = ("world", "tokenizer", "codes") + base
+    stage2_from = ({**start, STAGE_LENGTH_KEYS[1]: 0}, start_inputs) if rc.skips_stage1(cfg) \
+        else ({}, ("stage1",))
     # The clinical loss's classifier: trained here (its own step, made from the world at the
     # VQ-GAN's resolution) or given. The VQ-GAN records its weight only when the loss is on
     # (without a classifier the weight changes nothing; records from before this setting keep
@@ -517,12 +528,11 @@ def step_specs(cfg: rc.RunConfig, paths: RunLayout) -> list[StepSpec]:
                  derived=True),
         StepSpec("stage0", "stage 0", paths.stage(0), llm(0), ("world", "tokenizer"),
                  STAGE_LENGTH_KEYS[0]),
-        StepSpec("stage1", "stage 1", paths.stage(1), {**llm(1), "init_from": cfg.init_from,
-                                                        "image_embeddings": cfg.image_embeddings},
-                 ("world", "tokenizer", "codes") + base, STAGE_LENGTH_KEYS[1]),
+        StepSpec("stage1", "stage 1", paths.stage(1), {**llm(1), **start}, start_inputs,
+                 STAGE_LENGTH_KEYS[1]),
         StepSpec("stage2", "stage 2", paths.stage(2),
-                 {**llm(2), "stage2_weights": list(cfg.stage2_weights)}, ("stage1",),
-                 STAGE_LENGTH_KEYS[2]),
+                 {**llm(2), "stage2_weights": list(cfg.stage2_weights), **stage2_from[0]},
+                 stage2_from[1], STAGE_LENGTH_KEYS[2]),
     ]
 
 
@@ -602,7 +612,14 @@ def plan_steps(cfg: rc.RunConfig, paths: RunLayout, stages: tuple[int, ...]) -> 
     for is a SetupError naming the settings (recorded and asked)."""
     roles = {"world": "run", "clinical": "run", "vqgan": "run", "tokenizer": "run",
              "codes": "run"}
-    if 1 in stages:
+    if rc.skips_stage1(cfg):  # stage 2 starts where stage 1 would have
+        if 2 not in stages:
+            raise SetupError("--stage 1 with stage1.steps=0: there is no stage 1 to run "
+                             "(stage1.steps=0 trains stage 2 from the base model): use --stage 2 "
+                             "or both")
+        if uses_base_model(cfg):
+            roles["stage0"] = "run"
+    elif 1 in stages:
         roles["stage1"] = "run"
         if uses_base_model(cfg):
             roles["stage0"] = "run"

@@ -148,6 +148,12 @@ RUN_PRESETS: dict[str, RunConfig] = {
     "phantom": _phantom("tiny", n_studies=1200, stage1_steps=800, stage2_steps=200,
                         vqgan_steps=600, batch=8, seq_len=512, lr=3e-3, base_steps=300,
                         eval_every=200),
+    # What more compute buys: the default with 2.5x the studies, 4x stage 1's steps, twice the
+    # base model's and stage 2's, 1,000 VQ-GAN steps instead of 600, nothing else changed; meant
+    # to take at most an hour on 2 cores (README, "The paper's own checks").
+    "phantom-long": _phantom("tiny", n_studies=3000, stage1_steps=3200, stage2_steps=400,
+                             vqgan_steps=1000, batch=8, seq_len=512, lr=3e-3, base_steps=600,
+                             eval_every=200),
     # A smoke run on a 16-device simulated mesh (`--mesh=4x4`): the global batch splits 16 ways.
     "tiny": _phantom("tiny", n_studies=120, stage1_steps=20, stage2_steps=10, vqgan_steps=20,
                      batch=16, seq_len=512, lr=1e-3),
@@ -284,6 +290,13 @@ def stage_loop(cfg: RunConfig, stage: int) -> LoopConfig:
 
 def stage_train(cfg: RunConfig, stage: int) -> TrainConfig:
     return dataclasses.replace(cfg.train, total_steps=max(stage_loop(cfg, stage).steps, 1))
+
+
+def skips_stage1(cfg: RunConfig) -> bool:
+    """`stage1.steps=0`: a run without stage 1, the paper's two-stage ablation. Stage 2 (its data
+    and `stage2.steps`) starts where stage 1 would have: init_from or the base model (stage 0),
+    with the image rows `image_embeddings` gives; `launch/train.py --steps` leaves it at 0."""
+    return cfg.stage1.steps == 0
 
 
 def check_against(cfg: RunConfig, saved: Mapping[str, Any]) -> list[str]:
