@@ -41,8 +41,9 @@ README = REPO / "README.md"
 def train_shrink(command: "Command") -> list[str]:
     """Every train.py command (the default phantom run, the 4x4 tiny run): a 40-study world
     (enough for a 2-image test split and a held-out split), 1 VQ-GAN step, 1 step of each LLM
-    stage (and of the base model where the preset trains one), one sample. The full default
-    takes ~11 minutes on 2 cores, the tiny preset on 16 simulated devices ~4."""
+    stage (and of the base model, and the clinical classifier, where the preset trains one), one
+    sample. The full default takes ~11 minutes on 2 cores, the tiny preset on 16 simulated
+    devices ~4."""
     from llmcxr_jax.train import run_config as rc
 
     argv = command.argv
@@ -52,6 +53,8 @@ def train_shrink(command: "Command") -> list[str]:
     sets = ["world.n_studies=40", "world.n_instructions=40", "vqgan.steps=1", "samples=1"]
     if rc.run_preset(preset or "phantom").base_steps > 0:
         sets.append("base_steps=1")
+    if rc.run_preset(preset or "phantom").clinical.trains_here:
+        sets.append("clinical.steps=1")
     return [*(x for s in sets for x in ("--set", s)), "--steps", "1"]
 
 

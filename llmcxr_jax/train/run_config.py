@@ -96,7 +96,7 @@ NO_DISCRIMINATOR = 1_000_000_000  # a disc_start no run reaches: reconstruction 
 
 def _phantom(model: str, *, n_studies: int, stage1_steps: int, stage2_steps: int,
              vqgan_steps: int, batch: int, seq_len: int, lr: float, base_steps: int = 0,
-             eval_every: int = 0) -> RunConfig:
+             eval_every: int = 0, clinical_net: str = "") -> RunConfig:
     train = TrainConfig(learning_rate=lr, warmup_steps=20, schedule="cosine",
                         total_steps=stage1_steps, global_batch=batch, seq_len=seq_len,
                         weight_decay=0.0)
@@ -124,16 +124,17 @@ def _phantom(model: str, *, n_studies: int, stage1_steps: int, stage2_steps: int
         # holds about three times the image-report pairs. The classifier scored its
         # reconstructions of the test images at 0.58 macro AUROC after 150 steps and 0.74 after
         # 600 (same world): the default trains 600.
-        # The clinical feature loss (a classifier's features of input vs reconstruction) is off:
-        # `--set clinical.net=train` turns it on, with a classifier trained on the train split
-        # (vqgan/clinical.py). Its weight is 1: the paper's 100 swamps the L1 here (README).
+        # The clinical feature loss (a classifier's features of input vs reconstruction) is on
+        # with `clinical_net="train"` (`--set clinical.net=train`): a classifier trained on the
+        # train split first (vqgan/clinical.py). Its weight is 1: the paper's 100 swamps the L1
+        # here (README).
         vqgan=VQGANTrainConfig(vqgan="phantom-f8-64", steps=vqgan_steps, batch_size=8,
                                learning_rate=4e-4, disc_start=NO_DISCRIMINATOR,
                                perceptual_weight=0.0, clinical_weight=1.0, log_every=25,
                                dead_code_restart=True, dead_code_window=20,
                                dead_code_restart_every=25,
                                checkpoint_every=max(vqgan_steps // 2, 1), mesh_data=-1),
-        clinical=ClinicalNetConfig(net=""),
+        clinical=ClinicalNetConfig(net=clinical_net),
         base_steps=base_steps,
         image_embeddings="codebook",
         # Two world seeds, S in {1, 2, 3, 5}: S = 2 raised report -> image AUROC and F1 in both
@@ -145,9 +146,10 @@ def _phantom(model: str, *, n_studies: int, stage1_steps: int, stage2_steps: int
 
 RUN_PRESETS: dict[str, RunConfig] = {
     # The embedded default: the phantom world from nothing, on a laptop-class CPU.
+    # clinical_net="" (no clinical loss) while "train" is being measured (README).
     "phantom": _phantom("tiny", n_studies=1200, stage1_steps=800, stage2_steps=200,
                         vqgan_steps=600, batch=8, seq_len=512, lr=3e-3, base_steps=300,
-                        eval_every=200),
+                        eval_every=200, clinical_net=""),
     # What more compute buys: the default with 2.5x the studies, 4x stage 1's steps, twice the
     # base model's and stage 2's, 1,000 VQ-GAN steps instead of 600, nothing else changed; meant
     # to take at most an hour on 2 cores (README, "The paper's own checks").
