@@ -13,6 +13,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from llmcxr_jax import tasks
 from llmcxr_jax.data import images as images_lib
 
 REPORT_FILE = "report.md"
@@ -91,7 +92,7 @@ def gap_section(result: Mapping[str, Any]) -> list[str]:
              "the true input, nats per response token: 0 when the model ignores its input.", "",
              "| direction | pairs | n | NLL true input | NLL mismatched | gap | gap 95 % CI |",
              "|---|---|---:|---:|---:|---:|---|"]
-    for direction in ("report2image", "image2report"):
+    for direction in tasks.PAIRED:
         for split, g in (result[direction].get("conditioning_gap") or {}).items():
             lines.append(f"| {direction} | {split} | {g['n_pairs']} | {_fmt(g.get('nll_true'))} "
                          f"| {_fmt(g.get('nll_mismatched'))} | {_fmt(g.get('gap'), 4)} | "
@@ -125,7 +126,7 @@ def probes_section(result: Mapping[str, Any]) -> list[str]:
             else block.get("finding_called_ci95")
         return f"{_fmt(value)} {_interval(ci)}"
 
-    for direction in ("report2image", "image2report"):
+    for direction in tasks.PAIRED:
         for group, label in PROBE_GROUPS.items():
             block = result[direction].get(group)
             if block is None:

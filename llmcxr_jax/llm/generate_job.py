@@ -164,8 +164,7 @@ def _item_id(task: tasks_lib.Task, index: int, fields: dict[str, Any]) -> str:
     return pathlib.Path(fields["image"]).stem if task.inputs == ("image",) else f"{index:05d}"
 
 
-def _items_from_flags(task: tasks_lib.Task,
-                      given: dict[str, Sequence[str]]) -> list[Item]:
+def _items_from_flags(task: tasks_lib.Task, given: dict[str, Sequence[str]]) -> list[Item]:
     """One item per value of the task's last input flag; each other input flag gives one value
     for all of them or one per item, an optional flag none or one per item."""
     driver = task.inputs[-1]

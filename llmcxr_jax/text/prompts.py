@@ -7,6 +7,9 @@ Every task is one Dolly record: `instruction`, optional `input`, `response`.
     vqa            instruction: the question                         input: <image>  response: answer
     instruct       a dolly-15k record (input only when its context is non-empty)
 
+`TASK_PROMPTS` holds each task's builders (training example, generation prompt, phrasings), keyed
+by the names of `llmcxr_jax.tasks`.
+
 The loss covers only the response: weights are 0 up to and including `### Response:\\n` and 1
 from the token after it through `### End` (LLM-CXR's DataCollatorForCompletionOnlyLM). Examples are
 never truncated: `keep_if_fits` returns None for a too-long one so the caller can count the drop.
