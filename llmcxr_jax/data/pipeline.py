@@ -110,21 +110,26 @@ def flat_codes(codes_dir: str) -> dict[str, np.ndarray]:
     return {k: np.asarray(v).reshape(-1) for k, v in load_codes(codes_dir).items()}
 
 
+def _read_file(cfg: DataConfig, field: str, task: str, reader: Callable[[str], Any],
+               skips: SkipCounter) -> Any:
+    """`reader`'s records of the file `cfg.<field>` names (its skips counted)."""
+    path = getattr(cfg, field)
+    if not path:
+        raise ValueError(f"DataConfig.{field} is empty but {task!r} has a positive weight")
+    recs, s = reader(path)
+    skips.update(s)
+    return recs
+
+
 def _read_instructions(cfg: DataConfig, codes: Mapping[str, np.ndarray] | None,
                        skips: SkipCounter) -> list[dict]:
-    if not cfg.instructions:
-        raise ValueError("DataConfig.instructions is empty but 'instruct' has a positive weight")
-    recs, s = dolly.read_dolly(cfg.instructions)
-    skips.update(s)
-    return instruction_records(recs)
+    return instruction_records(_read_file(cfg, "instructions", "instruct", dolly.read_dolly,
+                                          skips))
 
 
 def _read_vqa(cfg: DataConfig, codes: Mapping[str, np.ndarray] | None,
               skips: SkipCounter) -> list[dict]:
-    if not cfg.vqa:
-        raise ValueError("DataConfig.vqa is empty but 'vqa' has a positive weight")
-    recs, s = vqa.read_vqa(cfg.vqa)
-    skips.update(s)
+    recs = _read_file(cfg, "vqa", "vqa", vqa.read_vqa, skips)
     # As the original: questions join the stage-2 images (frontal, earliest study), any stage.
     images = mimic.load_images(cfg.world, codes, splits=cfg.splits, stage2_only=True,
                                tokens_per_image=cfg.tokens_per_image,
