@@ -97,6 +97,16 @@ def test_stage2_uses_impression_only_data_and_its_own_weights():
     assert rc.stage_train(cfg, 2).total_steps == cfg.stage2.steps
 
 
+def test_a_stage_scales_its_own_peak_learning_rate():
+    cfg = rc.apply_overrides(rc.run_preset("phantom"), ["train.learning_rate=0.002",
+                                                        "stage2.learning_rate_scale=0.25"])
+    assert rc.stage_train(cfg, 2).learning_rate == pytest.approx(0.0005)
+    assert rc.stage_train(cfg, 1).learning_rate == 0.002  # stage 1 (and the base) unscaled
+    assert rc.stage_train(cfg, 0).learning_rate == 0.002
+    with pytest.raises(ValueError, match="learning_rate_scale"):
+        rc.apply_overrides(cfg, ["stage2.learning_rate_scale=0"])
+
+
 def test_stage0_base_model_trains_on_text_only():
     cfg = rc.apply_overrides(rc.run_preset("phantom"), ["base_steps=12"])
     zero = rc.stage_data(cfg, 0)

@@ -62,6 +62,14 @@ class LoopConfig:
     gap_pairs: int = 64
     checkpoint_every: int = 50
     keep_checkpoints: int = 2
+    # This stage's peak learning rate is train.learning_rate x this (a fine-tuning stage on a
+    # small subset may want a gentler one than the stage before it).
+    learning_rate_scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.learning_rate_scale < float("inf"):
+            raise ValueError(f"learning_rate_scale must be a finite number > 0, got "
+                             f"{self.learning_rate_scale}")
 
 
 @dataclasses.dataclass

@@ -291,7 +291,11 @@ def stage_loop(cfg: RunConfig, stage: int) -> LoopConfig:
 
 
 def stage_train(cfg: RunConfig, stage: int) -> TrainConfig:
-    return dataclasses.replace(cfg.train, total_steps=max(stage_loop(cfg, stage).steps, 1))
+    """The optimizer settings of one stage: its length, and its peak learning rate scaled by its
+    loop's `learning_rate_scale`."""
+    loop = stage_loop(cfg, stage)
+    return dataclasses.replace(cfg.train, total_steps=max(loop.steps, 1),
+                               learning_rate=cfg.train.learning_rate * loop.learning_rate_scale)
 
 
 def skips_stage1(cfg: RunConfig) -> bool:
