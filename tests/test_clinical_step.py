@@ -118,7 +118,7 @@ def test_a_killed_classifier_is_trained_again_then_reused(clinical_run, tmp_path
     assert plan.decisions["clinical"].action == "resume"
     lines: list[str] = []
     net = run_lib.clinical_net(cfg, killed, world, lines.append, plan, progress=False)
-    assert net is not None and any("clinical: training" in s for s in lines)
+    assert net is not None and any("clinical: training again" in s for s in lines)
     assert step_record.read(killed.clinical)["status"] == "done"
     assert run_lib.plan_steps(cfg, killed, (1, 2)).decisions["clinical"].action == "reuse"
 

@@ -224,11 +224,13 @@ def clinical_net(cfg: rc.RunConfig, paths: RunLayout, world: pathlib.Path, say: 
             f"the classifier in {cfg.clinical.net}")
         return clinical_lib.feature_net(cfg.clinical.net)
     directory = paths.clinical
-    if plan.decisions["clinical"].action in ("reuse", "legacy"):
+    action = plan.decisions["clinical"].action
+    if action in ("reuse", "legacy"):
         say(f"clinical: reusing {directory}")
     else:
         size = vqgan_config(cfg).resolution
-        say(f"clinical: training the VQ-GAN's clinical-loss classifier (widths "
+        again = " again (it keeps no checkpoints)" if action == "resume" else ""
+        say(f"clinical: training{again} the VQ-GAN's clinical-loss classifier (widths "
             f"{'-'.join(map(str, cfg.clinical.widths))}, seed {cfg.clinical.seed}, "
             f"{cfg.clinical.steps} steps, {size} px) on the train split of {world}")
         if is_main_process():  # the others wait for it and read the same file
