@@ -161,12 +161,16 @@ def test_clinical_settings_that_cannot_work_stop_in_one_line(tmp_path):
                                                  "vqgan.clinical_weight > 0"):
         run_lib.preflight(rc.apply_overrides(cfg, CLINICAL + ["vqgan.clinical_weight=0"]),
                           tmp_path / "a")
-    with pytest.raises(run_lib.SetupError, match=r"^clinical.net: classifier checkpoint: .*nowhere"):
+    with pytest.raises(run_lib.SetupError, match=r"^clinical.net: classifier checkpoint: "
+                                                 r".*nowhere"):
         run_lib.preflight(rc.apply_overrides(cfg, [f"clinical.net={tmp_path / 'nowhere'}"]),
                           tmp_path / "b")
+    with pytest.raises(run_lib.SetupError, match="is the evaluation's classifier"):
+        evaluation = RunLayout(tmp_path / "c").classifier
+        run_lib.preflight(rc.apply_overrides(cfg, [f"clinical.net={evaluation}"]), tmp_path / "c")
     with pytest.raises(ValueError, match="are the evaluation classifier's"):
         rc.apply_overrides(cfg, ["clinical.seed=0", "clinical.widths=24,48,96,192"])
-    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    assert not any((tmp_path / w).exists() for w in "abc")
     # The evaluation's network and this one differ by default.
     assert dataclasses.replace(rc.run_preset("phantom").clinical, net="train").classifier_config(
         64) != clf.ClassifierConfig(image_size=64)

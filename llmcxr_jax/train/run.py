@@ -704,13 +704,13 @@ def preflight(cfg: rc.RunConfig, workdir: str | pathlib.Path, stages: tuple[int,
     if "vqgan" in plan.decisions and plan.decisions["vqgan"].action not in ("reuse", "legacy"):
         vqgan_train.data_axis_size(cfg.vqgan.mesh_data, cfg.vqgan.batch_size, jax.device_count(),
                                    prefix="vqgan.")
-        check_clinical(cfg)
+        check_clinical(cfg, paths)
     return cfg, paths, mesh, plan
 
 
-def check_clinical(cfg: rc.RunConfig) -> None:
-    """A clinical loss that cannot work, before any work: one without weight, or a given
-    classifier that does not load (SetupError)."""
+def check_clinical(cfg: rc.RunConfig, paths: RunLayout) -> None:
+    """A clinical loss that cannot work or must not be used, before any work (SetupError): one
+    without weight, a given classifier that does not load, or the evaluation's own."""
     if not cfg.clinical.net:
         return
     if cfg.vqgan.clinical_weight <= 0:
@@ -718,6 +718,10 @@ def check_clinical(cfg: rc.RunConfig) -> None:
                          f"is {cfg.vqgan.clinical_weight:g}); set it, or clinical.net= for no "
                          f"clinical loss")
     if not cfg.clinical.trains_here:
+        if pathlib.Path(cfg.clinical.net).resolve() == paths.classifier.resolve():
+            raise SetupError(f"clinical.net={cfg.clinical.net} is the evaluation's classifier: "
+                             f"the VQ-GAN must not be trained against the network that scores "
+                             f"it; use clinical.net=train or another classifier")
         try:
             clf.load_classifier(cfg.clinical.net)
         except (FileNotFoundError, ValueError) as err:

@@ -57,10 +57,6 @@ class ClinicalNetConfig:
                              f"against the network that scores it; change either")
 
     @property
-    def on(self) -> bool:
-        return bool(self.net)
-
-    @property
     def trains_here(self) -> bool:
         return self.net == TRAIN
 
