@@ -1,6 +1,7 @@
 """The sharded train step's communication, read from the compiled program (nothing executed):
 1-D parameters replicated, collectives per layer independent of the small parameters, no
-involuntary full rematerialisation, old checkpoints restoring onto the new shardings."""
+involuntary full rematerialisation, a tensor-parallel layer's reductions and gathers at
+Megatron's count, old checkpoints restoring onto the new shardings."""
 
 import dataclasses
 import math
@@ -109,6 +110,33 @@ def test_bytes_sent_match_the_shardings(step_2x4):
     data_reduce = 2 * (layers + head + table) / 4 * 1 / 2
     assert data_reduce < summary.bytes_sent["all-reduce"] <= data_reduce + 2 * vectors * 7 / 8 \
         + 1024  # loss sums and metrics
+
+
+def test_tensor_parallel_layer_reduces_three_activations_and_gathers_each_weight_twice():
+    """data 2 x fsdp 2 x tensor 2, state over data x fsdp, full remat (dolly-v2-3b's 2x4x2 in
+    miniature). Per layer the tensor axis all-reduces three activations, Megatron's count for
+    GPT-NeoX's parallel residual: the block's output once in the forward (both branches' partial
+    sums added first, not reduced one by one), the input gradients of `query_key_value` and
+    `dense_h_to_4h` in the backward; the rematerialised forward needs none. Each weight matrix is
+    gathered over data x fsdp twice, for the forward and for the backward (this width and head
+    count are ones where XLA, left to itself, gathers some a third time)."""
+    model = dataclasses.replace(MODEL, hidden_size=64, num_heads=8, intermediate_size=256,
+                                remat_policy="full")
+    mesh = mesh_from_flag("data:2,fsdp:2,tensor:2")
+    compiled = compile_train_step(model, TRAIN, mesh, rules_for("data+fsdp"))
+    per_layer = [c for c in coll.collectives(compiled.as_text(), mesh.size)
+                 if c.executions == model.num_layers]
+    tokens = TRAIN.global_batch * TRAIN.seq_len // (2 * 2)  # per device
+    activation = tokens * model.hidden_size * 4  # f32
+    tensor_reduced = [b for c in per_layer if c.kind == "all-reduce" and c.group_size == 2
+                      for b in c.element_bytes if b >= activation]
+    assert tensor_reduced == [activation] * 3, per_layer
+    kernels = [p.size // model.num_layers // 2 * 4 for path, p in  # each split over tensor
+               jax.tree_util.tree_leaves_with_path(shardings_lib.abstract_params(model))
+               if "layers" in jax.tree_util.keystr(path) and path[-1].key == "kernel"]
+    gathered = [b for c in per_layer if c.kind == "all-gather" and c.group_size == 4
+                for b in c.element_bytes]
+    assert len(kernels) == 4 and sorted(gathered) == sorted(kernels * 2), per_layer
 
 
 def test_checkpoint_with_old_shardings_restores_onto_new(tmp_path):

@@ -17,7 +17,7 @@ left-padded prompts each start at position 0.
 from __future__ import annotations
 
 import math
-from typing import Any, TypedDict
+from typing import Any, NotRequired, TypedDict
 
 import flax
 import flax.linen as nn
@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from llmcxr_jax.configs import ModelConfig
+from llmcxr_jax.parallel.rules import gathered, logical_axis_size
 
 Array = jax.Array
 _NEG_INF = -1e30  # finite, so fully-masked (padding) rows stay NaN-free
@@ -67,6 +68,9 @@ class Params(TypedDict):
     layers: LayerParams  # stacked over layers (`with_split_layers`: one tree per layer)
     final_layer_norm: LayerNormParams
     embed_out: ProjectionParams  # {"kernel": [embed, vocab]}
+    # Only with `ModelConfig.image_position_rows` (not GPT-NeoX): [rows, embed], added to each
+    # image token's embedding by its index within its image.
+    image_position: NotRequired[Array]
 
 
 @flax.struct.dataclass
@@ -85,13 +89,16 @@ class KVCache:
     v: tuple[Array, ...]
     segment_ids: Array  # [batch, max_len] int32
     index: Array  # [] int32
+    # [batch] int32: image tokens in a row at the end of what the cache holds (the index of the
+    # next image token within its image, `image_position_rows`).
+    image_run: Array
 
     @classmethod
     def init(cls, config: ModelConfig, batch: int, max_len: int) -> "KVCache":
         shape = (batch * config.num_heads, max_len, config.head_dim)
         zeros = tuple(jnp.zeros(shape, config.dtype) for _ in range(config.num_layers))
         return cls(k=zeros, v=zeros, segment_ids=jnp.zeros((batch, max_len), jnp.int32),
-                   index=jnp.zeros((), jnp.int32))
+                   index=jnp.zeros((), jnp.int32), image_run=jnp.zeros((batch,), jnp.int32))
 
     @property
     def max_len(self) -> int:
@@ -181,6 +188,15 @@ class Projection(nn.Module):
     carries over), and so do the kernel's. XLA:CPU computes the weight gradient of a 2-D dot
     faster than that of a dot contracting over both batch and length (`bench/train_step.py`);
     on TPU and GPU the reshapes are free.
+
+    With `partial_groups` g > 1 the contraction is left unfinished: the first in-axis is cut into
+    g equal slices and the result is each slice's product, [..., g, *out_shape] (the bias in the
+    first), for the caller to add to other partial sums before it sums them (`Block`).
+
+    Under remat the kernel is gathered (FSDP) at one point, its cast to the compute dtype, which
+    the recomputed forward and the backward then both read: left to itself XLA may gather it for
+    each (seen: `dense_h_to_4h` on a tensor-parallel mesh). Without remat it is not: the backward
+    would keep every layer's gathered kernel alive instead of its shard.
     """
 
     config: ModelConfig
@@ -189,6 +205,7 @@ class Projection(nn.Module):
     in_names: tuple[str, ...]
     out_names: tuple[str, ...]
     use_bias: bool = True
+    partial_groups: int = 1
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
@@ -196,14 +213,23 @@ class Projection(nn.Module):
         dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         kernel = self.param("kernel", _dense_init(cfg, self.in_names + self.out_names),
                             self.in_shape + self.out_shape, pdtype)
+        kernel = kernel.astype(dtype)
+        if cfg.remat_policy != "none":
+            kernel = nn.with_logical_constraint(kernel, gathered(self.in_names + self.out_names))
         lead = x.shape[:x.ndim - len(self.in_shape)]
         n_in, n_out = math.prod(self.in_shape), math.prod(self.out_shape)
-        y = jnp.dot(x.reshape(math.prod(lead), n_in).astype(dtype),
-                    kernel.reshape(n_in, n_out).astype(dtype))
+        x = x.reshape(math.prod(lead), n_in).astype(dtype)
+        g = self.partial_groups
+        if g == 1:
+            y = jnp.dot(x, kernel.reshape(n_in, n_out))
+        else:
+            y = jnp.einsum("tgi,gio->tgo", x.reshape(-1, g, n_in // g),
+                           kernel.reshape(g, n_in // g, n_out))
         if self.use_bias:
             bias = self.param("bias", _zeros(self.out_names), self.out_shape, pdtype)
-            y = y + bias.reshape(n_out).astype(dtype)
-        return y.reshape(lead + self.out_shape)
+            bias = bias.reshape(n_out).astype(dtype)
+            y = y + (bias if g == 1 else jnp.where(jnp.arange(g)[:, None] == 0, bias, 0))
+        return y.reshape(lead + ((g,) if g > 1 else ()) + self.out_shape)
 
 
 def _heads_first(x: Array) -> Array:
@@ -219,9 +245,11 @@ def _write_cache(cache: Array, new: Array, index: Array) -> Array:
 
 
 class Attention(nn.Module):
-    """Self-attention of the new tokens: over themselves, or over the cache they are written to."""
+    """Self-attention of the new tokens: over themselves, or over the cache they are written to.
+    With `partial_groups` > 1 the output is the `dense` projection's partial sums."""
 
     config: ModelConfig
+    partial_groups: int = 1
 
     @nn.compact
     def __call__(self, x: Array, inputs: LayerInputs, kv: tuple[Array, Array] | None = None
@@ -254,12 +282,15 @@ class Attention(nn.Module):
         out = Projection(cfg, in_shape=(cfg.num_heads, cfg.head_dim),
                          out_shape=(cfg.hidden_size,), in_names=("heads", "kv"),
                          out_names=("embed",), use_bias=cfg.attention_bias,
-                         name="dense")(_heads_first(out))
+                         partial_groups=self.partial_groups, name="dense")(_heads_first(out))
         return out, kv
 
 
 class MLP(nn.Module):
+    """With `partial_groups` > 1 the output is `dense_4h_to_h`'s partial sums."""
+
     config: ModelConfig
+    partial_groups: int = 1
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
@@ -269,7 +300,23 @@ class MLP(nn.Module):
         h = nn.with_logical_constraint(h, ("batch", "length", "act_mlp"))
         h = jax.nn.gelu(h, approximate=False)
         return Projection(cfg, in_shape=(cfg.intermediate_size,), out_shape=(cfg.hidden_size,),
-                          in_names=("mlp",), out_names=("embed",), name="dense_4h_to_h")(h)
+                          in_names=("mlp",), out_names=("embed",),
+                          partial_groups=self.partial_groups, name="dense_4h_to_h")(h)
+
+
+def _output_partial_groups(cfg: ModelConfig) -> int:
+    """Into how many partial sums a parallel-residual block leaves its two output projections
+    (attention `dense`, `dense_4h_to_h`): one per tensor-parallel shard of their contracted
+    axes (`heads`, `mlp`). Each shard adds its two partial sums and the block reduces them once,
+    as Megatron does for GPT-NeoX; XLA reduces each projection as soon as it is computed (two
+    all-reduces a layer). 1 without tensor parallelism, a sequential residual, or shards that
+    do not split both axes alike."""
+    if not cfg.use_parallel_residual:
+        return 1
+    groups = logical_axis_size("act_heads")
+    alike = (groups == logical_axis_size("act_mlp") and cfg.num_heads % groups == 0
+             and cfg.intermediate_size % groups == 0)
+    return groups if alike else 1
 
 
 def _layer_norm(cfg: ModelConfig, name: str) -> nn.LayerNorm:
@@ -288,11 +335,16 @@ class Block(nn.Module):
     def __call__(self, x: Array, inputs: LayerInputs, kv: tuple[Array, Array] | None = None
                  ) -> tuple[Array, tuple[Array, Array] | None]:
         cfg = self.config
-        attn_out, kv = Attention(cfg, name="attention")(
+        groups = _output_partial_groups(cfg)
+        attn_out, kv = Attention(cfg, groups, name="attention")(
             _layer_norm(cfg, "input_layernorm")(x), inputs, kv)
-        mlp = MLP(cfg, name="mlp")
+        mlp = MLP(cfg, groups, name="mlp")
         if cfg.use_parallel_residual:
-            x = x + attn_out + mlp(_layer_norm(cfg, "post_attention_layernorm")(x))
+            out = attn_out + mlp(_layer_norm(cfg, "post_attention_layernorm")(x))
+            if groups > 1:  # [batch, length, groups, embed], a group per tensor shard
+                out = nn.with_logical_constraint(
+                    out, ("batch", "length", "act_heads", "act_embed")).sum(axis=2)
+            x = x + out
         else:
             x = x + attn_out
             x = x + mlp(_layer_norm(cfg, "post_attention_layernorm")(x))
@@ -337,6 +389,21 @@ class GPTNeoX(nn.Module):
         # The lookup's own layout first (parallel/rules.py, "lookup_batch"), then the batch's.
         x = nn.with_logical_constraint(embed(input_ids), ("lookup_batch", "length", "embed"))
         x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
+        image_run = cache.image_run if cache is not None else None
+        if cfg.image_position_rows:
+            # Where an image token sits in its image (row and column of the VQ-GAN grid): rotary
+            # positions only give distances, and the image's start moves with the prompt.
+            first, count = cfg.image_ids
+            is_image = (input_ids >= first) & (input_ids < first + count)
+            carried = image_run if image_run is not None else jnp.zeros((batch,), jnp.int32)
+            index = image_run_index(is_image, carried)
+            table = self.param("image_position", _dense_init(cfg, (None, "embed")),
+                               (cfg.image_position_rows, cfg.hidden_size),
+                               jnp.dtype(cfg.param_dtype))
+            rows = jnp.take(table, jnp.clip(index, 0, cfg.image_position_rows - 1), axis=0)
+            x = x + jnp.where(is_image[..., None], rows.astype(x.dtype), 0)
+            if image_run is not None:
+                image_run = jnp.where(is_image[:, -1], index[:, -1] + 1, 0)
         cos, sin = rotary_tables(positions, cfg.rotary_dim, cfg.rotary_emb_base)
         slots = jnp.broadcast_to(jnp.arange(length), (batch, length))
 
@@ -369,7 +436,7 @@ class GPTNeoX(nn.Module):
                 keys.append(k)
                 values.append(v)
             cache = KVCache(k=tuple(keys), v=tuple(values), segment_ids=kv_segments,
-                            index=cache.index + length)
+                            index=cache.index + length, image_run=image_run)
 
         if last_only:
             x = x[:, -1:]
@@ -379,6 +446,14 @@ class GPTNeoX(nn.Module):
                             name="embed_out")(x)
         logits = nn.with_logical_constraint(logits, ("batch", "length", "act_vocab"))
         return logits if cache is None else (logits, cache)
+
+
+def image_run_index(is_image: Array, carried: Array) -> Array:
+    """Each token's index within its run of consecutive image tokens, [batch, length] int32
+    (meaningless at other tokens); `carried` [batch]: the image tokens right before the first."""
+    t = jnp.arange(is_image.shape[1], dtype=jnp.int32)[None, :]
+    last_other = jax.lax.cummax(jnp.where(is_image, -(carried[:, None] + 1), t), axis=1)
+    return t - last_other - 1
 
 
 def split_layers(layers: LayerParams, num_layers: int) -> tuple[LayerParams, ...]:

@@ -8,6 +8,11 @@ shard a weight's `embed` dimension while activations keep `embed` whole.
 
 from __future__ import annotations
 
+import math
+
+import flax.linen as nn
+import jax
+
 MESH_AXES = ("data", "fsdp", "tensor")
 
 # (logical name, mesh axis or axes or None)
@@ -63,3 +68,21 @@ def rules_for(param_sharding: str = "fsdp") -> tuple[tuple[str, str | tuple[str,
     lookup_batch = "data" if param_sharding == "fsdp" else None
     changed = {"embed": embed, "lookup_batch": lookup_batch}
     return tuple((name, changed.get(name, axes)) for name, axes in LOGICAL_AXIS_RULES)
+
+
+def gathered(names: tuple[str | None, ...]) -> tuple[str | None, ...]:
+    """A weight's logical names as its matmul reads it: the `embed` axis whole (FSDP gathers
+    it over the batch axes), every other axis split as the weight is stored."""
+    return tuple("act_embed" if name == "embed" else name for name in names)
+
+
+def logical_axis_size(name: str) -> int:
+    """Into how many shards the current mesh (`jax.set_mesh`) splits the logical axis `name`
+    under the current rules (`nn.logical_axis_rules`); 1 outside them (no constraint applies)."""
+    rules = nn.get_logical_axis_rules()
+    mesh = jax.sharding.get_abstract_mesh()
+    if not rules or mesh.empty:
+        return 1
+    axes = nn.logical_to_mesh_axes((name,), rules)[0]
+    axes = () if axes is None else (axes,) if isinstance(axes, str) else axes
+    return math.prod(mesh.shape.get(axis, 1) for axis in axes)
