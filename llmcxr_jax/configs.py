@@ -109,6 +109,11 @@ class ModelConfig:
     # the keys up to its last row only, skipping the masked upper triangle (T=512, 128: 5/8 of
     # the dense products); 0 = one dense masked product. Same result either way.
     attention_chunk: int = 128
+    # Not GPT-NeoX: a learned [rows, embed] table added to each image token's embedding by its
+    # index within its image (the VQ-GAN grid's cell, row-major); 0 = none, as imported models.
+    # `image_ids`: the image ids' (first, count). `RunConfig.image_positions` sets both.
+    image_position_rows: int = 0
+    image_ids: tuple[int, int] = (0, 0)
 
     @property
     def head_dim(self) -> int:
