@@ -550,6 +550,10 @@ def export_hf(params: Params, config: ModelConfig, vocab: Vocab, out_dir: str | 
     """Write a transformers `GPTNeoXForCausalLM` directory (see module docstring); returns it."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r} not in {sorted(DTYPES)}")
+    if config.image_position_rows:
+        raise HFCheckpointError("this model adds a learned image-position table to image tokens "
+                                "(model.image_position_rows), which GPTNeoXForCausalLM has no "
+                                "place for: use --format serving")
     if vocab.embed_rows != config.vocab_size:
         raise ValueError(f"vocabulary has {vocab.embed_rows} embedding rows but the model config "
                          f"has vocab_size={config.vocab_size}")

@@ -376,6 +376,15 @@ def base_model(cfg: rc.RunConfig, paths: RunLayout, world: pathlib.Path, codes: 
     return result.params
 
 
+def with_image_positions(cfg: rc.RunConfig, params: Any, mesh: Any) -> Any:
+    """`params` with a freshly initialised image-position table when the model has one and they
+    lack it (a base model or an import made without it); else as given (None: random init)."""
+    if not cfg.model.image_position_rows or params is None or "image_position" in params:
+        return params
+    fresh = init_state(cfg.model, rc.stage_train(cfg, 1), mesh, rules_for(cfg.param_sharding))
+    return {**params, "image_position": fresh.params["image_position"]}
+
+
 def with_image_embeddings(cfg: rc.RunConfig, params: Any, mesh: Any, vq_dir: pathlib.Path,
                           vocab: Vocab) -> Any:
     """The first LLM stage's starting params (stage 1's; stage 2's when `rc.skips_stage1`) with
@@ -445,7 +454,8 @@ def llm_stages(cfg: rc.RunConfig, paths: RunLayout, world: pathlib.Path, codes: 
                                   plan)
                 if init is None:
                     return None  # preempted in stage 0
-            init = with_image_embeddings(cfg, init, mesh, vq_dir, vocab)
+            init = with_image_positions(cfg, with_image_embeddings(cfg, init, mesh, vq_dir,
+                                                                   vocab), mesh)
         else:
             init = params
         result = planned_stage(stage, cfg, plan, say, model_cfg=cfg.model, data_cfg=train_data,

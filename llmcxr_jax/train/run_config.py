@@ -57,6 +57,12 @@ class RunConfig:
     # rest of the model, or as imported), or "codebook": from the VQ-GAN's codebook vectors
     # (llm/image_embeddings.py), so that codes that look alike start alike.
     image_embeddings: str = "random"
+    # How an image token knows its cell of the VQ-GAN grid: "none" (GPT-NeoX: rotary distances
+    # only, while the image's start moves with the prompt's length), or "learned": a table of
+    # tokens_per_image rows added to image tokens' embeddings by their index within the image
+    # (`ModelConfig.image_position_rows`; not exportable to transformers). Needs the run's own
+    # tokenizer (its image ids follow its vocab_text_ids text ids).
+    image_positions: str = "none"
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.guidance < float("inf"):
@@ -64,9 +70,15 @@ class RunConfig:
         if self.image_embeddings not in IMAGE_EMBEDDINGS:
             raise ValueError(f"image_embeddings {self.image_embeddings!r} not in "
                              f"{IMAGE_EMBEDDINGS}")
+        if self.image_positions not in IMAGE_POSITIONS:
+            raise ValueError(f"image_positions {self.image_positions!r} not in {IMAGE_POSITIONS}")
+        if self.image_positions != "none" and (self.tokenizer or self.init_from):
+            raise ValueError("image_positions='learned' needs the run's own tokenizer (tokenizer "
+                             "and init_from empty): an imported GPT-NeoX has no such table")
 
 
 IMAGE_EMBEDDINGS = ("random", "codebook")
+IMAGE_POSITIONS = ("none", "learned")
 
 
 # Fields that follow others, with where each comes from: `resolve` computes them, and `--set` on
@@ -80,6 +92,8 @@ DERIVED = {
     "data.codebook_size": "the VQ-GAN (vqgan.vqgan, or the one in vqgan_dir)",
     "data.stage": "the stage (stage_data: 1 = FINDINGS + IMPRESSION, 2 = IMPRESSION)",
     "train.total_steps": "each stage's length (base_steps, stage1.steps, stage2.steps)",
+    "model.image_position_rows": "image_positions and the VQ-GAN's tokens per image",
+    "model.image_ids": "image_positions, vocab_text_ids and the VQ-GAN's codebook",
 }
 # Derived only while the run trains its own BPE (`tokenizer` empty).
 VOCAB_SIZE_KEY = "model.vocab_size"
@@ -232,6 +246,9 @@ def resolve(cfg: RunConfig, vqgan: VQGANConfig | None = None) -> RunConfig:
     if not cfg.tokenizer:
         model = dataclasses.replace(model, vocab_size=configs.extended_vocab_rows(
             cfg.vocab_text_ids, vqgan.n_embed))
+    if cfg.image_positions == "learned":
+        model = dataclasses.replace(model, image_position_rows=vqgan.tokens_per_image,
+                                    image_ids=(cfg.vocab_text_ids, vqgan.n_embed))
     return dataclasses.replace(cfg, data=data, train=train, model=model)
 
 
