@@ -124,4 +124,6 @@ def test_a_starting_point_without_the_table_gets_one():
                                                cfg.model.hidden_size)
     assert started["embed_in"] is without["embed_in"]  # the rest as given
     assert run.with_image_positions(cfg, base, mesh) is base
+    restored = {**without, "image_position": jax.ShapeDtypeStruct((2, 2), jnp.float32)}
+    assert isinstance(run.with_image_positions(cfg, restored, mesh)["image_position"], jax.Array)
     assert run.with_image_positions(rc.resolve(rc.run_preset("tiny")), without, mesh) is without

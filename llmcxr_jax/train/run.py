@@ -378,8 +378,10 @@ def base_model(cfg: rc.RunConfig, paths: RunLayout, world: pathlib.Path, codes: 
 
 def with_image_positions(cfg: rc.RunConfig, params: Any, mesh: Any) -> Any:
     """`params` with a freshly initialised image-position table when the model has one and they
-    lack it (a base model or an import made without it); else as given (None: random init)."""
-    if not cfg.model.image_position_rows or params is None or "image_position" in params:
+    lack it (a base model or an import made without it: a checkpoint restored into this model's
+    tree leaves the table abstract); else as given (None: random init)."""
+    if (not cfg.model.image_position_rows or params is None
+            or isinstance(params.get("image_position"), jax.Array)):
         return params
     fresh = init_state(cfg.model, rc.stage_train(cfg, 1), mesh, rules_for(cfg.param_sharding))
     return {**params, "image_position": fresh.params["image_position"]}
