@@ -1,9 +1,14 @@
 """Write the phantom CXR world in MIMIC-CXR-JPG's layout.
 
     python launch/make_phantoms.py --out DIR --n-studies 1000 --size 256 --seed 0
+
+DIR is written whole or not at all: SIGTERM stops the drawing, writes nothing and exits 0 (as a
+preempted training run does); the same command draws it again.
 """
 
 import json
+import signal
+import threading
 
 from llmcxr_jax import cli
 
@@ -29,8 +34,13 @@ def main(argv=None) -> None:
 
     cfg = WorldConfig(n_studies=args.n_studies, size=args.size, seed=args.seed,
                       n_instructions=args.n_instructions)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
     summary = write_world(args.out, cfg, workers=args.workers or None, overwrite=args.overwrite,
-                          progress=not args.no_progress)
+                          progress=not args.no_progress, stop=stop.is_set)
+    if summary is None:
+        print(f"preempted: nothing written to {args.out}; run the same command again")
+        return
     print(f"wrote {summary['images']} images / {summary['studies']} studies / "
           f"{summary['subjects']} subjects to {summary['out']} in {summary['seconds']} s "
           f"({summary['images_per_s']} images/s at {args.size} px, {summary['workers']} workers)")

@@ -96,6 +96,14 @@ class RunLayout:
         """The codes a run with `data.codes = data_codes` reads ("" = encoded in the workdir)."""
         return pathlib.Path(data_codes) if data_codes else self.codes
 
+    def present(self) -> list[str]:
+        """The layout's files and folders that exist in the workdir, in the order above
+        ("config.json", "world/", ...): what a run made, or was given a place for."""
+        entries = [self.config, self.world, self.tokenizer, self.clinical, self.vqgan_run,
+                   self.codes, self.stage(0), self.base, self.stage(1), self.stage(2), self.llm,
+                   self.samples, self.classifier, self.eval]
+        return [p.name + ("/" if p.is_dir() else "") for p in entries if p.exists()]
+
     def is_run(self) -> bool:
         """Whether the folder looks like a training run's (its config and a stage folder)."""
         return self.config.is_file() and any(self.stage(k).exists() for k in (0, 1, 2))

@@ -160,6 +160,7 @@ def test_expected_errors_resolve_and_exit_1_and_bugs_keep_their_traceback(capsys
     classes = cli.resolve_expected_errors()
     assert len(classes) == len(cli.EXPECTED_ERRORS)
     assert all(isinstance(c, type) and issubclass(c, Exception) for c in classes)
+    assert not [c for c in classes if re.search(r"exits? 2", c.__doc__ or "")]  # docs: exit 1
 
     def raising(err):
         def main(argv):

@@ -11,18 +11,25 @@ import gzip
 import json
 import math
 import pathlib
+import runpy
 import shutil
 
+import jax
+import numpy as np
 import pytest
 
-from llmcxr_jax import configs
+from llmcxr_jax import cli, configs
 from llmcxr_jax.eval import classifier as clf
 from llmcxr_jax.eval import train_classifier as train_clf
 from llmcxr_jax.run_layout import RunLayout
 from llmcxr_jax.train import run as run_lib
 from llmcxr_jax.train import run_config as rc
 from llmcxr_jax.train import step_record
-from llmcxr_jax.train.metrics import read_jsonl
+from llmcxr_jax.train.metrics import METRICS_FILE, read_jsonl
+from llmcxr_jax.train.preemption import PreemptionWatcher
+from llmcxr_jax.vqgan import clinical as clinical_lib
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
 SMALL = ["world.n_studies=30", "world.size=64", "world.n_instructions=10",
          "vqgan.vqgan=test-tiny", "vqgan.steps=2", "vqgan.log_every=1"]
@@ -121,6 +128,76 @@ def test_a_killed_classifier_is_trained_again_then_reused(clinical_run, tmp_path
     assert net is not None and any("clinical: training again" in s for s in lines)
     assert step_record.read(killed.clinical)["status"] == "done"
     assert run_lib.plan_steps(cfg, killed, (1, 2)).decisions["clinical"].action == "reuse"
+
+
+def test_a_stop_while_the_classifier_trains_ends_it_unsaved_and_a_rerun_trains_it_again(
+        clinical_run, tmp_path):
+    """SIGTERM's flag (set here as its handler sets it) ends the classifier after the step it
+    is in: nothing saved, the run step raises Preempted, and the next run's plan trains it
+    again (the classifier keeps no checkpoints)."""
+    cfg, _, world, _, _ = clinical_run
+    long = rc.apply_overrides(cfg, ["clinical.steps=5000"])
+    paths = RunLayout(tmp_path / "w")
+    plan = run_lib.plan_steps(long, paths, (1, 2))
+    watcher = PreemptionWatcher()
+    watcher.request_stop()
+    lines: list[str] = []
+    with pytest.raises(run_lib.Preempted):
+        run_lib.clinical_net(long, paths, world, lines.append, plan, progress=False,
+                             watcher=watcher)
+    assert [r["step"] for r in read_jsonl(paths.clinical / METRICS_FILE)] == [1]
+    assert not clinical_lib.is_complete(paths.clinical)
+    assert any("so a rerun trains it again" in s for s in lines), lines
+    assert step_record.read(paths.clinical)["status"] == "started"
+    assert run_lib.plan_steps(long, paths, (1, 2)).decisions["clinical"].action == "resume"
+
+
+def test_the_network_the_vqgan_was_trained_against_never_scores_it(clinical_run, tmp_path):
+    """The evaluation refuses the VQ-GAN's clinical classifier, by folder, as a copy (the same
+    architecture and seed in its train_config.json) and as named by the VQ-GAN's training
+    config alone; another seed is another network. The run refuses the reverse, a copy too."""
+    from llmcxr_jax.eval import protocol
+
+    _, paths, world, _, _ = clinical_run
+    inputs = protocol.RunInputs(run=paths, world=world, codes=paths.codes, instructions=None,
+                                world_seed=0, init_from="", report_stage=2)
+    size = configs.vqgan_preset("test-tiny").resolution
+
+    def evaluate_with(classifier, run=paths, vqgan_dir=None):
+        return protocol.classifier_for(dataclasses.replace(inputs, run=run),
+                                       protocol.EvalOptions(classifier=str(classifier)), size,
+                                       lambda _: None, vqgan_dir)
+
+    copy = tmp_path / "copy"
+    shutil.copytree(paths.clinical, copy)
+    elsewhere = RunLayout(tmp_path / "elsewhere")  # a workdir without clinical/
+    refused = r"^--classifier .* is the network the VQ-GAN's clinical loss was trained against"
+    for classifier, run, vqgan_dir in ((paths.clinical, paths, None), (copy, paths, None),
+                                       (copy, elsewhere, paths.vqgan)):
+        with pytest.raises(protocol.EvalInputError, match=refused):
+            evaluate_with(classifier, run, vqgan_dir)
+    record = json.loads((copy / train_clf.TRAIN_CONFIG_FILE).read_text())
+    (copy / train_clf.TRAIN_CONFIG_FILE).write_text(json.dumps(
+        {**record, "train": {**record["train"], "seed": 7}}))
+    assert evaluate_with(copy, elsewhere, paths.vqgan)[3] == copy
+
+    evaluation = RunLayout(tmp_path / "c")  # its evaluation classifier: a copy of `clinical`
+    shutil.copytree(paths.clinical, evaluation.classifier)
+    given = rc.apply_overrides(rc.run_preset("tiny"), SMALL + [f"clinical.net={paths.clinical}"])
+    with pytest.raises(run_lib.SetupError, match="is the evaluation's classifier"):
+        run_lib.preflight(given, evaluation.root)
+
+
+def test_train_vqgan_takes_a_classifier_folder_as_its_clinical_net(clinical_run, tmp_path):
+    _, paths, _, _, _ = clinical_run
+    clinical_net = runpy.run_path(str(REPO / "launch" / "train_vqgan.py"))["clinical_net"]
+    net = clinical_net(str(paths.clinical))
+    assert net.name == f"classifier:{paths.clinical}"
+    jax.tree.map(np.testing.assert_array_equal, net.params,
+                 clinical_lib.feature_net(paths.clinical).params)
+    with pytest.raises(cli.UsageError, match="expected a classifier folder or "
+                                             "package.module:function"):
+        clinical_net(str(tmp_path / "missing"))
 
 
 def test_without_clinical_net_nothing_changes(tmp_path):

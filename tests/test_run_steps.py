@@ -333,6 +333,10 @@ def test_a_run_without_stage_1_trains_stage_2_from_the_base_model(tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "stage 0: done at step 1" in proc.stdout and "stage 2: done at step 2" in proc.stdout
     assert not RunLayout(work).stage(1).exists()
+    # The last line lists what the workdir holds: no stage1/, no vqgan_run/ (the VQ-GAN is given).
+    listed = proc.stdout.strip().splitlines()[-1].split(": ", 1)[1].split(" (each stage")[0]
+    assert listed == "config.json, world/, tokenizer/, codes/, stage0/, base/, stage2/, llm/"
+    assert sorted(listed.split(", ")) == sorted(p.name + "/" * p.is_dir() for p in work.iterdir())
     cfg = rc.from_json((work / "config.json").read_text())
     assert cfg.stage1.steps == 0 and cfg.stage2.steps == 2
     _, base, vocab = load_llm(work / "base")

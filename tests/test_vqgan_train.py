@@ -261,11 +261,11 @@ def test_checkpoint_resume_is_exact(trainer, tmp_path):
     paths = list_images(_image_dir(tmp_path / "imgs"))
     vq = trainer.vq_config
 
-    def run(workdir, steps, preview=None):
+    def run(workdir, steps, preview=None, stop=None, log=lambda s: None):
         cfg = dataclasses.replace(trainer.config, steps=steps)
         it, bad = image_batches(paths, vq.resolution, BATCH, seed=cfg.seed)
         return train.train(vq, cfg, workdir, it, nets=trainer.nets, data_iter=it, progress=False,
-                           log=lambda s: None, trainer=trainer, preview=preview), bad
+                           log=log, trainer=trainer, preview=preview, stop=stop), bad
 
     preview = np.stack([smooth_image(32, 32, seed=40 + i) for i in range(3)]) / 127.5 - 1.0
     straight, bad = run(tmp_path / "a", 4, preview)
@@ -282,7 +282,13 @@ def test_checkpoint_resume_is_exact(trainer, tmp_path):
             np.kron(images_lib.to_uint8(images[0]), np.ones((8, 8, 1), np.uint8)))
     assert Image.open(tmp_path / "a" / "curves.png").size == (1200, 1080)
     run(tmp_path / "b", 2)
-    resumed, _ = run(tmp_path / "b", 4)  # restores step 2 and the data position
+    # Continued to 4 but stopped (a preemption) after step 3, between checkpoint intervals (2):
+    # it saves step 3; the rerun restores step 3 and the data position.
+    lines: list[str] = []
+    stopped, _ = run(tmp_path / "b", 4, stop=lambda step: step == 3, log=lines.append)
+    assert int(stopped.step) == 3 and (tmp_path / "b" / "checkpoints" / "3").is_dir()
+    resumed, _ = run(tmp_path / "b", 4, log=lines.append)
+    assert "vqgan train: resumed at step 3" in " ".join(lines), lines
     assert int(resumed.step) == 4
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
                  jax.device_get(straight), jax.device_get(resumed))

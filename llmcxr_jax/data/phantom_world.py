@@ -8,10 +8,17 @@
 
 The whole tree is written into a sibling temporary folder and renamed into place at the end, so
 an interrupted run leaves nothing half-written. Outputs are byte-identical for the same arguments.
+`stop` ends the drawing early, e.g. on SIGTERM: it is asked before each study. A signal to the
+whole process group kills the render processes too, which breaks their pool (`concurrent.futures`
+notices a dead worker, where `multiprocessing.Pool` waited forever for the studies it held); a
+killed parent takes them with it.
 """
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
+import concurrent.futures.process
 import csv
 import dataclasses
 import datetime
@@ -22,8 +29,10 @@ import multiprocessing
 import os
 import pathlib
 import shutil
+import signal
+import threading
 import time
-from typing import Iterator, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 from PIL import Image
@@ -168,8 +177,40 @@ def render_study(cfg: WorldConfig, plan: StudyPlan) -> list[bytes]:
     return out
 
 
-def _render_job(args: tuple[WorldConfig, StudyPlan]) -> list[bytes]:
-    return render_study(*args)
+def _render_process_init(parent: int) -> None:
+    """A render process's initializer: Ctrl-C is the parent's to act on (no traceback from each
+    process), and the process ends with its parent even when that is killed outright."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    threading.Thread(target=_exit_with, args=(parent,), daemon=True).start()
+
+
+def _exit_with(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(1)
+
+
+def _rendered(cfg: WorldConfig, plans: Sequence[StudyPlan],
+              pool: concurrent.futures.Executor | None, stop: Callable[[], bool]
+              ) -> Iterator[list[bytes]]:
+    """Each study's JPEGs in order, rendered by `pool` (None: here), until `stop()` is true."""
+    if pool is None:
+        for plan in plans:
+            if stop():
+                return
+            yield render_study(cfg, plan)
+        return
+    pending = collections.deque(pool.submit(render_study, cfg, plan) for plan in plans)
+    while pending:
+        if stop():
+            return
+        try:
+            jpegs = pending.popleft().result()
+        except concurrent.futures.process.BrokenProcessPool:
+            if stop():  # the same signal killed the render processes
+                return
+            raise
+        yield jpegs
 
 
 def _write_csv_gz(path: pathlib.Path, columns: Sequence[str], rows: Sequence[Sequence]) -> None:
@@ -191,8 +232,11 @@ def _write_jsonl(path: pathlib.Path, records: Iterator[dict] | list[dict]) -> in
 
 
 def write_world(out: str | os.PathLike, cfg: WorldConfig, workers: Optional[int] = None,
-                overwrite: bool = False, progress: bool = True) -> dict:
-    """Generate the world into `out` atomically; returns a summary dict."""
+                overwrite: bool = False, progress: bool = True,
+                stop: Callable[[], bool] | None = None) -> dict | None:
+    """Generate the world into `out` atomically; returns a summary dict, or None when `stop()`
+    said to stop before the last study: then nothing is written and `out` is as it was."""
+    stop = stop or (lambda: False)
     out = pathlib.Path(out)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
@@ -205,15 +249,16 @@ def write_world(out: str | os.PathLike, cfg: WorldConfig, workers: Optional[int]
     try:
         plans = plan_world(cfg)
         workers = workers or min(os.cpu_count() or 1, 16)
-        jobs = [(cfg, p) for p in plans]
         n_images = sum(len(p.images) for p in plans)
         bar = tqdm(total=n_images, unit="img", disable=not progress, desc="phantoms")
         split_rows, meta_rows, chexpert_rows, label_records, vqa_records = [], [], [], [], []
-        pool = multiprocessing.get_context("spawn").Pool(workers) if workers > 1 else None
+        pool = concurrent.futures.ProcessPoolExecutor(
+            workers, mp_context=multiprocessing.get_context("spawn"),
+            initializer=_render_process_init, initargs=(os.getpid(),)) if workers > 1 else None
+        drawn = 0
         try:
-            results = pool.imap(_render_job, jobs, chunksize=4) if pool else map(_render_job, jobs)
             render_start = time.perf_counter()
-            for plan, jpegs in zip(plans, results):
+            for plan, jpegs in zip(plans, _rendered(cfg, plans, pool, stop)):
                 sf = study_findings(cfg, plan)
                 study_dir = tmp / plan.relative_dir
                 study_dir.mkdir(parents=True, exist_ok=True)
@@ -241,12 +286,15 @@ def write_world(out: str | os.PathLike, cfg: WorldConfig, workers: Optional[int]
                 vqa_records.extend(phantom_vqa.study_questions(
                     sf, plan.subject_id, plan.study_id, frontal.dicom_id, plan.split, vqa_rng))
                 bar.update(len(plan.images))
+                drawn += 1
             render_seconds = time.perf_counter() - render_start
         finally:
             bar.close()
-            if pool:
-                pool.close()
-                pool.join()
+            if pool:  # all studies are in, or an error or a stop drops the rest
+                pool.shutdown(wait=True, cancel_futures=True)
+        if drawn < len(plans):  # stopped
+            shutil.rmtree(tmp, ignore_errors=True)
+            return None
         _write_csv_gz(tmp / "mimic-cxr-2.0.0-split.csv.gz", SPLIT_COLUMNS, split_rows)
         _write_csv_gz(tmp / "mimic-cxr-2.0.0-metadata.csv.gz", METADATA_COLUMNS, meta_rows)
         _write_csv_gz(tmp / "mimic-cxr-2.0.0-chexpert.csv.gz", CHEXPERT_COLUMNS, chexpert_rows)

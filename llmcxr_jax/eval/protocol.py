@@ -68,6 +68,7 @@ from llmcxr_jax.parallel import shardings as shardings_lib
 from llmcxr_jax.parallel.mesh import mesh_from_flag
 from llmcxr_jax.run_layout import RunLayout
 from llmcxr_jax.text import prompts
+from llmcxr_jax.vqgan import clinical as clinical_lib
 from llmcxr_jax.vqgan import encode as encode_lib
 
 Say = Callable[[str], None]
@@ -254,10 +255,12 @@ def test_items(inputs: RunInputs, codes: dict[str, np.ndarray], tokens_per_image
 # --------------------------------------------------------------------------------------------------
 
 
-def classifier_for(inputs: RunInputs, options: EvalOptions, image_size: int, say: Say
+def classifier_for(inputs: RunInputs, options: EvalOptions, image_size: int, say: Say,
+                   vqgan_dir: pathlib.Path | None = None
                    ) -> tuple[clf.ClassifierConfig, Any, np.ndarray | float, pathlib.Path]:
     """(config, params, decision thresholds, dir): the given classifier, WORKDIR/classifier, or
-    one trained there on the world's train split at the VQ-GAN's image size."""
+    one trained there on the world's train split at the VQ-GAN's image size. Never the network
+    the VQ-GAN's clinical loss was trained against (`vqgan/clinical.py`): that is refused."""
     if options.classifier:
         directory = pathlib.Path(options.classifier)
         if not (directory / clf.CONFIG_FILE).is_file():
@@ -273,6 +276,13 @@ def classifier_for(inputs: RunInputs, options: EvalOptions, image_size: int, say
                             train_clf.TrainClassifierConfig(steps=options.classifier_steps,
                                                             seed=options.seed),
                             progress=options.progress, log=say)
+    for net in clinical_lib.nets_trained_against(inputs.run.clinical, vqgan_dir):
+        if clinical_lib.same_network(directory, net):
+            raise EvalInputError(
+                f"{'--classifier' if options.classifier else 'classifier'} {directory} is the "
+                f"network the VQ-GAN's clinical loss was trained against ({net}): it must not "
+                f"score that VQ-GAN; pass --classifier with another (without it, "
+                f"WORKDIR/classifier is trained with the evaluation's own recipe)")
     config, params = clf.load_classifier(directory)
     thresholds = clf.load_thresholds(directory, config)
     say(f"classifier: {directory} ({len(config.labels)} labels, {config.image_size} px, "
@@ -403,7 +413,7 @@ def evaluate(workdir: str | pathlib.Path, options: EvalOptions = EvalOptions(),
     say(f"model: {bundle.llm_dir} (step {bundle.step}); VQ-GAN {bundle.vqgan_dir} "
         f"({vq_cfg.resolution} px, {vq_cfg.tokens_per_image} tokens per image)")
     cls_cfg, cls_params, thresholds, cls_dir = classifier_for(inputs, options, vq_cfg.resolution,
-                                                              say)
+                                                              say, bundle.vqgan_dir)
     codes = {k: np.asarray(v).reshape(-1) for k, v in encode_lib.load_codes(inputs.codes).items()}
     items = test_items(inputs, codes, vq_cfg.tokens_per_image, vq_cfg.n_embed, cls_cfg.labels,
                        options, say)

@@ -268,10 +268,11 @@ def train(world: str | pathlib.Path, workdir: str | pathlib.Path,
           cfg: TrainClassifierConfig = TrainClassifierConfig(), *,
           train_split: str = "train", eval_split: str = "validate", test_split: str | None = "test",
           max_images: int | None = None, progress: bool = True,
-          log: Callable[[str], None] = print) -> dict[str, Any]:
+          log: Callable[[str], None] = print,
+          stop: Callable[[], bool] | None = None) -> dict[str, Any] | None:
     """Train on `train_split`, validate on `eval_split`, test on `test_split`; writes WORKDIR/
     {config.json, params.safetensors, thresholds.json, train_config.json, metrics.jsonl,
-    eval.json}.
+    eval.json}. `stop()`, asked after each step, ends it early: None, and no classifier saved.
 
     With an `eval_split`, per-label F1-optimal thresholds tuned on it are saved beside the
     checkpoint (thresholds.json) and the test split is also scored at them.
@@ -325,6 +326,9 @@ def train(world: str | pathlib.Path, workdir: str | pathlib.Path,
             mfile.flush()
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}")
+            if stop is not None and stop() and step < cfg.steps:
+                log(f"classifier: stopped at step {step} of {cfg.steps}; not saved")
+                return None
     seconds = time.perf_counter() - start
     clf.save_classifier(workdir, model_cfg, params)
     thresholds = None

@@ -76,6 +76,11 @@ class PreemptionWatcher:
         """Ask for a stop as a signal would (tests, or a wall-clock limit)."""
         self._flag.set()
 
+    def stop_requested(self) -> bool:
+        """This process's own flag, asking no other host: for work one process does alone (the
+        world, the clinical classifier), after which all ask `should_stop` together."""
+        return self._flag.is_set()
+
     def should_stop(self, step: int) -> bool:
         """True when the loop should checkpoint `step` and exit; the same answer on every host."""
         local = self._flag.is_set()

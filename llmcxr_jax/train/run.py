@@ -86,8 +86,10 @@ def write_config(cfg: rc.RunConfig, paths: RunLayout, say: Say) -> None:
 
 
 def world_dir(cfg: rc.RunConfig, paths: RunLayout, say: Say, plan: "Plan",
-              progress: bool = True) -> pathlib.Path:
-    """The data root: the given `data.world`, or a phantom world made (once) in the workdir."""
+              progress: bool = True, watcher: PreemptionWatcher | None = None) -> pathlib.Path:
+    """The data root: the given `data.world`, or a phantom world made (once) in the workdir.
+    A stop asked of `watcher` while it draws leaves no world (it is written atomically) and
+    raises Preempted."""
     if cfg.world is None:
         return pathlib.Path(cfg.data.world)  # preflight checked that it is given
     if plan.decisions["world"].action in ("reuse", "legacy"):
@@ -95,10 +97,15 @@ def world_dir(cfg: rc.RunConfig, paths: RunLayout, say: Say, plan: "Plan",
         return paths.world
     say(f"world: drawing {cfg.world.n_studies} phantom studies at {cfg.world.size} px")
     if is_main_process():  # the others wait for it: one world on a shared disk
-        summary = write_world(paths.world, cfg.world, progress=progress)  # atomic
-        plan.finish("world")
-        say(f"world: {summary.get('images', '?')} images in {paths.world}")
+        summary = write_world(paths.world, cfg.world, progress=progress,
+                              stop=watcher.stop_requested if watcher else None)  # atomic
+        if summary is None:
+            say("world: stopped before it was complete; nothing kept, a rerun draws it again")
+        else:
+            plan.finish("world")
+            say(f"world: {summary.get('images', '?')} images in {paths.world}")
     sync_processes("llmcxr_world")
+    check_preempted(watcher)
     return paths.world
 
 
@@ -116,8 +123,19 @@ def world_texts(root: pathlib.Path) -> list[str]:
 
 
 class SetupError(ValueError):
-    """A run whose flags or files contradict each other (a user's error, not a bug): the launcher
-    prints it as one line and exits 2."""
+    """A run whose flags or files contradict each other (a user's error, not a bug): well-formed
+    but it cannot run, so the launcher prints it as one line and exits 1 (llmcxr_jax/cli.py)."""
+
+
+class Preempted(Exception):
+    """A step stopped on a preemption request (SIGTERM, SIGINT) keeping what a rerun needs: a
+    checkpoint, or nothing half-written; `run` says so and returns 0."""
+
+
+def check_preempted(watcher: PreemptionWatcher | None) -> None:
+    """Raise Preempted after a step when a stop was asked (on every process alike)."""
+    if watcher is not None and watcher.should_stop(0):
+        raise Preempted
 
 
 def vocabulary(cfg: rc.RunConfig, paths: RunLayout, world: pathlib.Path, say: Say) -> Vocab:
@@ -212,11 +230,13 @@ def held_out_images(world: pathlib.Path, size: int, n: int = 4) -> np.ndarray | 
 
 
 def clinical_net(cfg: rc.RunConfig, paths: RunLayout, world: pathlib.Path, say: Say,
-                 plan: "Plan", progress: bool = True) -> losses.FeatureNet | None:
+                 plan: "Plan", progress: bool = True, watcher: PreemptionWatcher | None = None
+                 ) -> losses.FeatureNet | None:
     """The clinical feature loss's frozen classifier for the VQ-GAN about to train: none
     (`clinical.net` empty), the given directory, or one trained (once) in WORKDIR/clinical/ on
     the world's train split at the VQ-GAN's resolution (vqgan/clinical.py: never the
-    evaluation's network)."""
+    evaluation's network). A stop asked while it trains drops it (it keeps no checkpoints) and
+    raises Preempted."""
     if not cfg.clinical.net:
         return None
     if not cfg.clinical.trains_here:
@@ -235,17 +255,23 @@ def clinical_net(cfg: rc.RunConfig, paths: RunLayout, world: pathlib.Path, say: 
             f"{cfg.clinical.steps} steps, {size} px) on the train split of {world}")
         if is_main_process():  # the others wait for it and read the same file
             plan.start("clinical")
-            clinical_lib.train_net(cfg.clinical, world, directory, size, progress=progress,
-                                   log=say)
-            plan.finish("clinical")
+            if clinical_lib.train_net(cfg.clinical, world, directory, size, progress=progress,
+                                      log=say, stop=watcher.stop_requested if watcher else None):
+                plan.finish("clinical")
+            else:
+                say("clinical: stopped before the classifier was complete; it keeps no "
+                    "checkpoints, so a rerun trains it again")
         sync_processes("llmcxr_clinical")
+        check_preempted(watcher)
     return clinical_lib.feature_net(directory)
 
 
 def vqgan_dir(cfg: rc.RunConfig, paths: RunLayout, world: pathlib.Path, say: Say, plan: "Plan",
-              progress: bool = True) -> pathlib.Path:
+              progress: bool = True, watcher: PreemptionWatcher | None = None) -> pathlib.Path:
     """The VQ-GAN to tokenise images with: the given one, or one trained (once) on the world.
-    Its data axis takes the most devices that divide its batch (`vqgan.mesh_data=-1`)."""
+    Its data axis takes the most devices that divide its batch (`vqgan.mesh_data=-1`). A stop
+    asked of `watcher` saves a checkpoint at the current step and raises Preempted (a rerun
+    resumes from it)."""
     if cfg.vqgan_dir:
         return pathlib.Path(cfg.vqgan_dir)
     final = paths.vqgan
@@ -253,7 +279,8 @@ def vqgan_dir(cfg: rc.RunConfig, paths: RunLayout, world: pathlib.Path, say: Say
     if decision.action in ("reuse", "legacy"):
         say(f"vqgan: reusing {final}")
         return final
-    nets = vqgan_train.FrozenNets(clinical=clinical_net(cfg, paths, world, say, plan, progress))
+    nets = vqgan_train.FrozenNets(clinical=clinical_net(cfg, paths, world, say, plan, progress,
+                                                        watcher))
     vq_cfg = vqgan_config(cfg)
     images = split_images(world, ("train",))
     if decision.action == "continue":
@@ -274,9 +301,13 @@ def vqgan_dir(cfg: rc.RunConfig, paths: RunLayout, world: pathlib.Path, say: Say
     batches, bad = image_batches(images, vq_cfg.resolution, cfg.vqgan.batch_size,
                                  seed=cfg.vqgan.seed, read_threads=cfg.vqgan.read_threads)
     plan.start("vqgan")
-    vqgan_train.train(vq_cfg, cfg.vqgan, paths.vqgan_run, batches, nets=nets, data_iter=batches,
-                      mesh=vqgan_train.data_mesh(n_data), progress=progress and is_main_process(),
-                      log=say, preview=held_out_images(world, vq_cfg.resolution))
+    state = vqgan_train.train(vq_cfg, cfg.vqgan, paths.vqgan_run, batches, nets=nets,
+                              data_iter=batches, mesh=vqgan_train.data_mesh(n_data),
+                              progress=progress and is_main_process(), log=say,
+                              preview=held_out_images(world, vq_cfg.resolution),
+                              stop=watcher.should_stop if watcher else None)
+    if int(jax.device_get(state.step)) < cfg.vqgan.steps:
+        raise Preempted
     plan.finish("vqgan")
     if bad.reasons:
         say(f"vqgan: skipped {len(bad.reasons)} unreadable images")
@@ -730,7 +761,7 @@ def check_clinical(cfg: rc.RunConfig, paths: RunLayout) -> None:
                          f"is {cfg.vqgan.clinical_weight:g}); set it, or clinical.net= for no "
                          f"clinical loss")
     if not cfg.clinical.trains_here:
-        if pathlib.Path(cfg.clinical.net).resolve() == paths.classifier.resolve():
+        if clinical_lib.same_network(cfg.clinical.net, paths.classifier):
             raise SetupError(f"clinical.net={cfg.clinical.net} is the evaluation's classifier: "
                              f"the VQ-GAN must not be trained against the network that scores "
                              f"it; use clinical.net=train or another classifier")
@@ -796,8 +827,12 @@ def run(cfg: rc.RunConfig, workdir: str | pathlib.Path, *, stages: tuple[int, ..
         f"{jax.devices()[0].platform} device(s)")
     start = time.perf_counter()
     with PreemptionWatcher() as watcher:
-        world = world_dir(cfg, paths, say, plan, progress)
-        vq_dir = vqgan_dir(cfg, paths, world, say, plan, progress)
+        try:
+            world = world_dir(cfg, paths, say, plan, progress, watcher)
+            vq_dir = vqgan_dir(cfg, paths, world, say, plan, progress, watcher)
+        except Preempted:
+            say("preempted: run the same command again to resume")
+            return 0
         vocab = vocabulary(cfg, paths, world, say)
         if plan.decisions["tokenizer"].action == "new":
             plan.finish("tokenizer")
@@ -812,9 +847,8 @@ def run(cfg: rc.RunConfig, workdir: str | pathlib.Path, *, stages: tuple[int, ..
     say(f"llm: final model in {paths.llm}")
     if cfg.samples > 0:
         write_samples(cfg, paths, world, vq_dir, vocab, result.params, say)
-    say(f"done in {time.perf_counter() - start:.0f} s. workdir {paths.root}: config.json, "
-        f"world/, vqgan_run/, codes/, stage1/, stage2/ (metrics.jsonl, tensorboard/), llm/, "
-        f"samples/")
+    say(f"done in {time.perf_counter() - start:.0f} s. workdir {paths.root}: "
+        f"{', '.join(paths.present())} (each stage: metrics.jsonl, tensorboard/)")
     return 0
 
 

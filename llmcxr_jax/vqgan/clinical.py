@@ -11,20 +11,24 @@ It is deliberately another network than the evaluation's instrument: `launch/eva
 its own classifier in WORKDIR/classifier (seed 0, widths 24-48-96-192), and this one has other
 widths and another seed. A VQ-GAN trained against a network's features can please that network
 without keeping the findings, so the evaluation must never score the VQ-GAN with the network it
-was trained against; a config that would rebuild the evaluation's network is refused.
+was trained against: a config that would rebuild the evaluation's network is refused, and so are
+the evaluation's classifier as the clinical net and the clinical net as the evaluation's
+(`same_network`: one folder, a copy or a retrain).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import pathlib
-from typing import Callable
+from typing import Any, Callable
 
 from llmcxr_jax.eval import classifier as clf
 from llmcxr_jax.eval import train_classifier as train_clf
 from llmcxr_jax.vqgan.losses import FeatureNet
 
 TRAIN = "train"  # `ClinicalNetConfig.net`: train the classifier inside the run
+NAME_PREFIX = "classifier:"  # a FeatureNet's name: NAME_PREFIX + its folder
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,13 +74,14 @@ class ClinicalNetConfig:
 
 
 def train_net(cfg: ClinicalNetConfig, world: str | pathlib.Path, directory: str | pathlib.Path,
-              image_size: int, *, progress: bool = True,
-              log: Callable[[str], None] = print) -> None:
+              image_size: int, *, progress: bool = True, log: Callable[[str], None] = print,
+              stop: Callable[[], bool] | None = None) -> bool:
     """Train the classifier on `world`'s train split alone (no validation or test split is
-    read) into `directory` (`eval/classifier.py` format; the config is written last)."""
-    train_clf.train(world, directory, cfg.classifier_config(image_size), cfg.train_config(),
-                    train_split="train", eval_split=None, test_split=None, progress=progress,
-                    log=log)
+    read) into `directory` (`eval/classifier.py` format; the config is written last). False when
+    `stop()` (asked after each step) ended it first: then no classifier is saved."""
+    return train_clf.train(world, directory, cfg.classifier_config(image_size),
+                           cfg.train_config(), train_split="train", eval_split=None,
+                           test_split=None, progress=progress, log=log, stop=stop) is not None
 
 
 def is_complete(directory: str | pathlib.Path) -> bool:
@@ -88,4 +93,40 @@ def is_complete(directory: str | pathlib.Path) -> bool:
 def feature_net(directory: str | pathlib.Path) -> FeatureNet:
     """The classifier in `directory` as the clinical loss's frozen feature extractor."""
     features, params, _ = clf.load_feature_net(directory)
-    return FeatureNet(name=f"classifier:{directory}", features=features, params=params)
+    return FeatureNet(name=f"{NAME_PREFIX}{directory}", features=features, params=params)
+
+
+def _recipe(directory: pathlib.Path) -> tuple[Any, Any] | None:
+    """(classifier config, training seed) from a classifier's train_config.json, if readable."""
+    try:
+        record = json.loads((directory / train_clf.TRAIN_CONFIG_FILE).read_text())
+        return record["classifier"], record["train"]["seed"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def same_network(a: str | pathlib.Path, b: str | pathlib.Path) -> bool:
+    """Whether classifier folders `a` and `b` are one network: the same folder, or the same
+    architecture and training seed in their train_config.json (a copy, or a retrain of it)."""
+    a, b = pathlib.Path(a), pathlib.Path(b)
+    if a.resolve() == b.resolve():
+        return True
+    recipe = _recipe(a)
+    return recipe is not None and recipe == _recipe(b)
+
+
+def nets_trained_against(run_clinical: pathlib.Path, vqgan_dir: pathlib.Path | None
+                         ) -> list[pathlib.Path]:
+    """The classifier folders a run's VQ-GAN may have been trained against: the run's own
+    (`run_clinical`, WORKDIR/clinical) and the one its training config names
+    (`vqgan_dir`/../config.json "clinical", as `feature_net` names it)."""
+    nets = [run_clinical]
+    if vqgan_dir is not None:
+        try:
+            name = json.loads((pathlib.Path(vqgan_dir).parent / "config.json").read_text()
+                              ).get("clinical")
+        except (OSError, ValueError, AttributeError):
+            name = None
+        if isinstance(name, str) and name.startswith(NAME_PREFIX):
+            nets.append(pathlib.Path(name[len(NAME_PREFIX):]))
+    return [n for n in nets if n.exists()]

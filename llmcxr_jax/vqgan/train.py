@@ -491,15 +491,19 @@ def train(vq_config: VQGANConfig, config: VQGANTrainConfig, workdir: str | pathl
           mesh: Mesh | None = None, data_iter: Any = None, progress: bool = True,
           log: Callable[[str], None] = print, extra_config: Mapping[str, Any] | None = None,
           trainer: VQGANTrainer | None = None,
-          preview: np.ndarray | None = None) -> VQGANTrainState:
+          preview: np.ndarray | None = None,
+          stop: Callable[[int], bool] | None = None) -> VQGANTrainState:
     """Train until `config.steps`, resuming from WORKDIR's latest checkpoint if there is one.
 
     `batches` yields host arrays [batch_size, H, W, 3] in [-1, 1]; `data_iter` (a grain iterator,
     usually the same object) is checkpointed with the state when given; `trainer` reuses an
     already compiled step for the same configs; `preview`: a few held-out images [N, H, W, 3]
-    whose reconstructions are drawn at every checkpoint and at the end. Writes
-    WORKDIR/config.json, metrics.jsonl, tensorboard/, curves.png and reconstructions.png
-    (process 0 only), checkpoints/ and the final model to WORKDIR/vqgan (`save_vqgan`).
+    whose reconstructions are drawn at every checkpoint and at the end; `stop(step)`, asked
+    after each step (a `PreemptionWatcher.should_stop`), ends training early: a checkpoint of
+    that step is saved and the state returned before `config.steps` (no final model), so a rerun
+    resumes exactly there. Writes WORKDIR/config.json, metrics.jsonl, tensorboard/, curves.png
+    and reconstructions.png (process 0 only), checkpoints/ and the final model to WORKDIR/vqgan
+    (`save_vqgan`).
     """
     from llmcxr_jax.vqgan.checkpoint import save_vqgan
 
@@ -552,6 +556,13 @@ def train(vq_config: VQGANConfig, config: VQGANTrainConfig, workdir: str | pathl
                 write_pictures(trainer, state, workdir, preview)
             if bar is not None:
                 bar.update(1)
+            if stop is not None and done < config.steps and stop(done):
+                if manager.latest_step() != done:
+                    save_checkpoint(manager, state, data_iter)
+                log(f"vqgan train: stopped at step {done} of {config.steps}; checkpoint saved, "
+                    f"a rerun resumes from it")
+                manager.close()
+                return state
     finally:
         if bar is not None:
             bar.close()
