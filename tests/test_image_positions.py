@@ -98,7 +98,9 @@ def test_the_run_derives_the_table_from_its_vqgan_and_vocabulary():
     model = rc.resolve(cfg).model
     assert model.image_position_rows == 64  # phantom-f8-64: 8 x 8 codes
     assert model.image_ids == (cfg.vocab_text_ids, 1024)
-    assert rc.resolve(rc.run_preset("phantom")).model.image_position_rows == 0
+    off = rc.apply_overrides(rc.run_preset("phantom"), ["image_positions=none"])
+    assert rc.resolve(off).model.image_position_rows == 0
+    assert rc.resolve(off).model.image_ids == (0, 0)
     with pytest.raises(ValueError, match="derived, not settable"):
         rc.apply_overrides(cfg, ["model.image_position_rows=8"])
     with pytest.raises(ValueError, match="own tokenizer"):
