@@ -12,6 +12,7 @@ import pathlib
 import re
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -24,6 +25,7 @@ from llmcxr_jax.eval import classifier as clf
 from llmcxr_jax.eval import language, protocol
 from llmcxr_jax.eval.perplexity import perplexity
 from llmcxr_jax.llm import serving
+from llmcxr_jax.llm.model import GPTNeoX
 from llmcxr_jax.parallel.mesh import mesh_from_flag
 from llmcxr_jax.text import prompts
 from llmcxr_jax.vqgan.checkpoint import load_vqgan
@@ -347,3 +349,37 @@ def test_reproducible_from_the_seed(run, tmp_path):
     assert other["seed"] == 1
     assert not np.array_equal(np.load(tmp_path / "other" / "predictions.npz")["generated_codes"],
                               first)
+
+
+def test_image2report_greedy_block_is_the_argmax_decode_and_recomputes(run):
+    """`image2report.greedy`: each saved greedy report is the argmax continuation of its prompt
+    under the model's full (uncached) forward, and its F1 is the labeler's on those reports; the
+    headline block keeps the original's top-p sampling."""
+    root, result, lines = run
+    block = result["image2report"]
+    assert block["decoding"] == {"do_sample": True, "top_p": 0.92, "temperature": 1.0}
+    items = [json.loads(l) for l in (root / "eval" / "reports.jsonl").read_text().splitlines()]
+    bundle = serving.load_bundle(root, mesh_from_flag("1", jax.devices()[:1]), load_vqgan=False)
+    codes = {k: np.asarray(v).reshape(-1) for k, v in load_codes(root / "codes").items()}
+    model = GPTNeoX(bundle.model_config)
+    for it in items[:2]:
+        ids = list(prompts.image_to_report_prompt_ids(bundle.vocab, codes[it["dicom_id"]], 0))
+        new: list[int] = []
+        for _ in range(OPTIONS["report_tokens"]):
+            logits = model.apply({"params": bundle.params}, jnp.asarray([ids + new]))[0, -1]
+            new.append(int(jnp.argmax(logits)))
+            if new[-1] == bundle.vocab.end_id:
+                new = new[:-1]
+                break
+        assert it["generated_greedy"] == bundle.vocab.decode(new).strip()
+    gen = [it["generated_greedy"] for it in items]
+    ref = [it["reference"] for it in items]
+    y, p = (metrics.binarize_chexpert(alignment.label_matrix(
+        labeler.label_reports(r, "findings+impression"), labeler.LABELS), "ones", "zeros")[0]
+        for r in (ref, gen))
+    keep = [labeler.LABELS.index(n) for n in block["findings"]]
+    assert block["greedy"]["f1"]["micro"] == pytest.approx(metrics.f1(y[:, keep], p[:, keep]).micro)
+    assert block["greedy"]["n"] == len(items)
+    assert block["greedy"]["ci95"]["f1_micro"][0] <= block["greedy"]["f1"]["micro"] <= \
+        block["greedy"]["ci95"]["f1_micro"][1]
+    assert any("greedy decoding" in l for l in lines)
