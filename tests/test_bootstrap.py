@@ -28,3 +28,23 @@ def test_fixed_seed_undefined_resamples_and_two_arrays():
     assert bootstrap.ci95(stat, 20, seed=1) != bootstrap.ci95(stat, 20)
     # Undefined on every resample: no interval rather than a made-up one.
     assert bootstrap.ci95(lambda idx: float("nan"), 20) is None
+
+
+def test_text_intervals_equal_resampling_the_texts():
+    """BLEU-4 / ROUGE-L intervals from per-pair statistics equal those of recomputing corpus
+    BLEU (sacrebleu) and mean ROUGE-L on each resample of the texts themselves."""
+    from llmcxr_jax.eval import text_metrics
+
+    rng = np.random.default_rng(3)
+    words = ["no", "acute", "effusion", "left", "right", "small", "pleural", "process", "."]
+    refs = [" ".join(rng.choice(words, rng.integers(3, 9))) for _ in range(30)]
+    hyps = [" ".join(rng.choice(words, rng.integers(2, 9))) for _ in range(30)]
+    rouge = text_metrics.rouge_l(hyps, refs)[1]
+    direct = bootstrap.percentile_intervals(
+        lambda idx: {"bleu4": text_metrics.corpus_bleu([hyps[i] for i in idx],
+                                                       [refs[i] for i in idx]),
+                     "rouge_l": float(rouge[idx].mean())}, len(hyps), resamples=200)
+    ours = bootstrap.text_intervals(hyps, refs, resamples=200)
+    assert set(ours) == set(direct) == {"bleu4", "rouge_l"}
+    for key in direct:
+        assert ours[key] == pytest.approx(direct[key], abs=1e-12), key

@@ -78,3 +78,18 @@ def test_report_metrics_and_errors():
     # An empty generated report scores 0, not an error.
     assert tm.corpus_bleu([""], ["no effusion"], 1) == 0.0
     assert tm.rouge_l([""], ["no effusion"])[0] == 0.0
+
+
+def test_bleu_of_a_resample_from_summed_statistics_is_sacrebleus():
+    """The bootstrap's BLEU (`bleu_statistics` summed over a resample) equals sacrebleu's corpus
+    score of the resampled lists, repeats included, for each n-gram order."""
+    rng = np.random.default_rng(0)
+    for order in (1, 2, 4):
+        stats = tm.bleu_statistics(HYPS, REFS, order)
+        assert stats.shape == (len(HYPS), 2 + 2 * order)
+        for _ in range(20):
+            idx = rng.integers(0, len(HYPS), len(HYPS))
+            direct = sacrebleu.metrics.BLEU(max_ngram_order=order).corpus_score(
+                [HYPS[i] for i in idx], [[REFS[i] for i in idx]]).score / 100
+            assert tm.bleu_from_statistics(stats[idx].sum(0), order) == pytest.approx(
+                direct, abs=1e-12)

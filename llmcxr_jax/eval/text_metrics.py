@@ -46,6 +46,22 @@ def corpus_bleu(hypotheses: Sequence[str], references: Sequence[str], max_order:
     return float(metric.corpus_score(hyps, [refs]).score) / 100.0
 
 
+def bleu_statistics(hypotheses: Sequence[str], references: Sequence[str], max_order: int = 4
+                    ) -> np.ndarray:
+    """Per-pair BLEU sufficient statistics [N, 2 + 2 * max_order] (hypothesis and reference
+    length, n-gram matches and totals per order): corpus BLEU of any subset or resample of the
+    pairs is `bleu_from_statistics` of their sum, as sacrebleu's own paired bootstrap does."""
+    hyps, refs = _check(hypotheses, references)
+    metric = BLEU(max_ngram_order=max_order)
+    return np.asarray(metric._extract_corpus_statistics(hyps, [refs]), np.int64)
+
+
+def bleu_from_statistics(summed: np.ndarray, max_order: int = 4) -> float:
+    """Corpus BLEU in [0, 1] from `bleu_statistics` summed over the pairs."""
+    metric = BLEU(max_ngram_order=max_order)
+    return float(metric._compute_score_from_stats([int(v) for v in summed]).score) / 100.0
+
+
 def rouge_l(hypotheses: Sequence[str], references: Sequence[str], use_stemmer: bool = False
             ) -> tuple[float, np.ndarray]:
     """(mean ROUGE-L F-measure, per-pair F-measures [N])."""
