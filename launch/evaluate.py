@@ -6,7 +6,8 @@
 
 On the held-out test split of the run's world: report -> image (CXR-classifier AUROC / F1 of the
 generated images, beside the VQ-GAN reconstructions of the real ones and chance; FID in the
-classifier's feature space), image -> report (labeler F1 / AUROC / Jaccard, BLEU-1/4, ROUGE-L),
+classifier's feature space), image -> report (labeler F1 / AUROC / Jaccard, BLEU-1/4, ROUGE-L;
+the original's top-p sampling, and greedy decoding as a secondary block),
 language retention (held-out instruction perplexity and exact match, base vs fine-tuned), the
 conditioning gap of both directions on train and test pairs, 95 % bootstrap intervals of the
 headline numbers and the learning curve of the run's stages. Writes
