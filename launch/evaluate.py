@@ -98,6 +98,7 @@ def main(argv=None) -> int:
                                      for s, v in r2i["by_guidance"].items()},
         "image2report_f1_micro": i2r["f1"]["micro"],
         "image2report_f1_micro_chance": i2r["chance"]["f1"]["micro"],
+        "image2report_f1_micro_greedy": i2r["greedy"]["f1"]["micro"],
         "image2report_bleu4": i2r["bleu4"], "image2report_rouge_l": i2r["rouge_l"],
         "perplexity_base": lang["base"]["perplexity"],
         "perplexity_finetuned": lang["finetuned"]["perplexity"],
