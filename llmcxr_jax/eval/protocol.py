@@ -636,8 +636,8 @@ def conditioning_gaps(inputs: RunInputs, bundle: Any, test_records: Sequence[mim
 
 
 def _write_items(out: pathlib.Path, items: Sequence[TestItem], gen_reports: Sequence[str],
-                 greedy_reports: Sequence[str], gen_codes: np.ndarray, probs_gen: np.ndarray, probs_rec: np.ndarray,
-                 names: Sequence[str], **more_arrays: np.ndarray) -> None:
+                 greedy_reports: Sequence[str], gen_codes: np.ndarray, probs_gen: np.ndarray,
+                 probs_rec: np.ndarray, names: Sequence[str], **more_arrays: np.ndarray) -> None:
     """reports.jsonl (one line per item) and predictions.npz (arrays behind the metrics, with
     `more_arrays`)."""
     with open(out / "reports.jsonl", "w") as f:
