@@ -361,12 +361,16 @@ def test_image2report_greedy_block_is_the_argmax_decode_and_recomputes(run):
     items = [json.loads(l) for l in (root / "eval" / "reports.jsonl").read_text().splitlines()]
     bundle = serving.load_bundle(root, mesh_from_flag("1", jax.devices()[:1]), load_vqgan=False)
     codes = {k: np.asarray(v).reshape(-1) for k, v in load_codes(root / "codes").items()}
-    model = GPTNeoX(bundle.model_config)
+    # One compiled full forward over a fixed length: causal, so padding after a prefix leaves the
+    # logits at its last position unchanged.
+    forward = jax.jit(lambda x: GPTNeoX(bundle.model_config).apply({"params": bundle.params}, x))
     for it in items[:2]:
         ids = list(prompts.image_to_report_prompt_ids(bundle.vocab, codes[it["dicom_id"]], 0))
         new: list[int] = []
         for _ in range(OPTIONS["report_tokens"]):
-            logits = model.apply({"params": bundle.params}, jnp.asarray([ids + new]))[0, -1]
+            prefix = ids + new
+            padded = prefix + [0] * (len(ids) + OPTIONS["report_tokens"] - len(prefix))
+            logits = forward(jnp.asarray([padded]))[0, len(prefix) - 1]
             new.append(int(jnp.argmax(logits)))
             if new[-1] == bundle.vocab.end_id:
                 new = new[:-1]
