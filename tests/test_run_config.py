@@ -105,6 +105,11 @@ def test_a_stage_scales_its_own_peak_learning_rate():
     assert rc.stage_train(cfg, 0).learning_rate == 0.002
     with pytest.raises(ValueError, match="learning_rate_scale"):
         rc.apply_overrides(cfg, ["stage2.learning_rate_scale=0"])
+    # Stage 1's scale is stage 1's alone: the base model (stage 0) keeps the unscaled rate, so a
+    # rerun with another stage-1 rate reuses the base model instead of refusing it.
+    one = rc.apply_overrides(cfg, ["stage1.learning_rate_scale=2"])
+    assert rc.stage_train(one, 1).learning_rate == pytest.approx(0.004)
+    assert rc.stage_train(one, 0).learning_rate == 0.002
 
 
 def test_stage0_base_model_trains_on_text_only():

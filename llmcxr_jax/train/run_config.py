@@ -306,10 +306,12 @@ def stage_data(cfg: RunConfig, stage: int) -> DataConfig:
 
 
 def stage_loop(cfg: RunConfig, stage: int) -> LoopConfig:
-    """Stage 0 (the base model) runs `base_steps` steps with stage 1's loop settings (no
-    conditioning gap: it sees no image-report pairs)."""
+    """Stage 0 (the base model) runs `base_steps` steps with stage 1's logging and checkpoint
+    settings, at the unscaled `train.learning_rate` (stage 1's `learning_rate_scale` is stage
+    1's own), and no conditioning gap: it sees no image-report pairs."""
     if stage == 0:
-        return dataclasses.replace(cfg.stage1, steps=cfg.base_steps, eval_every=0, gap_pairs=0)
+        return dataclasses.replace(cfg.stage1, steps=cfg.base_steps, eval_every=0, gap_pairs=0,
+                                   learning_rate_scale=1.0)
     return cfg.stage1 if stage == 1 else cfg.stage2
 
 
