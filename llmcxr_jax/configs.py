@@ -28,7 +28,8 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 def parse_value(raw: str, current: Any, key: str) -> Any:
     """A `--set key=raw` value typed after the field's current value: booleans as true/false/1/0,
-    tuples as `1,2` or JSON lists, None-valued fields as JSON (else the text)."""
+    tuples as `1,2`, JSON lists or `(1, 2)` (the form `--help` lists defaults in), None-valued
+    fields as JSON (else the text)."""
     try:
         if isinstance(current, bool):
             if raw.lower() not in ("true", "false", "1", "0"):
@@ -39,7 +40,8 @@ def parse_value(raw: str, current: Any, key: str) -> Any:
         if isinstance(current, float):
             return float(raw)
         if isinstance(current, tuple):
-            return tuple(json.loads(raw if raw.startswith("[") else f"[{raw}]"))
+            inner = raw[1:-1] if raw.startswith(("(", "[")) and raw.endswith((")", "]")) else raw
+            return tuple(json.loads(f"[{inner}]"))
     except (ValueError, json.JSONDecodeError):
         raise ValueError(f"--set {key}={raw}: expected a value like {current!r}") from None
     if current is None:

@@ -16,8 +16,11 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 def test_overrides_are_typed_and_checked_by_name():
     cfg = rc.apply_overrides(rc.run_preset("phantom"), [
         "train.learning_rate=1e-4", "model.num_layers=3", "data.weights=0.3,0.3,0.2,0.2",
-        "stage2.steps=7", "mesh=2x4", "world.n_studies=50", "vqgan.dead_code_restart=true"])
+        "stage2.steps=7", "mesh=2x4", "world.n_studies=50", "vqgan.dead_code_restart=true",
+        "world.split_fractions=(0.7, 0.1, 0.2)", "clinical.widths=[8,16]"])
     assert cfg.train.learning_rate == 1e-4 and cfg.model.num_layers == 3
+    # A tuple as --help lists it (Python's repr), as a JSON list, or bare commas
+    assert cfg.world.split_fractions == (0.7, 0.1, 0.2) and cfg.clinical.widths == (8, 16)
     assert cfg.data.weights == (0.3, 0.3, 0.2, 0.2) and cfg.stage2.steps == 7
     assert cfg.mesh == "2x4" and cfg.world.n_studies == 50 and cfg.vqgan.dead_code_restart is True
 
@@ -26,6 +29,7 @@ def test_overrides_are_typed_and_checked_by_name():
     ("train.lr=1", "unknown --set key 'train.lr'; train keys: .*learning_rate"),
     ("optimizer.b1=0.9", "unknown --set section 'optimizer'"),
     ("train.warmup_steps=ten", "expected a value like 20"),
+    ("data.weights=(0.5,0.5", "expected a value like \\(0.4, 0.4, 0.2, 0.0\\)"),
     ("colour=red", "unknown --set key 'colour'"),
     ("train.learning_rate", "expected key=value"),
 ])
