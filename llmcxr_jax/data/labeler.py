@@ -522,8 +522,11 @@ def _cues_for(clause: str, cues: Sequence[_Cue], start: int, end: int) -> list[_
     return applied
 
 
+# One to five whole words. The possessive `++` / `*+` keep a word from being split into pieces:
+# with plain `+` / `*` a failed match retried every split of every word, exponential in the
+# list's length (a generated "no A B, C D, E F ..." without "or" took minutes).
 _NEG_LIST_ITEM = (r"(?:(?!(?:is|are|was|were|has|have|had|with|there|that|seen|identified|noted|"
-                  r"present|evident|demonstrated)\b)[a-z0-9/-]+\s*){1,5}")
+                  r"present|evident|demonstrated)\b)[a-z0-9/-]++\s*+){1,5}")
 _NEGATED_LIST = re.compile(r"\s*" + _NEG_LIST_ITEM + r"(?:,\s*" + _NEG_LIST_ITEM
                            + r")+,?\s*(?:or|nor)\s+" + _NEG_LIST_ITEM)
 
