@@ -71,6 +71,9 @@ def main(argv=None) -> int:
                         "the first is the headline (default: the run's `guidance` config "
                         "value); S = 1 is always measured too (eval.json "
                         "report2image.by_guidance)")
+    p.add_argument("--image-temperature", type=float, default=d.image_temperature,
+                   help="sampling temperature of the report -> image codes, at every S "
+                        "(default: the run's `image_temperature` config value)")
     cli.add_no_progress(p)
     args = p.parse_args(argv)
     options = EvalOptions(
@@ -79,12 +82,13 @@ def main(argv=None) -> int:
         report_tokens=args.report_tokens, n_show=args.n_show, subset=args.subset,
         report_stage=args.report_stage, mesh=args.mesh,
         classifier_steps=args.classifier_steps, guidance=args.guidance,
-        progress=not args.no_progress)
+        image_temperature=args.image_temperature, progress=not args.no_progress)
     result = evaluate(args.workdir, options)
     r2i, i2r, lang = result["report2image"], result["image2report"], result["language"]
     print(json.dumps({
         "n_test": result["n_test"],
         "report2image_guidance": r2i["guidance"],
+        "report2image_temperature": r2i["temperature"],
         "report2image_auroc_macro": r2i["auroc"]["macro"],
         "report2image_auroc_macro_ci95": r2i["ci95"]["auroc_macro"],
         "report2image_gap_train": r2i["conditioning_gap"]["train"]["gap"],

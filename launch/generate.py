@@ -69,7 +69,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--phrasing", type=_phrasing, default=0,
                         help="instruction phrasing 0..9 of the two image tasks, or 'random'")
     parser.add_argument("--temperature", type=float, default=None,
-                        help="sampling temperature (default: 1)")
+                        help="sampling temperature (default: 1 for text tasks; report2image: "
+                             "the run's `image_temperature` config value, else 1)")
     parser.add_argument("--top-k", type=cli.non_negative_int, default=None,
                         help="keep the K most likely tokens, 0 = all (default: 0)")
     parser.add_argument("--top-p", type=float, default=None,

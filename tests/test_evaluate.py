@@ -6,6 +6,7 @@ clear errors for broken workdirs."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import pathlib
@@ -24,7 +25,7 @@ from llmcxr_jax.eval import classification_metrics as metrics
 from llmcxr_jax.eval import classifier as clf
 from llmcxr_jax.eval import language, protocol
 from llmcxr_jax.eval.perplexity import perplexity
-from llmcxr_jax.llm import serving
+from llmcxr_jax.llm import inference, serving
 from llmcxr_jax.llm.model import GPTNeoX
 from llmcxr_jax.parallel.mesh import mesh_from_flag
 from llmcxr_jax.text import prompts
@@ -152,6 +153,33 @@ def test_report2image_at_each_guidance_scale_recomputes_from_the_predictions(run
     assert block["by_guidance"]["2"]["fid"] == block["fid"]
     assert block["by_guidance"]["1"]["fid"] != block["fid"]
     assert any(re.match(r"report->image \(guidance 2\): \d+/\d+ \(", l) for l in lines)
+
+
+def test_report2image_draws_codes_at_the_runs_temperature(run):
+    """The headline codes are the run's `image_temperature` draws: the first batch, drawn again
+    with the same key at that temperature, is the same; at temperature 1 it differs."""
+    root, result, _ = run
+    block = result["report2image"]
+    assert block["temperature"] == json.loads((root / "config.json").read_text())[
+        "image_temperature"] == 0.5
+    pred = np.load(root / "eval" / "predictions.npz")
+    refs = [json.loads(l)["reference"]
+            for l in (root / "eval" / "reports.jsonl").read_text().splitlines()]
+    bundle = serving.load_bundle(root, protocol._mesh(OPTIONS["mesh"]), load_vqgan=False)
+    bucket = protocol.prompt_bucket(
+        [len(prompts.report_to_image_prompt_ids(bundle.vocab, r, 0)) for r in refs])
+    key = jax.random.fold_in(jax.random.split(jax.random.key(0), 3)[0], 0)
+    first = refs[:OPTIONS["batch_size"]]
+
+    def draw(temperature):
+        gen = dataclasses.replace(inference.IMAGE_SAMPLING, temperature=temperature,
+                                  length_multiple=bucket)
+        return inference.images_from_reports(bundle.params, bundle.model_config, bundle.vocab,
+                                             first, key, pred["generated_codes"].shape[1], gen,
+                                             guidance=block["guidance"])
+
+    np.testing.assert_array_equal(draw(0.5), pred["generated_codes"][:len(first)])
+    assert (draw(1.0) != pred["generated_codes"][:len(first)]).any()
 
 
 def test_image2report_metrics_recompute_from_the_labeler(run):
@@ -319,6 +347,9 @@ def test_bad_workdirs_give_clear_errors(run, tmp_path, capsys):
         protocol.evaluate(no_world, protocol.EvalOptions(**OPTIONS))
     with pytest.raises(protocol.EvalInputError, match="--subset"):
         protocol.EvalOptions(subset="lateral")
+    with pytest.raises(protocol.EvalInputError, match="--image-temperature must be a finite "
+                                                      "number > 0, got 0"):
+        protocol.EvalOptions(image_temperature=0.0)
     spec = importlib.util.spec_from_file_location(
         "launch_evaluate", pathlib.Path(__file__).resolve().parents[1] / "launch" / "evaluate.py")
     launch_evaluate = importlib.util.module_from_spec(spec)

@@ -130,8 +130,9 @@ def test_same_seed_same_outputs_and_items_reproduce_alone(workdir, report2image,
 def test_guided_report2image_keeps_the_constraint_and_reproduces_alone(workdir, report2image,
                                                                        tmp_path):
     """`--guidance 3`: exactly the image codes then `### End`, other codes than plain sampling
-    from the same seeds, each item the same alone; `--guidance 1` is plain sampling; a serving
-    export made with guidance 3 uses it by default."""
+    from the same seeds, each item the same alone; `--guidance 1` is plain sampling; a run's
+    config.json and a serving export carry the model's guidance and code temperature, and
+    generation uses them by default (the same codes as giving them as flags)."""
     _, plain = report2image
     reports = [a for r in REPORTS for a in ("--report", r)]
     common = ("--task", "report2image", "--batch-size", "2", "--seed", "5")
@@ -148,17 +149,24 @@ def test_guided_report2image_keeps_the_constraint_and_reproduces_alone(workdir, 
     assert [r["codes"] for r in one] == [r["codes"] for r in plain]
     exported = tmp_path / "serving"
     bundle = serving.load_bundle(workdir, load_vqgan=False)
-    assert bundle.guidance == 1.0  # the run's config.json names none
-    run = tmp_path / "run"  # a run whose config.json (launch/train.py's RunConfig) names 2.5
+    # the run's config.json names neither
+    assert (bundle.guidance, bundle.image_temperature) == (1.0, 1.0)
+    run = tmp_path / "run"  # a run whose config.json (launch/train.py's RunConfig) names both
     run.mkdir()
     for part in ("llm", "vqgan_run"):
         (run / part).symlink_to(workdir / part)
-    (run / "config.json").write_text(json.dumps({"guidance": 2.5}))
-    assert serving.load_bundle(run, load_vqgan=False).guidance == 2.5
+    (run / "config.json").write_text(json.dumps({"guidance": 2.5, "image_temperature": 0.25}))
+    from_run = serving.load_bundle(run, load_vqgan=False)
+    assert (from_run.guidance, from_run.image_temperature) == (2.5, 0.25)
+    cooled = _run(workdir, tmp_path / "c", *common, *reports, "--guidance", "3",
+                  "--temperature", "0.25")
+    assert json.loads((tmp_path / "c" / "job.json").read_text())["generation"]["temperature"] == 0.25
+    assert [r["codes"] for r in cooled] != [r["codes"] for r in guided]
     serving.export_serving(exported, bundle.model_config, bundle.params, bundle.vocab,
-                           vqgan_dir=bundle.vqgan_dir, guidance=3.0)
+                           vqgan_dir=bundle.vqgan_dir, guidance=3.0, image_temperature=0.25)
     by_default = _run(exported, tmp_path / "d", *common, *reports)
-    assert [r["codes"] for r in by_default] == [r["codes"] for r in guided]
+    assert [r["codes"] for r in by_default] == [r["codes"] for r in cooled]
+    assert json.loads((tmp_path / "d" / "job.json").read_text())["generation"]["temperature"] == 0.25
 
 
 @pytest.fixture(scope="module")

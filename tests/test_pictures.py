@@ -127,7 +127,7 @@ def test_samples_grid_is_labelled_and_samples_md_links_the_training_pictures(tmp
     monkeypatch.setattr(run_lib.inference, "reports_from_images",
                         lambda params, model, vocab, codes, rng: ["a report"] * len(codes))
     monkeypatch.setattr(run_lib.inference, "images_from_reports",
-                        lambda params, model, vocab, reports, rng, n, guidance:
+                        lambda params, model, vocab, reports, rng, n, gen, guidance:
                         np.zeros((len(reports), n), np.int32))
     run_lib.write_samples(cfg, paths, paths.world, paths.vqgan_run / "vqgan", None, None,
                           lambda line: None)

@@ -32,6 +32,7 @@ def test_overrides_are_typed_and_checked_by_name():
     ("data.weights=(0.5,0.5", "expected a value like \\(0.4, 0.4, 0.2, 0.0\\)"),
     ("colour=red", "unknown --set key 'colour'"),
     ("train.learning_rate", "expected key=value"),
+    ("image_temperature=0", "image_temperature must be a finite number > 0, got 0"),
 ])
 def test_bad_overrides_name_the_key(item, message):
     with pytest.raises(ValueError, match=message):

@@ -9,8 +9,9 @@ On the held-out TEST split of the world the model was trained on:
    bound the generator can reach through this VQ-GAN) and the chance levels; FID between generated
    and real test images in the classifier's feature space (and of the reconstructions, the floor).
    Generation uses classifier-free guidance at the headline scale (`EvalOptions.guidance`,
-   default the run's `guidance`); AUROC / F1 / FID are also measured at S = 1 and every other
-   requested scale, from the same keys (`report2image.by_guidance`).
+   default the run's `guidance`), codes drawn at the run's `image_temperature`
+   (`EvalOptions.image_temperature` overrides it); AUROC / F1 / FID are also measured at S = 1
+   and every other requested scale, from the same keys (`report2image.by_guidance`).
 2. image -> report: reports are generated from the test images' codes with the original's
    sampling (top_p 0.92); the labeler reads generated and reference reports
    (`alignment.report_agreement`); BLEU-1 / BLEU-4 / ROUGE-L (`text_metrics.report_metrics`).
@@ -64,7 +65,6 @@ from llmcxr_jax.eval import text_metrics
 from llmcxr_jax.eval import train_classifier as train_clf
 from llmcxr_jax.io_utils import atomic_write_text
 from llmcxr_jax.llm import inference, serving
-from llmcxr_jax.llm.generate import GenerationConfig
 from llmcxr_jax.parallel import shardings as shardings_lib
 from llmcxr_jax.parallel.mesh import mesh_from_flag
 from llmcxr_jax.run_layout import RunLayout
@@ -103,6 +103,8 @@ class EvalOptions:
     # `report2image` block); () = the run's `guidance` (WORKDIR/config.json). S = 1 (plain
     # sampling) is always evaluated too; `report2image.by_guidance` holds AUROC / F1 / FID per S.
     guidance: tuple[float, ...] = ()
+    # Temperature of the generated codes at every S; None = the run's `image_temperature`.
+    image_temperature: float | None = None
     progress: bool = True  # progress bars (training a classifier); the evaluation is unchanged
 
     def __post_init__(self) -> None:
@@ -122,6 +124,9 @@ class EvalOptions:
         if not all(0.0 <= s < float("inf") for s in self.guidance):
             raise EvalInputError(f"--guidance scales must be finite numbers >= 0, got "
                                  f"{list(self.guidance)}")
+        if self.image_temperature is not None and not 0.0 < self.image_temperature < float("inf"):
+            raise EvalInputError(f"--image-temperature must be a finite number > 0, got "
+                                 f"{self.image_temperature}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -430,6 +435,8 @@ def evaluate(workdir: str | pathlib.Path, options: EvalOptions = EvalOptions(),
     # The headline guidance scale first, then S = 1 and the other scales (each once).
     scales = list(dict.fromkeys([options.guidance[0] if options.guidance else bundle.guidance,
                                  1.0, *options.guidance]))
+    temperature = (bundle.image_temperature if options.image_temperature is None
+                   else options.image_temperature)
 
     def images_at(scale: float) -> np.ndarray:
         """Codes of every test report at guidance `scale` (the same keys at every scale)."""
@@ -438,7 +445,8 @@ def evaluate(workdir: str | pathlib.Path, options: EvalOptions = EvalOptions(),
             lambda chunk, start: inference.images_from_reports(
                 bundle.params, bundle.model_config, bundle.vocab, chunk,
                 jax.random.fold_in(key_r2i, start), vq_cfg.tokens_per_image,
-                GenerationConfig(do_sample=True, top_p=1.0, length_multiple=bucket),
+                dataclasses.replace(inference.IMAGE_SAMPLING, temperature=temperature,
+                                    length_multiple=bucket),
                 guidance=scale),
             "report->image" + ("" if scale == 1.0 else f" (guidance {scale:g})"), say))
 
@@ -463,7 +471,7 @@ def evaluate(workdir: str | pathlib.Path, options: EvalOptions = EvalOptions(),
         "inception_fid": "not computed: no Inception-v3 weights were given (none ship with the "
                          "project); the FID above is in the CXR classifier's feature space",
         "classifier": str(cls_dir), "tokens_per_image": vq_cfg.tokens_per_image,
-        "guidance": scales[0],
+        "guidance": scales[0], "temperature": temperature,
         "null_report_rate": (_run_config(inputs.run).get("data") or {}).get("null_report_rate")})
     by_guidance = {scales[0]: (r2i, gen_codes, probs_gen)}
     for scale in scales[1:]:
@@ -476,8 +484,8 @@ def evaluate(workdir: str | pathlib.Path, options: EvalOptions = EvalOptions(),
                                      "f1": by_guidance[s][0]["f1"], "fid": by_guidance[s][0]["fid"]}
                           for s in sorted(by_guidance)}
     timing["report2image_s"] = time.perf_counter() - t
-    say(f"report->image: macro AUROC {_f(r2i['auroc']['macro'])} (reconstructions "
-        f"{_f(rec['auroc']['macro'])}, chance 0.5), FID {r2i['fid']:.2f}"
+    say(f"report->image (temperature {temperature:g}): macro AUROC {_f(r2i['auroc']['macro'])} "
+        f"(reconstructions {_f(rec['auroc']['macro'])}, chance 0.5), FID {r2i['fid']:.2f}"
         + "".join(f"; guidance {k}: macro AUROC {_f(v['auroc']['macro'])}, FID {v['fid']:.2f}"
                   for k, v in r2i["by_guidance"].items()))
 

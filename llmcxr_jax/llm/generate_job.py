@@ -16,7 +16,9 @@ hook (never retries); image2report samples up to 128 tokens with top_p 0.92 / to
 temperature 1 as the original (`--greedy` for argmax); vqa and instruct use the Dolly format.
 report2image samples with classifier-free guidance at `--guidance S` (default: the model's
 `Bundle.guidance`, a run's `guidance` config value): each prompt's unconditional twin
-(`inference.unconditional_prompt_ids`) is decoded in the same jitted loop (`generate.py`).
+(`inference.unconditional_prompt_ids`) is decoded in the same jitted loop (`generate.py`); its
+codes are drawn at `--temperature` (default: the model's `Bundle.image_temperature`, a run's
+`image_temperature`).
 
 Reproducibility: item i of a run with `--seed S` uses seed S + i, and its own PRNG key, so it is
 drawn identically whatever else is in its batch; rerun it alone with `--seed S+i` (bit for bit
@@ -42,7 +44,7 @@ from llmcxr_jax.data import images as image_lib
 from llmcxr_jax.io_utils import atomic_write, atomic_write_text
 from llmcxr_jax.llm.constraints import image_then_end_mask
 from llmcxr_jax.llm.generate import GenerationConfig
-from llmcxr_jax.llm.inference import (REPORT_SAMPLING, generate_rows, row_keys,
+from llmcxr_jax.llm.inference import (IMAGE_SAMPLING, REPORT_SAMPLING, generate_rows, row_keys,
                                       unconditional_prompt_ids)
 from llmcxr_jax.llm.serving import Bundle
 from llmcxr_jax.text import prompts
@@ -237,6 +239,7 @@ class JobConfig:
     temperature: float | None = None
     top_k: int | None = None
     top_p: float | None = None  # text tasks: 0.92; report2image: 1.0
+    # None: text tasks 1; report2image the model's default (`Bundle.image_temperature`)
     phrasing: int | str = 0  # instruction phrasing index (0-9), or "random" (drawn per item)
     guidance: float | None = None  # report2image guidance scale; None = the model's default
 
@@ -257,10 +260,13 @@ class JobConfig:
                                  f"{self.task}")
 
 
-def generation_config(job: JobConfig, tokens_per_image: int) -> GenerationConfig:
-    """The task's sampling settings with the job's overrides."""
+def generation_config(job: JobConfig, tokens_per_image: int,
+                      image_temperature: float = 1.0) -> GenerationConfig:
+    """The task's sampling settings with the job's overrides; report2image draws its codes at
+    `image_temperature` unless the job sets a temperature."""
     if tasks_lib.get(job.task).draws_image:
-        base = GenerationConfig(max_new_tokens=tokens_per_image + 1, do_sample=True, top_p=1.0)
+        base = dataclasses.replace(IMAGE_SAMPLING, max_new_tokens=tokens_per_image + 1,
+                                   temperature=image_temperature)
     else:
         base = REPORT_SAMPLING
         if job.max_new_tokens is not None:
@@ -403,7 +409,7 @@ def run_job(bundle: Bundle, items: Sequence[Item], job: JobConfig, out: str | pa
         n_codes: int | None = vq_config.tokens_per_image
     else:
         n_codes = bundle.vqgan_config.tokens_per_image if bundle.vqgan_config else None
-    gen = generation_config(job, n_codes or 0)
+    gen = generation_config(job, n_codes or 0, bundle.image_temperature)
     hook = (image_then_end_mask(vocab.image_offset, vocab.n_image, vocab.end_id, n_codes)
             if task.draws_image else None)
     guidance = 1.0
@@ -419,7 +425,8 @@ def run_job(bundle: Bundle, items: Sequence[Item], job: JobConfig, out: str | pa
     finished = 0
     say(f"generate: {len(items)} {job.task} item(s) in {n_batches} batch(es) of "
         f"{job.batch_size} from {bundle.path} ({bundle.kind}, step {bundle.step})"
-        + (f", guidance {guidance:g}" if task.draws_image else ""))
+        + (f", guidance {guidance:g}, temperature {gen.temperature:g}" if task.draws_image
+           else ""))
 
     def write_outputs(tmp: str) -> None:  # one line per item, as each batch finishes
         nonlocal finished

@@ -26,6 +26,9 @@ from llmcxr_jax.text.vocab import Vocab
 # The original's report sampling: top_p 0.92, top_k 0, temperature 1; up to 128 new tokens.
 REPORT_SAMPLING = GenerationConfig(max_new_tokens=128, do_sample=True, temperature=1.0, top_k=0,
                                    top_p=0.92)
+# The original's code sampling: the whole distribution (no top-k / top-p) at temperature 1; a
+# run's `image_temperature` replaces the temperature. The length is set per call.
+IMAGE_SAMPLING = GenerationConfig(do_sample=True, temperature=1.0, top_k=0, top_p=1.0)
 
 
 def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
@@ -90,7 +93,7 @@ def reports_from_images(params: Params, config: ModelConfig, vocab: Vocab,
 
 def images_from_reports(params: Params, config: ModelConfig, vocab: Vocab, reports: Sequence[str],
                         rng: jax.Array, tokens_per_image: int = 256,
-                        gen: GenerationConfig = GenerationConfig(do_sample=True, top_p=1.0),
+                        gen: GenerationConfig = IMAGE_SAMPLING,
                         phrasing: int | None = 0, guidance: float = 1.0) -> np.ndarray:
     """report -> image codes [batch, tokens_per_image]: exactly that many, by construction;
     `guidance` is the classifier-free guidance scale (1 = none)."""

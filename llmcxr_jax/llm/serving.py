@@ -3,7 +3,7 @@
 A serving folder is an LLM workdir (`llmcxr_jax.llm.checkpoint`) plus the VQ-GAN:
 
     OUT/config.json                {"model", "vocab", "serving": {format, param_dtype, source,
-                                   guidance, ...}}
+                                   guidance, image_temperature, ...}}
     OUT/tokenizer/                 tokenizer.json + llmcxr_vocab.json
     OUT/checkpoints/<step>/state/  orbax sharded checkpoint of {"params": params} (no optimizer)
     OUT/vqgan/                     config.json + params.safetensors (a copy of the save_vqgan dir)
@@ -75,9 +75,11 @@ class Bundle:
     vqgan_dir: pathlib.Path | None = None
     vqgan_config: VQGANConfig | None = None
     vqgan_params: Any = None
-    # The report -> image guidance scale the model is used with by default: a run's `guidance`
-    # (WORKDIR/config.json), carried into its serving exports; 1 (none) for other folders.
+    # How report -> image samples with this model by default: a run's `guidance` scale and
+    # `image_temperature` (WORKDIR/config.json), carried into its serving exports; 1 and 1 (plain
+    # sampling) for other folders.
     guidance: float = 1.0
+    image_temperature: float = 1.0
 
     @property
     def has_vqgan(self) -> bool:
@@ -126,20 +128,26 @@ def _run_vqgan_dir(run: RunLayout) -> pathlib.Path | None:
     return run.vqgan if _has_vqgan(run.vqgan) else None
 
 
-def _default_guidance(kind: str, root: pathlib.Path, llm_dir: pathlib.Path) -> float:
-    """`Bundle.guidance`: a run's `guidance` (its RunConfig), a serving folder's
-    `serving.guidance`, else 1."""
+IMAGE_SAMPLING_KEYS = ("guidance", "image_temperature")  # Bundle fields, run config keys
+
+
+def _image_sampling(kind: str, root: pathlib.Path, llm_dir: pathlib.Path) -> dict[str, float]:
+    """`Bundle.guidance` and `.image_temperature`: a run's config values, a serving folder's
+    `serving` block, else 1 each (a missing or malformed value is 1 too)."""
+    defaults = dict.fromkeys(IMAGE_SAMPLING_KEYS, 1.0)
     if kind == "llm":
-        return 1.0
+        return defaults
     path = RunLayout(root).config if kind == "run" else llm_dir / llm_checkpoint.CONFIG_FILE
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError):
-        return 1.0
+        return defaults
     if kind == "serving":
         data = data.get(SERVING_KEY)
-    value = data.get("guidance", 1.0) if isinstance(data, dict) else 1.0
-    return float(value) if isinstance(value, (int, float)) else 1.0
+    if not isinstance(data, dict):
+        return defaults
+    return {key: float(value) if isinstance(value := data.get(key), (int, float)) else 1.0
+            for key in IMAGE_SAMPLING_KEYS}
 
 
 def locate(path: str | pathlib.Path) -> tuple[str, pathlib.Path, pathlib.Path | None]:
@@ -226,7 +234,7 @@ def load_bundle(path: str | pathlib.Path, mesh: Mesh | None = None, *,
     return Bundle(kind=kind, path=pathlib.Path(path), llm_dir=llm_dir, model_config=config,
                   params=params, vocab=vocab, step=step, vqgan_dir=vqgan_dir,
                   vqgan_config=vq_config, vqgan_params=vq_params,
-                  guidance=_default_guidance(kind, pathlib.Path(path), llm_dir))
+                  **_image_sampling(kind, pathlib.Path(path), llm_dir))
 
 
 def _resolve_step(llm_dir: pathlib.Path, step: int | None) -> int:
@@ -261,10 +269,11 @@ def cast_params(params: Params, dtype: str) -> Params:
 def export_serving(out: str | pathlib.Path, config: ModelConfig, params: Params, vocab: Vocab, *,
                    vqgan_dir: str | pathlib.Path | None = None, param_dtype: str | None = None,
                    step: int = 0, source: str = "", overwrite: bool = False,
-                   guidance: float = 1.0) -> pathlib.Path:
+                   guidance: float = 1.0, image_temperature: float = 1.0) -> pathlib.Path:
     """Write a serving folder (module docstring): params only, optionally cast to `param_dtype`,
     plus a copy of the VQ-GAN at `vqgan_dir` (None: an LLM-only folder) and the tokenizer;
-    `guidance` is the model's default report -> image guidance scale (`Bundle.guidance`).
+    `guidance` and `image_temperature` are the model's report -> image sampling defaults
+    (`Bundle.guidance`, `Bundle.image_temperature`).
 
     Every process must call it (orbax writes each process's shards); process 0 writes the rest.
     """
@@ -294,7 +303,7 @@ def export_serving(out: str | pathlib.Path, config: ModelConfig, params: Params,
     if main:
         meta = {"format": SERVING_FORMAT, "param_dtype": param_dtype, "source": str(source),
                 "step": step, "vqgan": VQGAN_DIR if vqgan_dir is not None else None,
-                "guidance": guidance}
+                "guidance": guidance, "image_temperature": image_temperature}
         if vqgan_dir is not None:
             (tmp / VQGAN_DIR).mkdir()
             for name in (vqgan_checkpoint.PARAMS_FILE, vqgan_checkpoint.CONFIG_FILE):
@@ -311,7 +320,8 @@ def export_bundle(bundle: Bundle, out: str | pathlib.Path, *, param_dtype: str |
     """`export_serving` of an opened bundle (its VQ-GAN included when it has one)."""
     return export_serving(out, bundle.model_config, bundle.params, bundle.vocab,
                           vqgan_dir=bundle.vqgan_dir, param_dtype=param_dtype, step=bundle.step,
-                          source=str(bundle.path), overwrite=overwrite, guidance=bundle.guidance)
+                          source=str(bundle.path), overwrite=overwrite, guidance=bundle.guidance,
+                          image_temperature=bundle.image_temperature)
 
 
 def _sync(name: str) -> None:

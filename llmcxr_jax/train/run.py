@@ -889,9 +889,11 @@ def write_samples(cfg: rc.RunConfig, paths: RunLayout, world: pathlib.Path, vq_d
     rng_reports, rng_images = jax.random.split(jax.random.key(cfg.train.seed))
     reports = inference.reports_from_images(params, cfg.model, vocab, [r.codes for r in test],
                                             rng_reports)
-    drawn = inference.images_from_reports(params, cfg.model, vocab, [r.report for r in test],
-                                          rng_images, vqgan_config(cfg).tokens_per_image,
-                                          guidance=cfg.guidance)
+    drawn = inference.images_from_reports(
+        params, cfg.model, vocab, [r.report for r in test], rng_images,
+        vqgan_config(cfg).tokens_per_image,
+        gen=dataclasses.replace(inference.IMAGE_SAMPLING, temperature=cfg.image_temperature),
+        guidance=cfg.guidance)
     if not is_main_process():
         return  # every process generated (the programs are global); one decodes and writes
     codec = encode_lib.Codec.load(vq_dir, batch_size=len(test))
@@ -899,8 +901,9 @@ def write_samples(cfg: rc.RunConfig, paths: RunLayout, world: pathlib.Path, vq_d
     fake = codec.decode(drawn)
     paths.samples.mkdir(parents=True, exist_ok=True)
     size = vqgan_config(cfg).resolution
-    columns = [("VQ-GAN reconstruction", real), (f"from its report (guidance {cfg.guidance:g})",
-                                                 fake)]
+    columns = [("VQ-GAN reconstruction", real),
+               (f"from its report (guidance {cfg.guidance:g}, temperature "
+                f"{cfg.image_temperature:g})", fake)]
     try:
         columns.insert(0, ("original", np.stack([images_lib.load_image(
             mimic.image_path(world, r.subject_id, r.study_id, r.dicom_id), size) for r in test])))
