@@ -273,6 +273,18 @@ def test_conditioning_gap_and_bootstrap_intervals(run):
                                            "image2report", batch_size=4, seed=0)
     assert saved["image2report"]["conditioning_gap"]["test"]["gap"] == pytest.approx(
         direct.gap, abs=1e-6)
+    # The report -> image gap over the VQ-GAN grid: the library's cells of the same pairs.
+    drawn = conditioning.conditioning_gap(bundle.params, bundle.model_config, bundle.vocab,
+                                          pairs, "report2image", batch_size=4, seed=0)
+    by_cell = saved["report2image"]["conditioning_gap"]["test"]["by_cell"]
+    assert by_cell["all"]["n"] == n and by_cell["side"] == 8
+    np.testing.assert_allclose(by_cell["all"]["gap"], conditioning.cell_gaps(drawn, 64),
+                               atol=1e-6)
+    assert np.mean(by_cell["all"]["gap"]) == pytest.approx(
+        np.mean([g[:64].mean() for g in drawn.token_gaps]))
+    assert saved["gap_cells"] == "images/gap_cells.png"
+    assert (root / "eval" / saved["gap_cells"]).is_file()
+    assert "![gap by cell](images/gap_cells.png)" in (root / "eval" / "report.md").read_text()
     # Headline intervals: the bootstrap of the saved predictions on the scored findings.
     pred = np.load(root / "eval" / "predictions.npz")
     y = metrics.binarize_chexpert(pred["label_values"], "ones", "zeros")[0]

@@ -18,6 +18,9 @@ length) and, with a mesh, sharded over its batch axes.
     from llmcxr_jax.eval.conditioning import conditioning_gap
     result = conditioning_gap(params, model_cfg, vocab, records, "report2image")
     result.gap, result.nll_true, result.nll_mismatched, result.n_pairs
+
+`GapResult.token_gaps` keeps each pair's gap per response token, so a report -> image gap can be
+laid out over the VQ-GAN's grid (`cell_gaps`): where in the image the report lowers the loss.
 """
 
 from __future__ import annotations
@@ -50,7 +53,9 @@ class GapResult:
     """The gap of one direction on `n_pairs` pairs; NLLs in nats per response token.
 
     `pair_*` hold each pair's response NLL sums (true and mismatched input) and response token
-    counts, so that intervals over pairs can be drawn from them."""
+    counts, so that intervals over pairs can be drawn from them; `token_gaps` each pair's
+    mismatched - true NLL per response token, and `pairs` the index of each scored pair in the
+    pairs given (longer ones are left out)."""
 
     direction: str
     n_pairs: int
@@ -60,6 +65,8 @@ class GapResult:
     pair_nll_true: tuple[float, ...]
     pair_nll_mismatched: tuple[float, ...]
     pair_tokens: tuple[float, ...]
+    token_gaps: tuple[np.ndarray, ...] = ()
+    pairs: tuple[int, ...] = ()
 
     def as_dict(self) -> dict[str, Any]:
         """The summary numbers (no per-pair arrays), for JSON."""
@@ -135,21 +142,22 @@ def example(vocab: Vocab, direction: str, input_pair: Pair, target_pair: Pair,
 
 def gap_examples(vocab: Vocab, pairs: Sequence[Pair], direction: str, seed: int = 0,
                  max_len: int | None = None
-                 ) -> tuple[list[prompts.Example], list[prompts.Example]]:
-    """(true examples, mismatched examples), pair k's at index k in both. Pairs whose true
-    example is longer than `max_len` are left out first (training drops them too)."""
+                 ) -> tuple[list[prompts.Example], list[prompts.Example], list[int]]:
+    """(true examples, mismatched examples, the index in `pairs` of each), the k-th scored
+    pair's at index k in each. Pairs whose true example is longer than `max_len` are left out
+    first (training drops them too)."""
     phrase = phrasings(len(pairs), seed)
     true = [example(vocab, direction, p, p, phrase[i]) for i, p in enumerate(pairs)]
     kept = [i for i, ex in enumerate(true) if max_len is None or len(ex) <= max_len]
     donor = derangement([study_key(pairs[i]) for i in kept], seed)
     mismatched = [example(vocab, direction, pairs[kept[donor[k]]], pairs[i], phrase[i])
                   for k, i in enumerate(kept)]
-    return [true[i] for i in kept], mismatched
+    return [true[i] for i in kept], mismatched, kept
 
 
 @functools.lru_cache(maxsize=16)
 def _row_nll_fn(model_cfg: ModelConfig, mesh: Mesh | None, rules: Any) -> Any:
-    """jitted (params, inputs, targets, segment_ids, weights) -> per-row weighted NLL sums."""
+    """jitted (params, inputs, targets, segment_ids, weights) -> weighted NLL per position."""
     model = GPTNeoX(model_cfg)
 
     def row_nll(params, inputs, targets, segment_ids, weights):
@@ -157,7 +165,7 @@ def _row_nll_fn(model_cfg: ModelConfig, mesh: Mesh | None, rules: Any) -> Any:
         with nn.logical_axis_rules(rules):
             logits = model.apply({"params": params}, inputs, positions, segment_ids)
         nll, _ = token_nll_and_correct(logits, targets)
-        return jnp.sum(nll * weights, axis=1)
+        return nll * weights
 
     if mesh is None:
         return jax.jit(row_nll)
@@ -167,7 +175,7 @@ def _row_nll_fn(model_cfg: ModelConfig, mesh: Mesh | None, rules: Any) -> Any:
 
     def run(params, *arrays):
         # The same host arrays on every process (the pairs are not host-sharded): each process
-        # places the rows its devices hold; the sums come back whole to every process.
+        # places the rows its devices hold; the NLLs come back whole to every process.
         placed = [jax.make_array_from_callback(a.shape, rows, lambda index, a=a: a[index])
                   for a in arrays]
         with jax.set_mesh(mesh):
@@ -183,18 +191,17 @@ def _batch_rows(mesh: Mesh | None, batch_size: int) -> int:
     return -(-batch_size // n) * n
 
 
-def response_nll_sums(params: Any, model_cfg: ModelConfig, examples: Sequence[prompts.Example],
-                      *, batch_size: int = 8, bucket: int = 64, mesh: Mesh | None = None,
-                      rules: Any = LOGICAL_AXIS_RULES) -> tuple[np.ndarray, np.ndarray]:
-    """(NLL sum over response tokens, response token count) per example, in input order.
+def response_token_nll(params: Any, model_cfg: ModelConfig, examples: Sequence[prompts.Example],
+                       *, batch_size: int = 8, bucket: int = 64, mesh: Mesh | None = None,
+                       rules: Any = LOGICAL_AXIS_RULES) -> list[np.ndarray]:
+    """The NLL of each response token, one array per example, in input order.
 
-    Token t is scored by the logits at t - 1 with the loss mask's weight at t, as in training.
-    Examples are length-sorted into batches of `batch_size` rows padded to a multiple of
-    `bucket` tokens (padding rows and positions weigh nothing)."""
+    Token t is scored by the logits at t - 1 with the loss mask's weight at t, as in training
+    (the response tokens are those of weight > 0). Examples are length-sorted into batches of
+    `batch_size` rows padded to a multiple of `bucket` tokens (padding weighs nothing)."""
     fn = _row_nll_fn(model_cfg, mesh, rules)
     rows = _batch_rows(mesh, batch_size)
-    nll = np.zeros(len(examples))
-    tokens = np.array([float(ex.loss_mask[1:].sum()) for ex in examples])
+    out: list[np.ndarray] = [np.zeros(0)] * len(examples)
     order = sorted(range(len(examples)), key=lambda i: len(examples[i]))
     for start in range(0, len(order), rows):
         idx = order[start:start + rows]
@@ -213,9 +220,37 @@ def response_nll_sums(params: Any, model_cfg: ModelConfig, examples: Sequence[pr
             inputs[row, :n], targets[row, :n] = ids[:-1], ids[1:]
             segments[row, :n] = 1
             weights[row, :n] = mask[1:]
-        sums = np.asarray(jax.device_get(fn(params, inputs, targets, segments, weights)))
-        nll[idx] = sums[:len(idx)]
-    return nll, tokens
+        nll = np.asarray(jax.device_get(fn(params, inputs, targets, segments, weights)))
+        for row, i in enumerate(idx):
+            out[i] = nll[row][weights[row] > 0].astype(np.float64)
+    return out
+
+
+def response_nll_sums(params: Any, model_cfg: ModelConfig, examples: Sequence[prompts.Example],
+                      **kwargs: Any) -> tuple[np.ndarray, np.ndarray]:
+    """(NLL sum over response tokens, response token count) per example, in input order
+    (`response_token_nll`'s keywords)."""
+    per_token = response_token_nll(params, model_cfg, examples, **kwargs)
+    tokens = np.array([float(ex.loss_mask[1:].sum()) for ex in examples])
+    return np.array([float(t.sum()) for t in per_token]), tokens
+
+
+def cell_gaps(result: GapResult, tokens_per_image: int,
+              select: Sequence[bool] | np.ndarray | None = None) -> np.ndarray:
+    """A report -> image gap over the VQ-GAN grid: the mean over the (selected) pairs of the gap
+    at each of the first `tokens_per_image` response tokens (the codes, in raster order), as a
+    [side, side] array. `select` is a mask over the scored pairs (`result.pairs` order)."""
+    if result.direction != "report2image":
+        raise ValueError(f"cell gaps are of report2image, not {result.direction}")
+    side = int(round(tokens_per_image ** 0.5))
+    if side * side != tokens_per_image:
+        raise ValueError(f"{tokens_per_image} tokens per image is not a square grid")
+    chosen = [g for k, g in enumerate(result.token_gaps) if select is None or select[k]]
+    if not chosen:
+        raise ValueError("no pairs selected")
+    if min(len(g) for g in chosen) < tokens_per_image:
+        raise ValueError(f"a response holds fewer than {tokens_per_image} tokens")
+    return np.mean([g[:tokens_per_image] for g in chosen], axis=0).reshape(side, side)
 
 
 def conditioning_gap(params: Any, model_cfg: ModelConfig, vocab: Vocab, records: Sequence[Pair],
@@ -230,22 +265,27 @@ def conditioning_gap(params: Any, model_cfg: ModelConfig, vocab: Vocab, records:
     studies exists (fewer than 2 pairs, or one study holds over half)."""
     if direction not in DIRECTIONS:
         raise ValueError(f"direction {direction!r} not in {DIRECTIONS}")
-    true, mismatched = gap_examples(vocab, records, direction, seed, max_len)
+    true, mismatched, kept = gap_examples(vocab, records, direction, seed, max_len)
     params = nn.meta.unbox(params)
-    score = functools.partial(response_nll_sums, params, model_cfg, batch_size=batch_size,
+    score = functools.partial(response_token_nll, params, model_cfg, batch_size=batch_size,
                               bucket=bucket, mesh=mesh, rules=rules)
-    nll_true, tokens = score(true)
-    nll_mismatched, tokens_mismatched = score(mismatched)
-    if not np.array_equal(tokens, tokens_mismatched):
+    token_true, token_mismatched = score(true), score(mismatched)
+    if [len(t) for t in token_true] != [len(t) for t in token_mismatched]:
         raise AssertionError("true and mismatched examples score different response tokens")
+    nll_true = np.array([t.sum() for t in token_true])
+    nll_mismatched = np.array([t.sum() for t in token_mismatched])
+    tokens = np.array([float(len(t)) for t in token_true])
     total = float(tokens.sum())
     mean_true, mean_mismatched = float(nll_true.sum()) / total, float(nll_mismatched.sum()) / total
     return GapResult(direction=direction, n_pairs=len(true), nll_true=mean_true,
                      nll_mismatched=mean_mismatched, gap=mean_mismatched - mean_true,
                      pair_nll_true=tuple(nll_true.tolist()),
                      pair_nll_mismatched=tuple(nll_mismatched.tolist()),
-                     pair_tokens=tuple(tokens.tolist()))
+                     pair_tokens=tuple(tokens.tolist()),
+                     token_gaps=tuple(m - t for m, t in zip(token_mismatched, token_true)),
+                     pairs=tuple(kept))
 
 
-__all__ = ["DIRECTIONS", "GapResult", "conditioning_gap", "derangement", "gap_examples",
-           "response_nll_sums", "study_key", "phrasings", "example"]
+__all__ = ["DIRECTIONS", "GapResult", "cell_gaps", "conditioning_gap", "derangement",
+           "gap_examples", "response_nll_sums", "response_token_nll", "study_key", "phrasings",
+           "example"]

@@ -100,6 +100,10 @@ def gap_section(result: Mapping[str, Any]) -> list[str]:
     if result.get("learning_curve"):
         lines += ["", "Loss and conditioning gap over the training steps (stage 2 after the "
                       f"dashed line): ![learning curve]({result['learning_curve']})"]
+    if result.get("gap_cells"):
+        lines += ["", "Report -> image, test pairs: the gap of each code over the VQ-GAN grid, "
+                      "over all pairs and over the pairs with each finding (red: the true report "
+                      f"lowers that cell's loss): ![gap by cell]({result['gap_cells']})"]
     return lines + [""]
 
 

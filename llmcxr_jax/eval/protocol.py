@@ -61,6 +61,7 @@ from llmcxr_jax.eval import (alignment, bootstrap, classification_metrics, condi
                              eval_report, language, learning_curve, probes)
 from llmcxr_jax.eval import classifier as clf
 from llmcxr_jax.eval import fid as fid_lib
+from llmcxr_jax.eval import gap_cells
 from llmcxr_jax.eval import text_metrics
 from llmcxr_jax.eval import train_classifier as train_clf
 from llmcxr_jax.io_utils import atomic_write_text
@@ -76,6 +77,7 @@ Say = Callable[[str], None]
 SUBSETS = ("frontal", "stage2", "all")
 EVAL_FILE = "eval.json"
 CURVE_FILE = "learning_curve.png"
+GAP_CELLS_FILE = "gap_cells.png"
 RANDOM_INIT = "random-init"
 
 
@@ -539,8 +541,12 @@ def evaluate(workdir: str | pathlib.Path, options: EvalOptions = EvalOptions(),
 
     # 4. conditioning gap, learning curve, intervals -----------------------------------------------
     t = time.perf_counter()
-    gaps = conditioning_gaps(inputs, bundle, records, codes, vq_cfg, options, mesh)
+    gaps = conditioning_gaps(inputs, bundle, records, codes, vq_cfg, options, mesh,
+                             alignment.binarize(label_values), cls_cfg.labels)
     r2i["conditioning_gap"], i2r["conditioning_gap"] = gaps["report2image"], gaps["image2report"]
+    by_cell = gaps["report2image"]["test"].get("by_cell")
+    cells_png = (gap_cells.plot(by_cell, out / eval_report.IMAGES_DIR / GAP_CELLS_FILE)
+                 if by_cell else None)
     say("conditioning gap (nats/token, mismatched - true input): " + "; ".join(
         f"{d} train {_f(g['train']['gap'])} test {_f(g['test']['gap'])} "
         f"(n {g['train']['n_pairs']} / {g['test']['n_pairs']})" for d, g in gaps.items()))
@@ -576,6 +582,7 @@ def evaluate(workdir: str | pathlib.Path, options: EvalOptions = EvalOptions(),
         "bootstrap": {"method": "percentile", "level": 0.95, "resamples": bootstrap.RESAMPLES,
                       "seed": options.seed, "over": "test items (conditioning gap: its pairs)"},
         "learning_curve": f"{eval_report.IMAGES_DIR}/{CURVE_FILE}" if curve else None,
+        "gap_cells": f"{eval_report.IMAGES_DIR}/{GAP_CELLS_FILE}" if cells_png else None,
         "finding_groups": {"groups": list(probes.GROUPS), "rule": probes.RULE,
                            "labels": list(cls_cfg.labels)},
         "options": dataclasses.asdict(options),
@@ -614,12 +621,15 @@ def _get(block: Any, *keys: str) -> Any:
 
 
 def conditioning_gaps(inputs: RunInputs, bundle: Any, test_records: Sequence[mimic.MimicRecord],
-                      codes: dict[str, np.ndarray], vq_cfg: Any, options: EvalOptions, mesh: Any
+                      codes: dict[str, np.ndarray], vq_cfg: Any, options: EvalOptions, mesh: Any,
+                      test_positive: np.ndarray, names: Sequence[str]
                       ) -> dict[str, dict[str, Any]]:
     """direction -> {"train": block, "test": block}, each block `GapResult.as_dict()` with its
     `ci95`: on the test items, and on a seeded sample of as many of the train pairs the final
     stage trained in that direction (its report section and direction rule); pairs longer than
-    the run's seq_len are left out, as training drops them."""
+    the run's seq_len are left out, as training drops them. The report -> image test block also
+    holds `by_cell`, the gap over the VQ-GAN grid (`gap_cells.cell_gap_block`; `test_positive`
+    [N, L] marks each test item's findings `names`)."""
     cfg = _run_config(inputs.run)
     data = cfg.get("data") or {}
     seq_len = (cfg.get("train") or {}).get("seq_len") or data.get("seq_len")
@@ -638,6 +648,9 @@ def conditioning_gaps(inputs: RunInputs, bundle: Any, test_records: Sequence[mim
                     bundle.params, bundle.model_config, bundle.vocab, pairs, direction,
                     batch_size=options.batch_size, seed=options.seed, max_len=seq_len, mesh=mesh)
                 out[direction][split] = {**r.as_dict(), "ci95": r.gap_ci95(seed=options.seed)}
+                if direction == "report2image" and split == "test":
+                    out[direction][split]["by_cell"] = gap_cells.cell_gap_block(
+                        r, vq_cfg.tokens_per_image, test_positive, names)
             except ValueError as err:  # too few pairs, or too few studies, to mismatch
                 out[direction][split] = {"n_pairs": 0, "gap": None, "not_measured": str(err)}
     return out
