@@ -226,15 +226,6 @@ def response_token_nll(params: Any, model_cfg: ModelConfig, examples: Sequence[p
     return out
 
 
-def response_nll_sums(params: Any, model_cfg: ModelConfig, examples: Sequence[prompts.Example],
-                      **kwargs: Any) -> tuple[np.ndarray, np.ndarray]:
-    """(NLL sum over response tokens, response token count) per example, in input order
-    (`response_token_nll`'s keywords)."""
-    per_token = response_token_nll(params, model_cfg, examples, **kwargs)
-    tokens = np.array([float(ex.loss_mask[1:].sum()) for ex in examples])
-    return np.array([float(t.sum()) for t in per_token]), tokens
-
-
 def cell_gaps(result: GapResult, tokens_per_image: int,
               select: Sequence[bool] | np.ndarray | None = None) -> np.ndarray:
     """A report -> image gap over the VQ-GAN grid: the mean over the (selected) pairs of the gap
@@ -287,5 +278,4 @@ def conditioning_gap(params: Any, model_cfg: ModelConfig, vocab: Vocab, records:
 
 
 __all__ = ["DIRECTIONS", "GapResult", "cell_gaps", "conditioning_gap", "derangement",
-           "gap_examples", "response_nll_sums", "response_token_nll", "study_key", "phrasings",
-           "example"]
+           "gap_examples", "response_token_nll", "study_key", "phrasings", "example"]
