@@ -1,10 +1,14 @@
 """The phantom world on disk: MIMIC-CXR-JPG layout, CSV columns, reports vs labels, determinism."""
 
 import csv
+import dataclasses
 import gzip
 import json
+import os
 import pathlib
 import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -157,14 +161,31 @@ def test_vqa_and_instructions_files(world):
     assert all(set(r) >= {"instruction", "context", "response", "category"} for r in instr)
 
 
+def _write_world_in_a_process(out: pathlib.Path, hash_seed: int) -> None:
+    """The same world written by another Python process, whose str hashes (and so the order of
+    any set of strings) follow PYTHONHASHSEED."""
+    code = ("import sys; from llmcxr_jax.data.phantom_world import WorldConfig, write_world; "
+            f"write_world(sys.argv[1], WorldConfig(**{dataclasses.asdict(CFG)!r}), workers=1, "
+            "progress=False)")
+    env = {**os.environ, "PYTHONHASHSEED": str(hash_seed), "JAX_PLATFORMS": "cpu"}
+    subprocess.run([sys.executable, "-c", code, str(out)], check=True, env=env, timeout=300)
+
+
 def test_same_seed_byte_identical_and_atomic(world, tmp_path):
+    """Byte-identical in this process and in two others with other string hashes (a set's order
+    once picked the letter of the instructions' count_letter task)."""
+    for name, hash_seed in (("again", None), ("hash1", 1), ("hash2", 2)):
+        again = tmp_path / name
+        if hash_seed is None:
+            write_world(again, CFG, workers=1, progress=False)
+        else:
+            _write_world_in_a_process(again, hash_seed)
+        files_a = sorted(p.relative_to(world) for p in world.rglob("*") if p.is_file())
+        files_b = sorted(p.relative_to(again) for p in again.rglob("*") if p.is_file())
+        assert files_a == files_b
+        for rel in files_a:
+            assert (world / rel).read_bytes() == (again / rel).read_bytes(), (name, rel)
     again = tmp_path / "again"
-    write_world(again, CFG, workers=1, progress=False)
-    files_a = sorted(p.relative_to(world) for p in world.rglob("*") if p.is_file())
-    files_b = sorted(p.relative_to(again) for p in again.rglob("*") if p.is_file())
-    assert files_a == files_b
-    for rel in files_a:
-        assert (world / rel).read_bytes() == (again / rel).read_bytes(), rel
     with pytest.raises(FileExistsError, match="overwrite"):
         write_world(again, CFG, workers=1, progress=False)
     other = tmp_path / "other"

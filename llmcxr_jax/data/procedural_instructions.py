@@ -51,7 +51,7 @@ def _sort_words(rng):
 
 def _count_letter(rng):
     w = " ".join(_words(rng, int(rng.integers(1, 4))))
-    letter = str(rng.choice(list(set(w.replace(" ", "")))))
+    letter = str(rng.choice(sorted(set(w.replace(" ", "")))))  # sorted: set order is per process
     return (f'How many times does the letter "{letter}" appear in the text below?', w,
             str(w.count(letter)))
 
