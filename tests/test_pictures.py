@@ -113,6 +113,27 @@ def test_labeled_columns_upscale_each_image_under_its_label():
         images_lib.labeled_columns([("a", left), ("b", right[:2])])
 
 
+def test_a_long_label_wraps_within_its_own_column():
+    """The samples grid's third label ('from its report (guidance 2, temperature 0.5)') is wider
+    than a cell: it must wrap onto more lines over its own column, not spill over its neighbours'."""
+    rng = np.random.default_rng(0)
+    images = [rng.uniform(-1, 1, (2, 8, 8, 3)) for _ in range(3)]
+    long = "from its report (guidance 2, temperature 0.5)"
+    cell, gap = 128, 4
+    sheet = images_lib.labeled_columns([("", images[0]), (long, images[1]), ("", images[2])],
+                                       cell=cell, gap=gap)
+    band = sheet.size[1] - (2 * cell + gap)
+    pixels = np.asarray(sheet)[:band]
+    dark = pixels.min(axis=2) < 128
+    x = cell + gap
+    assert dark[:, x:x + cell].any()  # the label is drawn ...
+    assert not dark[:, :x].any() and not dark[:, x + cell:].any()  # ... over its column alone
+    rows_with_text = np.flatnonzero(dark[:, x:x + cell].any(axis=1))
+    one_line = images_lib.labeled_columns([("x", images[0])], cell=cell, gap=gap)
+    one_band = one_line.size[1] - (2 * cell + gap)
+    assert band > one_band and rows_with_text.max() - rows_with_text.min() > one_band // 2
+
+
 def test_samples_grid_is_labelled_and_samples_md_links_the_training_pictures(tmp_path,
                                                                             monkeypatch):
     import eval_workdir

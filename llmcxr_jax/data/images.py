@@ -18,7 +18,7 @@ Errors are `ImageError(path, reason)` (a `ValueError`) whose message names the f
 from __future__ import annotations
 
 import pathlib
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 from PIL import Image, ImageFile
@@ -255,7 +255,8 @@ def labeled_columns(columns: Sequence[tuple[str, np.ndarray]], cell: int = 256,
     """Images side by side for a person to look at: column j shows `columns[j]`'s images
     ([N, H, W, C] in [-1, 1], the same N in every column) top to bottom, each scaled to `cell` px
     square (nearest: the pixels the model made stay visible), under a white band with the
-    column's label (PIL's default font). Columns and rows are `gap` px apart (white)."""
+    column's label (PIL's default font), wrapped at word breaks so that it stays over its own
+    column. Columns and rows are `gap` px apart (white)."""
     from PIL import ImageDraw, ImageFont
 
     n = {len(images) for _, images in columns}
@@ -263,17 +264,34 @@ def labeled_columns(columns: Sequence[tuple[str, np.ndarray]], cell: int = 256,
         raise ValueError(f"labeled_columns: columns hold different image counts {sorted(n)}")
     rows = n.pop()
     font = ImageFont.load_default(size=max(10, cell // 14))  # FreeType (Pillow's wheels)
-    band = int(font.size * 1.8)
+    lines = [_wrap(label, font, cell - 4) for label, _ in columns]
+    line_height = int(font.size * 1.25)
+    band = int(font.size * 0.55) * 2 + line_height * max(len(x) for x in lines)
     width = len(columns) * cell + (len(columns) - 1) * gap
     sheet = Image.new("RGB", (width, band + rows * (cell + gap) - gap), (255, 255, 255))
     draw = ImageDraw.Draw(sheet)
-    for j, (label, images) in enumerate(columns):
+    for j, (_, images) in enumerate(columns):
         x = j * (cell + gap)
-        draw.text((x + cell // 2, band // 2), label, fill=(0, 0, 0), font=font, anchor="mm")
+        top = (band - line_height * len(lines[j])) // 2
+        for k, line in enumerate(lines[j]):
+            draw.text((x + cell // 2, top + k * line_height + line_height // 2), line,
+                      fill=(0, 0, 0), font=font, anchor="mm")
         for i, image in enumerate(np.asarray(images)):
             tile = Image.fromarray(upscale_nearest(to_uint8(image), cell, cell).squeeze())
             sheet.paste(tile.convert("RGB"), (x, band + i * (cell + gap)))
     return sheet
+
+
+def _wrap(text: str, font: Any, width: int) -> list[str]:
+    """`text` in lines no wider than `width` px in `font`, broken between words (a single word
+    wider than that keeps a line of its own)."""
+    lines: list[str] = []
+    for word in text.split():
+        if lines and font.getlength(f"{lines[-1]} {word}") <= width:
+            lines[-1] = f"{lines[-1]} {word}"
+        else:
+            lines.append(word)
+    return lines or [""]
 
 
 # --------------------------------------------------------------------------------------------------
