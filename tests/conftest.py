@@ -15,3 +15,15 @@ def neox_tokenizer_dir() -> pathlib.Path:
     from llmcxr_jax.text.vocab import gpt_neox_20b_dir
 
     return gpt_neox_20b_dir()
+
+
+# pytest-xdist (`--dist loadfile`, pyproject.toml) hands whole modules to the workers in collection
+# order. The modules with the suite's longest tests go first, so that neither of CI's two workers is
+# left running one of them alone at the end (`.ci/run`'s --durations on a 2-core machine:
+# test_readme_commands 385 s in one test, test_multiprocess 215 s, test_run_steps 190 s).
+LONGEST_MODULES_FIRST = ("test_readme_commands.py", "test_multiprocess.py", "test_run_steps.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_MODULES_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep order
