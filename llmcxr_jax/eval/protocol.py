@@ -541,8 +541,9 @@ def evaluate(workdir: str | pathlib.Path, options: EvalOptions = EvalOptions(),
 
     # 4. conditioning gap, learning curve, intervals -----------------------------------------------
     t = time.perf_counter()
-    gaps = conditioning_gaps(inputs, bundle, records, codes, vq_cfg, options, mesh,
-                             alignment.binarize(label_values), cls_cfg.labels)
+    r2i_truth = alignment.binarize(label_values)
+    gaps = conditioning_gaps(inputs, bundle, records, codes, vq_cfg, options, mesh, r2i_truth,
+                             cls_cfg.labels)
     r2i["conditioning_gap"], i2r["conditioning_gap"] = gaps["report2image"], gaps["image2report"]
     by_cell = gaps["report2image"]["test"].get("by_cell")
     cells_png = (gap_cells.plot(by_cell, out / eval_report.IMAGES_DIR / GAP_CELLS_FILE)
@@ -552,7 +553,6 @@ def evaluate(workdir: str | pathlib.Path, options: EvalOptions = EvalOptions(),
         f"(n {g['train']['n_pairs']} / {g['test']['n_pairs']})" for d, g in gaps.items()))
     timing["conditioning_gap_s"] = time.perf_counter() - t
     t = time.perf_counter()
-    r2i_truth = alignment.binarize(label_values)
     i2r_truth, i2r_scores = alignment.report_truth_and_scores(gen_reports, references,
                                                               options.labeler_section)
     r2i["ci95"] = alignment.scored_intervals(r2i_truth, probs_gen, thresholds, options.seed)

@@ -236,10 +236,10 @@ class JobConfig:
     seed: int = 0
     greedy: bool = False
     max_new_tokens: int | None = None  # text tasks: default 128
+    # None: text tasks 1; report2image the model's default (`Bundle.image_temperature`)
     temperature: float | None = None
     top_k: int | None = None
     top_p: float | None = None  # text tasks: 0.92; report2image: 1.0
-    # None: text tasks 1; report2image the model's default (`Bundle.image_temperature`)
     phrasing: int | str = 0  # instruction phrasing index (0-9), or "random" (drawn per item)
     guidance: float | None = None  # report2image guidance scale; None = the model's default
 
