@@ -108,6 +108,20 @@ def test_packed_sequences_match_each_alone(reference, config):
     np.testing.assert_allclose(out[0, 5:], _hf_logits(model, b[None])[0], atol=1e-4, rtol=0)
 
 
+def test_logits_at_chosen_slots_equal_transformers_there(reference):
+    model, params = reference
+    rng = np.random.default_rng(4)
+    ids = rng.integers(2, VOCAB, (2, T)).astype(np.int32)
+    slots = np.array([[0, 3, 10, 3], [9, 8, 1, 5]], np.int32)  # any order, repeats allowed
+    ours = np.asarray(jax.jit(lambda p, i, s: GPTNeoX(CONFIG).apply({"params": p}, i,
+                                                                    logits_at=s))(
+        params, ids, slots))
+    assert ours.shape == (2, 4, VOCAB)
+    ref = _hf_logits(model, ids)
+    np.testing.assert_allclose(ours, np.take_along_axis(ref, slots[..., None], axis=1),
+                               atol=1e-4, rtol=0)
+
+
 def _loss_and_grads(config: ModelConfig, params, ids):
     def loss(p):
         logits = GPTNeoX(config).apply({"params": p}, ids)

@@ -436,3 +436,26 @@ def test_image_loss_weight_scales_image_targets_only(vocab):
     np.testing.assert_array_equal(weighted["loss_mask"][~on], 0.0)
     with pytest.raises(ValueError, match="image_loss_weight"):
         DataConfig(image_loss_weight=0.0)
+
+
+def test_loss_positions_cap_every_row_and_drop_what_cannot_fit(vocab):
+    # 256-token rows with at most 48 loss tokens each: image -> report responses (5-40 words)
+    # and report -> image's 16 codes fit one by one, some instruction responses (1-30 words
+    # plus a context) do too; the packer must close a row before its loss tokens exceed 48.
+    sources = _sources(vqa=False)
+    sources.records["instruct"] += [{"instruction": "Repeat.", "context": "",
+                                     "response": _text(np.random.default_rng(9), 80, 81)}] * 3
+    k = 48
+    capped = _build(sources, vocab, _cfg(weights=(.4, .4, .2, 0)), loss_positions=k,
+                    shard_index=0, shard_count=1)
+    free = _build(sources, vocab, _cfg(weights=(.4, .4, .2, 0)), shard_index=0, shard_count=1)
+    counts = {"capped": [], "free": []}
+    for name, pipe in (("capped", capped), ("free", free)):
+        it = iter(pipe)
+        for _ in range(12):
+            counts[name].extend((next(it)["loss_mask"] > 0).sum(axis=1))
+    assert max(counts["capped"]) <= k
+    assert max(counts["free"]) > k  # without the cap the same data packs rows past it
+    # The 80-word responses hold more than 48 loss tokens on their own: dropped, counted.
+    assert capped.drops.as_dict().get("instruct:more_loss_tokens_than_loss_positions", 0) > 0
+    assert "instruct:more_loss_tokens_than_loss_positions" not in free.drops.as_dict()

@@ -11,7 +11,8 @@ from llmcxr_jax.configs import ModelConfig, TrainConfig
 from llmcxr_jax.parallel.mesh import mesh_from_flag, make_mesh
 from llmcxr_jax.train import state as state_lib
 from llmcxr_jax.train.loss import summarize
-from llmcxr_jax.train.step import make_eval_step, make_train_step
+from llmcxr_jax.llm.model import GPTNeoX
+from llmcxr_jax.train.step import _micro_sums_fn, make_eval_step, make_train_step
 
 MODEL = ModelConfig(vocab_size=256, hidden_size=64, num_layers=2, num_heads=4,
                     intermediate_size=128, max_position_embeddings=64)
@@ -116,3 +117,33 @@ def test_eval_step_matches_train_loss_before_update():
     ev = summarize(make_eval_step(MODEL, mesh, NUM_TASKS)(state.params, make_batch(0)))
     _, metrics = step(state, make_batch(0))
     np.testing.assert_allclose(float(ev["loss"]), float(metrics["loss"]), rtol=1e-6)
+
+
+def test_logits_at_the_loss_slots_only_give_the_same_loss_and_gradients():
+    # Rows as the pipeline packs them for loss_positions=k: at most k loss tokens each, here
+    # scattered over both segments (make_batch's mask, thinned at random per row).
+    k = 6
+    batch = make_batch(5)
+    rng = np.random.default_rng(1)
+    for row in batch["loss_mask"]:
+        on = np.flatnonzero(row)
+        row[rng.permutation(on)[:max(len(on) - int(rng.integers(1, k + 1)), 0)]] = 0.0
+    counts = (batch["loss_mask"] > 0).sum(axis=1)
+    assert counts.max() == k and counts.min() >= 1
+    mesh = mesh_from_flag("2x4")
+    metrics = {}
+    for positions in (0, k):
+        train_cfg = dataclasses.replace(TRAIN, loss_positions=positions)
+        state = state_lib.init_state(MODEL, train_cfg, mesh)
+        _, m = make_train_step(MODEL, train_cfg, mesh, NUM_TASKS)(state, batch)
+        metrics[positions] = jax.device_get(m)
+    for key in ("loss", "accuracy", "tokens", "grad_norm", "task_loss"):
+        np.testing.assert_allclose(metrics[k][key], metrics[0][key], rtol=1e-5)
+    # The gradients themselves, parameter by parameter (one Adam step would hide them: its
+    # first update is about lr * sign(g), which rounding flips where g is near 0).
+    params = state_lib.init_state(MODEL, TRAIN, make_mesh({"data": 1}, jax.devices()[:1])).params
+    model = GPTNeoX(MODEL)
+    grads = {n: jax.jit(jax.grad(_micro_sums_fn(model, NUM_TASKS, n), has_aux=True))(
+        params, batch)[0] for n in (0, k)}
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(
+        a, b, rtol=1e-4, atol=1e-5 * float(np.abs(b).max())), grads[k], grads[0])

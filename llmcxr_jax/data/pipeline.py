@@ -2,11 +2,13 @@
 
     per task (report2image, image2report, instruct, vqa):
         EpochShuffled(records[host shard])     seeded permutation per epoch, repeated forever
-        .random_map(tokenise: prompts.build_example, phrasing drawn per element; too long -> None;
-                    report2image: prompts.NULL_REPORT for the report at null_report_rate)
+        .random_map(tokenise: prompts.build_example, phrasing drawn per element; too long, or
+                    more loss tokens than loss_positions -> None; report2image:
+                    prompts.NULL_REPORT for the report at null_report_rate)
         .to_iter_dataset(ReadOptions)          (None = dropped and counted)
     IterDataset.mix(sources, weights)          stratified: exact proportions, deterministic
-    FirstFitPackIterDataset                    several examples per row (or one per row)
+    FirstFitPackIterDataset                    several examples per row (or one per row), at
+                                               most loss_positions loss tokens in a row
     .batch(per-host batch) .map(to_training_batch)
     GlobalBatchIterator                        jax.make_array_from_process_local_data
 
@@ -24,7 +26,9 @@ Batch convention (numpy per host, then global `jax.Array`s of shape [global_batc
     task_ids     int32    index in `TASKS` of the segment's task, -1 on padding
 
 So the loss of a step is sum(loss_mask * CE(logits(inputs)[b, t], targets[b, t])) / sum(loss_mask),
-and per-task losses select with `task_ids == k`.
+and per-task losses select with `task_ids == k`. With `loss_positions` k > 0
+(`TrainConfig.loss_positions`), no row holds more than k non-zero loss weights, so the train step
+needs logits at k slots per row only (`train.loss.loss_slots`).
 
 Mixing is stratified: grain's `mix` interleaves the sources in exact proportion to the weights
 (each source is shuffled on its own), so every stretch of the stream holds the tasks in the weights'
@@ -228,12 +232,14 @@ class DropCounter:
 
 
 def tokenise_fn(vocab: Vocab, task: str, max_len: int, n_codes: int, drops: DropCounter,
-                image_loss_weight: float = 1.0, null_report_rate: float = 0.0
-                ) -> Callable[[dict, np.random.Generator], dict | None]:
+                image_loss_weight: float = 1.0, null_report_rate: float = 0.0,
+                loss_positions: int = 0) -> Callable[[dict, np.random.Generator], dict | None]:
     """record, rng -> {tokens, loss_mask, task} (numpy, one example), or None if dropped.
     Image-code tokens weigh `image_loss_weight` in the loss mask, text tokens 1. A report2image
     record's report becomes `prompts.NULL_REPORT` with probability `null_report_rate` (drawn
-    from the element's rng, which is not touched at rate 0)."""
+    from the element's rng, which is not touched at rate 0). With `loss_positions` k > 0 the
+    example also carries `loss_count`, one entry per token with loss (what the packer counts
+    against k), and one with more than k is dropped."""
     task_id = TASK_INDEX[task]
     null_rate = null_report_rate if tasks_lib.get(task).draws_image else 0.0
 
@@ -248,13 +254,20 @@ def tokenise_fn(vocab: Vocab, task: str, max_len: int, n_codes: int, drops: Drop
         if not prompts.fits(ex, max_len):
             drops.drop(task, "too_long", max_len)
             return None
-        drops.keep(task)
         loss_mask = ex.loss_mask.astype(np.float32)
         if image_loss_weight != 1.0:
             loss_mask = np.where(vocab.is_image_id(ex.ids), loss_mask * image_loss_weight,
                                  loss_mask).astype(np.float32)
-        return {"tokens": ex.ids.astype(np.int32), "loss_mask": loss_mask,
-                "task": np.full(len(ex), task_id, np.int32)}
+        example = {"tokens": ex.ids.astype(np.int32), "loss_mask": loss_mask,
+                   "task": np.full(len(ex), task_id, np.int32)}
+        if loss_positions:
+            n_loss = int(np.count_nonzero(loss_mask))
+            if n_loss > loss_positions:
+                drops.drop(task, "more_loss_tokens_than_loss_positions", max_len)
+                return None
+            example["loss_count"] = np.zeros(n_loss, np.int8)
+        drops.keep(task)
+        return example
 
     return tokenise
 
@@ -351,10 +364,11 @@ class Pipeline:
 
 
 def build_pipeline(sources: Sources, vocab: Vocab, cfg: DataConfig, *, seq_len: int,
-                   global_batch: int, shard_index: int | None = None,
+                   global_batch: int, loss_positions: int = 0, shard_index: int | None = None,
                    shard_count: int | None = None) -> Pipeline:
     """The full pipeline of `cfg` over `sources` (see the module docstring), in batches of
-    `global_batch` rows of `seq_len` tokens (the step's shape: `TrainConfig`).
+    `global_batch` rows of `seq_len` tokens with at most `loss_positions` loss tokens each (0: no
+    limit): the step's shape, `TrainConfig`.
 
     `shard_index` / `shard_count` default to this JAX process's (one shard per host).
     """
@@ -379,18 +393,21 @@ def build_pipeline(sources: Sources, vocab: Vocab, cfg: DataConfig, *, seq_len: 
         k = TASK_INDEX[task]
         ds = (EpochShuffled(recs, seed=_seed(cfg.seed, k, 0))
               .random_map(tokenise_fn(vocab, task, seq_len, cfg.tokens_per_image, drops,
-                                      cfg.image_loss_weight, cfg.null_report_rate),
+                                      cfg.image_loss_weight, cfg.null_report_rate,
+                                      loss_positions),
                           seed=_seed(cfg.seed, k, 1)))
         streams.append(ds.to_iter_dataset(read))  # Nones (dropped examples) are skipped here
     ds = grain.IterDataset.mix(streams, list(weights.values())) if len(streams) > 1 else streams[0]
 
     if cfg.packing:
         bins = cfg.packing_bins or 4 * local_batch
+        lengths = {"tokens": seq_len, "loss_mask": seq_len, "task": seq_len}
+        padding = {"tokens": pad_id, "loss_mask": 0.0, "task": -1}
+        if loss_positions:  # a second capacity per row: its loss tokens (`loss_count`)
+            lengths["loss_count"], padding["loss_count"] = loss_positions, 0
         ds = grain.experimental.FirstFitPackIterDataset(
-            ds, length_struct={"tokens": seq_len, "loss_mask": seq_len, "task": seq_len},
-            num_packing_bins=bins, seed=_seed(cfg.seed, 0, 2), shuffle_bins=True,
-            meta_features=("loss_mask", "task"),
-            padding_struct={"tokens": pad_id, "loss_mask": 0.0, "task": -1})
+            ds, length_struct=lengths, num_packing_bins=bins, seed=_seed(cfg.seed, 0, 2),
+            shuffle_bins=True, meta_features=("loss_mask", "task"), padding_struct=padding)
     else:
         ds = ds.map(lambda ex: pad_to_row(ex, seq_len, pad_id))
     ds = ds.batch(local_batch, drop_remainder=True)

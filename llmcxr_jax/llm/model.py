@@ -365,8 +365,9 @@ class GPTNeoX(nn.Module):
 
     `input_ids` [batch, length]; `positions` (rotary positions, default 0..length-1) and
     `segment_ids` (0 = padding, default all 1) of the same shape. Returns logits
-    [batch, length, vocab] (`last_only`: [batch, 1, vocab], all a prefill needs), and with a
-    `cache` also the cache with these tokens written at `cache.index`.
+    [batch, length, vocab] (`last_only`: [batch, 1, vocab], all a prefill needs; `logits_at`
+    [batch, k] slot indices: [batch, k, vocab] at those slots), and with a `cache` also the cache
+    with these tokens written at `cache.index`.
     """
 
     config: ModelConfig
@@ -374,7 +375,8 @@ class GPTNeoX(nn.Module):
     @nn.compact
     def __call__(self, input_ids: Array, positions: Array | None = None,
                  segment_ids: Array | None = None, cache: KVCache | None = None, *,
-                 last_only: bool = False) -> Array | tuple[Array, KVCache]:
+                 last_only: bool = False, logits_at: Array | None = None
+                 ) -> Array | tuple[Array, KVCache]:
         cfg = self.config
         batch, length = input_ids.shape
         if positions is None:
@@ -440,6 +442,11 @@ class GPTNeoX(nn.Module):
 
         if last_only:
             x = x[:, -1:]
+        if logits_at is not None:
+            # Logits at these slots only ([batch, k] indices): training needs them only where
+            # the loss is, and the vocabulary projection and its softmax are a large share of
+            # a small model's step.
+            x = jnp.take_along_axis(x, logits_at[..., None], axis=1)
         x = _layer_norm(cfg, "final_layer_norm")(x)
         logits = Projection(cfg, in_shape=(cfg.hidden_size,), out_shape=(cfg.vocab_size,),
                             in_names=("embed",), out_names=("vocab",), use_bias=False,

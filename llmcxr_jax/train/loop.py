@@ -96,7 +96,9 @@ def eval_batches(sources: pipeline_lib.Sources, vocab: Vocab, data_cfg: DataConf
     if n <= 0 or not any(sources.sizes().values()):
         return []
     it = pipeline_lib.build_pipeline(sources, vocab, data_cfg, seq_len=train_cfg.seq_len,
-                                     global_batch=train_cfg.global_batch).global_iterator(mesh)
+                                     global_batch=train_cfg.global_batch,
+                                     loss_positions=train_cfg.loss_positions
+                                     ).global_iterator(mesh)
     return [next(it) for _ in range(n)]
 
 
@@ -163,9 +165,10 @@ def run_stage(stage: int, *, model_cfg: ModelConfig, train_cfg: TrainConfig,
         return StageResult(stage, "reused", summary["step"], params, summary)
 
     check_global_batch(train_cfg.global_batch, mesh)
-    data_iter = pipeline_lib.build_pipeline(
+    pipeline = pipeline_lib.build_pipeline(
         train_sources, vocab, data_cfg, seq_len=train_cfg.seq_len,
-        global_batch=train_cfg.global_batch).global_iterator(mesh)
+        global_batch=train_cfg.global_batch, loss_positions=train_cfg.loss_positions)
+    data_iter = pipeline.global_iterator(mesh)
     held_out = eval_batches(eval_sources, vocab, dataclasses.replace(data_cfg, seed=1234),
                             train_cfg, mesh, loop_cfg.eval_batches) if eval_sources else []
     gap_sets = gap_pair_sets(train_sources, eval_sources, loop_cfg.gap_pairs)
@@ -217,8 +220,14 @@ def run_stage(stage: int, *, model_cfg: ModelConfig, train_cfg: TrainConfig,
             final = logger.flush(step, evaluate(eval_fn, state.params, held_out)
                                  if held_out else None,
                                  extra=gaps(state.params) if gap_sets else None)
+            # Examples the pipeline dropped (too long for a row, or for its loss positions),
+            # by task and reason, as this process met them.
+            dropped = pipeline.drops.as_dict()
+            if dropped:
+                log.info("stage %d: examples dropped by the pipeline: %s", stage, dropped)
             summary = {**summary, **(final or {}), "stage": stage, "step": step,
-                       "skipped_steps": int(jax.device_get(state.skipped_steps))}
+                       "skipped_steps": int(jax.device_get(state.skipped_steps)),
+                       "dropped_examples": dropped}
             ckpt.save(step, state, data_iter, {"stage": stage}, force=True)
     finally:
         ckpt.close()

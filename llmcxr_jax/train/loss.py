@@ -15,6 +15,13 @@ import optax
 Array = jax.Array
 
 
+def loss_slots(loss_mask: Array, k: int) -> Array:
+    """[batch, k] int32: each row's slots with a non-zero loss weight, in order, then slots
+    without (weight 0, so they add nothing). Every loss slot is among them when no row holds
+    more than k, as the pipeline packs them (`TrainConfig.loss_positions`)."""
+    return jnp.argsort(loss_mask == 0, axis=1, stable=True)[:, :k].astype(jnp.int32)
+
+
 def token_nll_and_correct(logits: Array, targets: Array) -> tuple[Array, Array]:
     """Per-token negative log-likelihood (fp32) and whether the argmax equals the target."""
     logits = logits.astype(jnp.float32)

@@ -121,7 +121,12 @@ def _phantom(model: str, *, n_studies: int, stage1_steps: int, stage2_steps: int
              ) -> RunConfig:
     train = TrainConfig(learning_rate=lr, warmup_steps=20, schedule="cosine",
                         total_steps=stage1_steps, global_batch=batch, seq_len=seq_len,
-                        weight_decay=0.0)
+                        weight_decay=0.0,
+                        # Logits at half a row's slots: the phantom world's rows hold 29-32 % loss
+                        # tokens on average and at most 46 % (stages 1 and 2, 1,600 rows of
+                        # world seed 0), and the vocabulary projection and its softmax are a
+                        # large share of the tiny model's step (`bench/loss_positions.py`).
+                        loss_positions=seq_len // 2)
     return RunConfig(
         model=configs.model_preset(model),
         train=train,

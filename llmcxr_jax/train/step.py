@@ -21,7 +21,7 @@ from llmcxr_jax.data.pipeline import BATCH_KEYS
 from llmcxr_jax.llm.model import GPTNeoX
 from llmcxr_jax.parallel.rules import LOGICAL_AXIS_RULES
 from llmcxr_jax.parallel.shardings import batch_sharding
-from llmcxr_jax.train.loss import loss_sums, summarize
+from llmcxr_jax.train.loss import loss_slots, loss_sums, summarize
 from llmcxr_jax.train.optimizer import learning_rate_schedule, make_optimizer
 from llmcxr_jax.train.state import Rules, TrainState, state_shardings
 
@@ -33,12 +33,19 @@ def batch_shardings(mesh: Mesh) -> dict[str, NamedSharding]:
     return {k: batch_sharding(mesh) for k in BATCH_KEYS}
 
 
-def _micro_sums_fn(model: GPTNeoX, num_tasks: int) -> Callable:
+def _micro_sums_fn(model: GPTNeoX, num_tasks: int, loss_positions: int = 0) -> Callable:
+    """Loss sums of a (micro-)batch; with `loss_positions` k > 0, from logits at the k loss slots
+    of each row only (`loss_slots`: every one, as the pipeline packs at most k per row)."""
     def micro_sums(params: Any, batch: Batch) -> tuple[jax.Array, dict]:
+        targets, loss_mask, task_ids = batch["targets"], batch["loss_mask"], batch["task_ids"]
+        slots = None
+        if 0 < loss_positions < targets.shape[1]:
+            slots = loss_slots(loss_mask, loss_positions)
+            targets, loss_mask, task_ids = (jnp.take_along_axis(x, slots, axis=1)
+                                            for x in (targets, loss_mask, task_ids))
         logits = model.apply({"params": params}, batch["inputs"], batch["positions"],
-                             batch["segment_ids"])
-        sums = loss_sums(logits, batch["targets"], batch["loss_mask"], batch["task_ids"],
-                         num_tasks)
+                             batch["segment_ids"], logits_at=slots)
+        sums = loss_sums(logits, targets, loss_mask, task_ids, num_tasks)
         return sums["loss_sum"], sums
     return micro_sums
 
@@ -63,7 +70,7 @@ def make_train_step(model_cfg: ModelConfig, train_cfg: TrainConfig, mesh: Mesh, 
     model = GPTNeoX(model_cfg)
     tx = make_optimizer(train_cfg)
     schedule = learning_rate_schedule(train_cfg)
-    grad_fn = jax.grad(_micro_sums_fn(model, num_tasks), has_aux=True)
+    grad_fn = jax.grad(_micro_sums_fn(model, num_tasks, train_cfg.loss_positions), has_aux=True)
     accum = train_cfg.grad_accum_steps
 
     def step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
