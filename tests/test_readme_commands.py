@@ -16,7 +16,8 @@ What is not run as written, and why:
   it checks its inputs) rather than a traceback or an argparse usage error.
 
 The mesh commands run on the device counts their `XLA_FLAGS=` prefix gives; the others get the
-launchers' default CPU split, as a user's would (the suite's own XLA_FLAGS is removed).
+launchers' default CPU split, as a user's would (the suite's device count is removed; its compile
+settings, the rest of its XLA_FLAGS, are kept).
 
 A command this file does not know fails the test with a message naming what to add.
 """
@@ -189,10 +190,18 @@ def _fresh_root(tmp_path: pathlib.Path) -> pathlib.Path:
 
 
 def _env(command: Command) -> dict[str, str]:
+    """The command's environment: the suite's, less its device count (the command's own
+    `XLA_FLAGS=` prefix or the launchers' split decide it), plus the command's prefix. The
+    suite's other XLA flags (its compile settings: conftest.py) carry over."""
     env = {k: v for k, v in os.environ.items()
            if k not in ("XLA_FLAGS", "LLMCXR_CPU_DEVICES", "PYTEST_XDIST_WORKER")}
     env["JAX_PLATFORMS"] = "cpu"  # the suite is CPU-only
+    suite_flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
+                   if not f.startswith("--xla_force_host_platform_device_count")]
     env.update(command.env)
+    flags = " ".join([*suite_flags, *command.env.get("XLA_FLAGS", "").split()])
+    if flags:
+        env["XLA_FLAGS"] = flags
     return env
 
 
