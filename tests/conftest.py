@@ -3,12 +3,9 @@
 import os
 import pathlib
 
-# XLA's lowest backend optimisation level: the suite's programs are many and tiny, so compiling
-# them is most of its time, and this level compiles them faster (on a 2-core machine, the shrunk
-# `--mesh=4x4` README run took 71 s instead of 95, tests/test_run_steps.py 129 s instead of 159).
-# Subprocesses that inherit the environment inherit it; test_readme_commands passes it on.
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 "
-                                   "--xla_backend_optimization_level=0")
+from xla_flags import xla_flags  # tests/ is on sys.path, as for every test module
+
+os.environ.setdefault("XLA_FLAGS", xla_flags(8))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import pytest  # noqa: E402

@@ -22,6 +22,7 @@ from llmcxr_jax.configs import ModelConfig, TrainConfig
 from llmcxr_jax.parallel.mesh import mesh_from_flag
 from llmcxr_jax.train import checkpoint as ckpt
 from llmcxr_jax.train import state as state_lib
+from xla_flags import xla_flags
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 MODEL = ModelConfig(vocab_size=256, hidden_size=32, num_layers=2, num_heads=4,
@@ -244,7 +245,7 @@ LOOP = textwrap.dedent("""
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_zero(tmp_path):
-    env = dict(os.environ, PYTHONPATH=str(REPO), XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    env = dict(os.environ, PYTHONPATH=str(REPO), XLA_FLAGS=xla_flags(1))
     proc = subprocess.Popen([sys.executable, "-c", LOOP, str(tmp_path / "ckpt")], cwd=REPO,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:

@@ -17,6 +17,7 @@ import sys
 import pytest
 
 from llmcxr_jax import cli
+from xla_flags import xla_flags
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 PROGRESS_BAR = re.compile(r"\[\d\d:\d\d[<,\]]")  # tqdm's "[00:00<" / "[00:00, 12.3 it/s]"
@@ -45,8 +46,9 @@ runpy.run_path(script, run_name="__main__")
 
 
 def _run(argv: list[str], cwd: pathlib.Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "LLMCXR_CPU_DEVICES": "2"}
-    env.pop("XLA_FLAGS", None)  # the launchers' own CPU split (2 devices), as a user's
+    # The launchers' own CPU split (2 devices), as a user's: no device count in XLA_FLAGS.
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "LLMCXR_CPU_DEVICES": "2",
+           "XLA_FLAGS": xla_flags()}
     return subprocess.run([sys.executable, *argv], capture_output=True, text=True, env=env,
                           cwd=cwd, timeout=600)
 

@@ -35,6 +35,7 @@ from llmcxr_jax.parallel.local_cluster import free_port
 from llmcxr_jax.text import prompts
 from llmcxr_jax.vqgan import encode as encode_lib
 from vqgan_test_files import write_dicom
+from xla_flags import xla_flags
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 REPORT = "Moderate left pleural effusion. Mild cardiomegaly."
@@ -57,7 +58,7 @@ def demo(tmp_path_factory):
     port = free_port()
     # The launcher's own device split (not the suite's 8 simulated devices), one device: the
     # page's work is batch-1 decoding of a tiny model.
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = {**os.environ, "XLA_FLAGS": xla_flags()}
     env.update(LLMCXR_CPU_DEVICES="1", GRADIO_TEMP_DIR=str(tmp / "gradio"))
     log = tmp / "server.log"
     with open(log, "w") as out:

@@ -35,6 +35,7 @@ from llmcxr_jax.data.phantom_world import WorldConfig, write_world  # noqa: E402
 from llmcxr_jax.text import vocab as vocab_lib  # noqa: E402
 from llmcxr_jax.train import run as run_lib  # noqa: E402
 from llmcxr_jax.train import run_config as rc  # noqa: E402
+from xla_flags import xla_flags  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SENTENCE = "Moderate left pleural effusion. No pneumothorax."
@@ -51,9 +52,9 @@ SCALE_DOWN = ("--mesh=-1", "--set", "model.hidden_size=32", "--set", "model.num_
 
 
 def _launch(script: str, *argv: str, cwd: pathlib.Path) -> subprocess.CompletedProcess:
-    """launch/<script>.py in a subprocess, with the launchers' own device split (no simulated
-    8-device XLA_FLAGS from conftest)."""
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    """launch/<script>.py in a subprocess, with the launchers' own device split (not conftest's
+    8 simulated devices)."""
+    env = {**os.environ, "XLA_FLAGS": xla_flags()}
     return subprocess.run([sys.executable, str(REPO / "launch" / f"{script}.py"), *argv],
                           cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 

@@ -36,6 +36,8 @@ from typing import Any
 
 import numpy as np
 
+from xla_flags import xla_flags
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
 
@@ -190,18 +192,14 @@ def _fresh_root(tmp_path: pathlib.Path) -> pathlib.Path:
 
 
 def _env(command: Command) -> dict[str, str]:
-    """The command's environment: the suite's, less its device count (the command's own
-    `XLA_FLAGS=` prefix or the launchers' split decide it), plus the command's prefix. The
-    suite's other XLA flags (its compile settings: conftest.py) carry over."""
+    """The command's environment: the suite's without its device count (the command's own
+    `XLA_FLAGS=` prefix, or else the launchers' split, decides it), plus the command's prefix;
+    the suite's compile flags (`xla_flags`) are kept."""
     env = {k: v for k, v in os.environ.items()
            if k not in ("XLA_FLAGS", "LLMCXR_CPU_DEVICES", "PYTEST_XDIST_WORKER")}
     env["JAX_PLATFORMS"] = "cpu"  # the suite is CPU-only
-    suite_flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
-                   if not f.startswith("--xla_force_host_platform_device_count")]
     env.update(command.env)
-    flags = " ".join([*suite_flags, *command.env.get("XLA_FLAGS", "").split()])
-    if flags:
-        env["XLA_FLAGS"] = flags
+    env["XLA_FLAGS"] = " ".join([xla_flags(), *command.env.get("XLA_FLAGS", "").split()])
     return env
 
 

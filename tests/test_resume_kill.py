@@ -29,6 +29,7 @@ import numpy as np
 import pytest
 
 from llmcxr_jax.train.metrics import read_jsonl
+from xla_flags import xla_flags
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 DRIVER = REPO / "tests" / "resume_driver.py"
@@ -38,7 +39,7 @@ TIMEOUT = 300
 
 
 def _env(cache: pathlib.Path) -> dict[str, str]:
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
+    env = dict(os.environ, XLA_FLAGS=xla_flags(1),
                JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(cache),
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
     return env

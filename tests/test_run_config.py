@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from llmcxr_jax.train import run_config as rc
+from xla_flags import xla_flags
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -136,7 +137,7 @@ def test_stage0_base_model_trains_on_text_only():
      "global batch 7 is not divisible by the 2 data-parallel ways"),
 ])
 def test_launch_train_stops_with_a_one_line_error(args, code, message, tmp_path):
-    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu",
+    env = {"XLA_FLAGS": xla_flags(2), "JAX_PLATFORMS": "cpu",
            "PATH": "/usr/bin:/bin"}
     proc = subprocess.run([sys.executable, str(REPO / "launch" / "train.py"), "--workdir",
                            str(tmp_path / "w"), *args], capture_output=True, text=True, env=env,

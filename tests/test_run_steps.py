@@ -27,6 +27,7 @@ from llmcxr_jax.train.loop import DONE_FILE, LoopConfig, run_stage
 from llmcxr_jax.train.metrics import read_jsonl
 from llmcxr_jax.train.optimizer import learning_rate_schedule
 from llmcxr_jax.vqgan.train import data_axis_size
+from xla_flags import xla_flags
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -242,7 +243,7 @@ def test_vqgan_data_axis_divides_its_batch_or_names_values_that_work():
     (["--config", "dolly-v2-3b", "--mesh=4x4"], "this preset has no phantom world"),
 ])
 def test_configurations_that_cannot_run_stop_in_one_line(args, message, tmp_path):
-    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=16", "JAX_PLATFORMS": "cpu",
+    env = {"XLA_FLAGS": xla_flags(16), "JAX_PLATFORMS": "cpu",
            "PATH": os.environ.get("PATH", "/usr/bin:/bin")}
     proc = subprocess.run([sys.executable, str(REPO / "launch" / "train.py"), "--workdir",
                            str(tmp_path / "w"), *args], capture_output=True, text=True, env=env,
@@ -257,7 +258,7 @@ def test_stage_2_alone_after_stage_1_with_a_base_model(tmp_path):
     """`--stage 2` after `--stage 1` of a preset with a base model (stage 0): stage 1 is read as it
     is, so neither stage 0 nor stage 1's starting point is rebuilt (this used to stop with a
     KeyError for stage 0, which the plan of `--stage 2` leaves out)."""
-    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu",
+    env = {"XLA_FLAGS": xla_flags(2), "JAX_PLATFORMS": "cpu",
            "PATH": os.environ.get("PATH", "/usr/bin:/bin")}
     common = [sys.executable, str(REPO / "launch" / "train.py"), "--config", "tiny",
               "--workdir", str(tmp_path / "w"), "--steps", "1", "--set", "world.n_studies=40",
@@ -320,7 +321,7 @@ def test_a_run_without_stage_1_trains_stage_2_from_the_base_model(tmp_path):
     vq_cfg = configs.vqgan_preset("test-tiny")  # given, so the run trains no VQ-GAN
     vq_params = vqgan_init(vq_cfg, seed=1)
     save_vqgan(tmp_path / "vqgan", vq_cfg, vq_params)
-    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu",
+    env = {"XLA_FLAGS": xla_flags(2), "JAX_PLATFORMS": "cpu",
            "PATH": os.environ.get("PATH", "/usr/bin:/bin")}
     work = tmp_path / "w"
     proc = subprocess.run(

@@ -14,6 +14,8 @@ import subprocess
 import sys
 import time
 
+from xla_flags import xla_flags
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TIMEOUT = 300  # seconds a run may take to reach the point it is signalled at
 EXIT_WITHIN = 60  # seconds after SIGTERM (the old world drawing never exited)
@@ -22,7 +24,7 @@ SMALL = ["world.size=64", "world.n_instructions=10", "vqgan.vqgan=test-tiny"]
 
 def _start(workdir: pathlib.Path, sets: list[str], cache: pathlib.Path) -> subprocess.Popen:
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "LLMCXR_CPU_DEVICES": "1",
-           "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+           "XLA_FLAGS": xla_flags(1),
            "JAX_COMPILATION_CACHE_DIR": str(cache),
            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
     argv = [sys.executable, str(REPO / "launch" / "train.py"), "--config", "tiny", "--workdir",

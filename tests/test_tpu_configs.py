@@ -18,6 +18,7 @@ import subprocess
 import sys
 
 from tpu_configs import PRESETS
+from xla_flags import xla_flags
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -51,7 +52,7 @@ print(json.dumps(results))
 
 def test_every_preset_mesh_and_batch_fit_its_devices_and_its_step_compiles():
     n = max(p.devices for p in PRESETS.values())
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={n}",
+    env = dict(os.environ, XLA_FLAGS=xla_flags(n),
                JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
     proc = subprocess.run([sys.executable, "-c", DRIVER], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=600)
