@@ -439,9 +439,8 @@ def test_image_loss_weight_scales_image_targets_only(vocab):
 
 
 def test_loss_positions_cap_every_row_and_drop_what_cannot_fit(vocab):
-    # 256-token rows with at most 48 loss tokens each: image -> report responses (5-40 words)
-    # and report -> image's 16 codes fit one by one, some instruction responses (1-30 words
-    # plus a context) do too; the packer must close a row before its loss tokens exceed 48.
+    # 256-token rows with at most 48 loss tokens each: the packer must close a row before its
+    # loss tokens exceed 48 (most examples fit alone; three 80-word responses added here do not).
     sources = _sources(vqa=False)
     sources.records["instruct"] += [{"instruction": "Repeat.", "context": "",
                                      "response": _text(np.random.default_rng(9), 80, 81)}] * 3

@@ -1,4 +1,5 @@
-"""The sharded train step: same losses on 1 device and on a 2x4 mesh, accumulation, skipping."""
+"""The sharded train step: same losses on 1 device and on a 2x4 mesh, accumulation, skipping,
+logits at the loss slots only."""
 
 import dataclasses
 import functools
@@ -8,10 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from llmcxr_jax.configs import ModelConfig, TrainConfig
+from llmcxr_jax.llm.model import GPTNeoX
 from llmcxr_jax.parallel.mesh import mesh_from_flag, make_mesh
 from llmcxr_jax.train import state as state_lib
 from llmcxr_jax.train.loss import summarize
-from llmcxr_jax.llm.model import GPTNeoX
 from llmcxr_jax.train.step import _micro_sums_fn, make_eval_step, make_train_step
 
 MODEL = ModelConfig(vocab_size=256, hidden_size=64, num_layers=2, num_heads=4,
