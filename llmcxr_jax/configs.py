@@ -222,6 +222,11 @@ class TrainConfig:
             raise ValueError(f"global_batch {self.global_batch} is not divisible by "
                              f"grad_accum_steps {self.grad_accum_steps}")
 
+    @property
+    def logit_slots(self) -> int:
+        """`loss_positions` where it limits a row (below seq_len), else 0: every slot."""
+        return self.loss_positions if self.loss_positions < self.seq_len else 0
+
 
 # --------------------------------------------------------------------------------------------------
 # VQ-GAN (taming-transformers' VQModel)

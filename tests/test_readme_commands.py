@@ -16,8 +16,8 @@ What is not run as written, and why:
   it checks its inputs) rather than a traceback or an argparse usage error.
 
 The mesh commands run on the device counts their `XLA_FLAGS=` prefix gives; the others get the
-launchers' default CPU split, as a user's would (the suite's device count is removed; its compile
-settings, the rest of its XLA_FLAGS, are kept).
+launchers' default CPU split, as a user's would (the suite's device count is not passed on; its
+compile flags, `tests/xla_flags.py`, are).
 
 A command this file does not know fails the test with a message naming what to add.
 """

@@ -367,8 +367,8 @@ def build_pipeline(sources: Sources, vocab: Vocab, cfg: DataConfig, *, seq_len: 
                    global_batch: int, loss_positions: int = 0, shard_index: int | None = None,
                    shard_count: int | None = None) -> Pipeline:
     """The full pipeline of `cfg` over `sources` (see the module docstring), in batches of
-    `global_batch` rows of `seq_len` tokens with at most `loss_positions` loss tokens each (0 or
-    seq_len and more: no limit): the step's shape, `TrainConfig`.
+    `global_batch` rows of `seq_len` tokens with at most `loss_positions` loss tokens each (0: no
+    limit): the step's shape, `TrainConfig` (its `logit_slots`).
 
     `shard_index` / `shard_count` default to this JAX process's (one shard per host).
     """
@@ -385,7 +385,6 @@ def build_pipeline(sources: Sources, vocab: Vocab, cfg: DataConfig, *, seq_len: 
     if empty:
         raise ValueError(f"host shard {shard_index}/{shard_count} holds no {empty} records")
     drops = DropCounter({t: len(r) for t, r in shards.items()})
-    loss_positions = loss_positions if loss_positions < seq_len else 0  # a row's length binds
     read = grain.ReadOptions(num_threads=cfg.read_threads,
                              prefetch_buffer_size=cfg.prefetch_buffer)
 

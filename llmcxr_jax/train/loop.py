@@ -97,7 +97,7 @@ def eval_batches(sources: pipeline_lib.Sources, vocab: Vocab, data_cfg: DataConf
         return []
     it = pipeline_lib.build_pipeline(sources, vocab, data_cfg, seq_len=train_cfg.seq_len,
                                      global_batch=train_cfg.global_batch,
-                                     loss_positions=train_cfg.loss_positions
+                                     loss_positions=train_cfg.logit_slots
                                      ).global_iterator(mesh)
     return [next(it) for _ in range(n)]
 
@@ -167,7 +167,7 @@ def run_stage(stage: int, *, model_cfg: ModelConfig, train_cfg: TrainConfig,
     check_global_batch(train_cfg.global_batch, mesh)
     pipeline = pipeline_lib.build_pipeline(
         train_sources, vocab, data_cfg, seq_len=train_cfg.seq_len,
-        global_batch=train_cfg.global_batch, loss_positions=train_cfg.loss_positions)
+        global_batch=train_cfg.global_batch, loss_positions=train_cfg.logit_slots)
     data_iter = pipeline.global_iterator(mesh)
     held_out = eval_batches(eval_sources, vocab, dataclasses.replace(data_cfg, seed=1234),
                             train_cfg, mesh, loop_cfg.eval_batches) if eval_sources else []

@@ -39,7 +39,7 @@ def _micro_sums_fn(model: GPTNeoX, num_tasks: int, loss_positions: int = 0) -> C
     def micro_sums(params: Any, batch: Batch) -> tuple[jax.Array, dict]:
         targets, loss_mask, task_ids = batch["targets"], batch["loss_mask"], batch["task_ids"]
         slots = None
-        if 0 < loss_positions < targets.shape[1]:
+        if loss_positions:
             slots = loss_slots(loss_mask, loss_positions)
             targets, loss_mask, task_ids = (jnp.take_along_axis(x, slots, axis=1)
                                             for x in (targets, loss_mask, task_ids))
@@ -70,7 +70,7 @@ def make_train_step(model_cfg: ModelConfig, train_cfg: TrainConfig, mesh: Mesh, 
     model = GPTNeoX(model_cfg)
     tx = make_optimizer(train_cfg)
     schedule = learning_rate_schedule(train_cfg)
-    grad_fn = jax.grad(_micro_sums_fn(model, num_tasks, train_cfg.loss_positions), has_aux=True)
+    grad_fn = jax.grad(_micro_sums_fn(model, num_tasks, train_cfg.logit_slots), has_aux=True)
     accum = train_cfg.grad_accum_steps
 
     def step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
