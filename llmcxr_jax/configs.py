@@ -251,6 +251,7 @@ class VQGANConfig:
     n_embed: int = 1024
     beta: float = 0.25
     legacy: bool = True  # taming's VectorQuantizer2 default: beta on the codebook term
+    norm_groups: int = 32  # taming's Normalize; every level's channels must split into them
     dtype: str = "float32"
     param_dtype: str = "float32"
 
@@ -282,6 +283,13 @@ VQGAN_PRESETS: dict[str, VQGANConfig] = {
     # tokens per image of phantom-f4).
     "phantom-f8-64": VQGANConfig(resolution=64, ch=32, ch_mult=(1, 2, 2, 4), num_res_blocks=1,
                                  attn_resolutions=(), z_channels=64, embed_dim=64),
+    # The same 8x8 = 64 tokens from 128 px images (f16): the world's own resolution, where the
+    # findings the 64 px grid loses (pneumothorax, lung lesion, atelectasis) are still drawn.
+    # Channels 16/32/64/64/128 (the three coarsest levels are phantom-f8-64's), so GroupNorm
+    # has 16 groups rather than taming's 32.
+    "phantom-f16-64": VQGANConfig(resolution=128, ch=16, ch_mult=(1, 2, 4, 4, 8),
+                                  num_res_blocks=1, attn_resolutions=(), z_channels=64,
+                                  embed_dim=64, norm_groups=16),
     # Unit tests: 32 px, f4, 8x8 = 64 tokens, 128 codes.
     "test-tiny": VQGANConfig(resolution=32, ch=32, ch_mult=(1, 1, 2), num_res_blocks=1,
                              attn_resolutions=(8,), z_channels=32, embed_dim=32, n_embed=128),

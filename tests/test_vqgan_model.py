@@ -23,7 +23,9 @@ TINY = vqgan_preset("test-tiny")
 
 
 @pytest.mark.parametrize("name,resolution,tokens", [("taming-f16-1024", 256, 256),
-                                                    ("phantom-f8", 128, 256), ("test-tiny", 32, 64)])
+                                                    ("phantom-f8", 128, 256),
+                                                    ("phantom-f16-64", 128, 64),
+                                                    ("test-tiny", 32, 64)])
 def test_preset_token_counts(name, resolution, tokens):
     cfg = vqgan_preset(name)
     assert cfg.resolution == resolution and cfg.tokens_per_image == tokens
@@ -56,6 +58,27 @@ def test_paper_preset_matches_taming_parameter_tree():
     got = {taming_key(k): flax_to_torch(np.empty(v.shape, np.int8)).shape for k, v in flat.items()}
     assert got == want
     assert sum(int(np.prod(s)) for s in got.values()) > 70_000_000
+
+
+@pytest.mark.parametrize("groups,channels", [(32, 64), (16, 16), (16, 48)])
+def test_group_norm_matches_torch(groups, channels):
+    """`norm_groups` (taming's 32; 16 in phantom-f16-64, whose first level has 16 channels)
+    normalises like torch.nn.GroupNorm with that many groups."""
+    torch = pytest.importorskip("torch")
+    from llmcxr_jax.vqgan.model import GroupNorm
+
+    rng = np.random.default_rng(groups + channels)
+    x = (3.0 + 2.0 * rng.standard_normal((2, 5, 7, channels))).astype(np.float32)
+    scale = rng.standard_normal(channels).astype(np.float32)
+    bias = rng.standard_normal(channels).astype(np.float32)
+    norm = GroupNorm(vqgan_preset("test-tiny", norm_groups=groups))
+    got = norm.apply({"params": {"scale": scale, "bias": bias}}, jnp.asarray(x))
+    ref = torch.nn.GroupNorm(groups, channels, eps=1e-6)
+    with torch.no_grad():
+        ref.weight.copy_(torch.from_numpy(scale))
+        ref.bias.copy_(torch.from_numpy(bias))
+        want = ref(torch.from_numpy(x).permute(0, 3, 1, 2)).permute(0, 2, 3, 1).numpy()
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-4)
 
 
 def _quantizer_fixture(legacy: bool):

@@ -55,7 +55,8 @@ def _conv(features: int, kernel: int, cfg: VQGANConfig, *, strides: int = 1,
 
 
 class GroupNorm(nn.Module):
-    """taming's Normalize: GroupNorm(32 groups, eps 1e-6, affine) over NHWC, stats in float32.
+    """taming's Normalize: GroupNorm(`config.norm_groups` groups, taming's 32; eps 1e-6, affine)
+    over NHWC, stats in float32.
 
     Same maths as `nn.GroupNorm(use_fast_variance=False)`, but the statistics are reduced per
     channel over the contiguous rows [B, H*W, C] first and then per group: XLA's CPU reduction
@@ -65,14 +66,13 @@ class GroupNorm(nn.Module):
     """
 
     config: VQGANConfig
-    num_groups: int = 32
     epsilon: float = 1e-6
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         cfg = self.config
         b, c = x.shape[0], x.shape[-1]
-        g = self.num_groups
+        g = cfg.norm_groups
         if c % g:
             raise ValueError(f"GroupNorm: {c} channels do not split into {g} groups")
         pdt = jnp.dtype(cfg.param_dtype)
