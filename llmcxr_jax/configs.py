@@ -255,6 +255,16 @@ class VQGANConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
 
+    def __post_init__(self) -> None:
+        # Checked here rather than when the model is built, which a run reaches only after its
+        # world, tokenizer and clinical classifier.
+        widths = sorted({self.ch * m for m in (1, *self.ch_mult)})
+        uneven = [w for w in widths if self.norm_groups < 1 or w % self.norm_groups]
+        if uneven:
+            raise ValueError(f"norm_groups {self.norm_groups} must divide the channels of every "
+                             f"level (ch {self.ch} x ch_mult {self.ch_mult}: {widths}); "
+                             f"{uneven} do not")
+
     @property
     def downsample_factor(self) -> int:
         return 2 ** (len(self.ch_mult) - 1)

@@ -81,6 +81,23 @@ def test_group_norm_matches_torch(groups, channels):
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-4)
 
 
+def test_norm_groups_that_do_not_divide_a_level_are_refused_with_the_config():
+    """phantom-f16-64's first level has 16 channels, which taming's 32 groups cannot split: the
+    config refuses it when it is made (as `launch/train_vqgan.py --set vqgan.norm_groups=32`
+    makes it), not when a run first builds the model."""
+    from llmcxr_jax.configs import VQGANTrainConfig
+    from llmcxr_jax.vqgan.train import apply_overrides
+
+    with pytest.raises(ValueError, match=r"norm_groups 32 .*\[16, 32, 64, 128\]\); \[16\] do not"):
+        vqgan_preset("phantom-f16-64", norm_groups=32)
+    with pytest.raises(ValueError, match=r"norm_groups 32 .*\[16\] do not"):
+        apply_overrides(vqgan_preset("phantom-f16-64"), VQGANTrainConfig(),
+                        ["vqgan.norm_groups=32"])
+    with pytest.raises(ValueError, match="norm_groups 0 "):
+        vqgan_preset("test-tiny", norm_groups=0)
+    assert vqgan_preset("phantom-f16-64", norm_groups=8).norm_groups == 8
+
+
 def _quantizer_fixture(legacy: bool):
     rng = np.random.default_rng(0)
     codebook = rng.standard_normal((16, 4)).astype(np.float32)
